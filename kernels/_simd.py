@@ -1,0 +1,166 @@
+"""Register-tiled micro-kernels emitted as LLVM vector IR through ``numba.core.extending.intrinsic``.
+
+Numba cannot keep a tile of accumulators in vector registers on its own (its arrays live on the heap), so the
+inner loops of the dense kernels are generated here: accumulators are ``alloca``'d vectors (LLVM promotes them
+to registers), each k step loads ``nv`` weight vectors of 16 lanes once and reuses them for ``mr`` rows.
+
+Weights are packed in panels of up to 64 output channels: panel ``p`` holds, for each k, its ``nv * 16``
+channel values contiguously (see ``pack_panels``), so the k loop streams one contiguous buffer.
+
+* ``f32_tile``: fp32 FMA (``llvm.fma.v16f32``); portable LLVM IR, lowered to whatever vector ISA the host has.
+* ``vnni_tile``: int8 dot products with ``llvm.x86.avx512.vpdpbusd.512`` (u8 x s8 -> i32, 4 k's per 32-bit
+  lane); only compile functions that use it on a CPU with AVX512_VNNI (``has_avx512_vnni``).
+"""
+
+from __future__ import annotations
+
+import llvmlite.ir as ir
+import numpy as np
+from numba import types
+from numba.core import cgutils
+from numba.core.extending import intrinsic
+
+LANES = 16  # 32-bit lanes per 512-bit vector
+MAX_MR = 4  # rows per tile
+MAX_NV = 4  # vectors (of 16 channels) per tile -> panels of 64 channels
+PANEL = LANES * MAX_NV
+
+_I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
+
+
+def has_avx512_vnni() -> bool:
+    """True if the host CPU (as LLVM sees it, i.e. what Numba compiles for) has AVX512_VNNI."""
+    import llvmlite.binding as ll
+
+    features = ll.get_host_cpu_features()
+    return bool(features.get("avx512vnni", False)) and bool(features.get("avx512f", False))
+
+
+def pack_panels(w: np.ndarray, group: int = 1) -> np.ndarray:
+    """Pack ``w[K, N]`` into the panel layout the tiles stream (flat, zero padded).
+
+    Panels of 64 channels (the last one of ``ceil(rest / 16) * 16``); inside a panel, for each k-group of
+    ``group`` rows, the ``group`` values of channel 0, then channel 1, ... (``group=4`` is vpdpbusd's layout:
+    one 32-bit lane holds 4 consecutive k's of one channel). ``K`` must be a multiple of ``group``.
+    """
+    K, N = w.shape
+    assert K % group == 0
+    out = []
+    for n0 in range(0, N, PANEL):
+        width = min(PANEL, N - n0)
+        padded = -(-width // LANES) * LANES
+        block = np.zeros((K // group, padded, group), dtype=w.dtype)
+        block[:, :width, :] = w[:, n0 : n0 + width].reshape(K // group, group, width).transpose(0, 2, 1)
+        out.append(block.reshape(-1))
+    if not out:
+        return np.zeros(0, dtype=w.dtype)
+    return np.ascontiguousarray(np.concatenate(out))
+
+
+def _splat(builder: ir.IRBuilder, vec: ir.VectorType, scalar: ir.Value) -> ir.Value:
+    undef = ir.Constant(vec, ir.Undefined)
+    first = builder.insert_element(undef, scalar, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(first, undef, ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES))
+
+
+def _emit_tile(context, builder, elt, op, a_ptr, a_off, lda, w_ptr, w_off, c_ptr, kdim, mr, nv):
+    """One mr x (nv*16) tile: c[r*nv*16 + j] = sum_k op(a[a_off + r*lda + k], w[w_off + k*nv*16 + j])."""
+    vec = ir.VectorType(elt, LANES)
+    vptr = vec.as_pointer()
+    zero = ir.Constant(vec, [0.0 if isinstance(elt, ir.FloatType) else 0] * LANES)
+    accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(nv)] for _ in range(mr)]
+    step = ir.Constant(_I64, nv * LANES)
+    with cgutils.for_range(builder, kdim) as loop:
+        k = loop.index
+        wbase = builder.add(w_off, builder.mul(k, step))
+        wv = []
+        for j in range(nv):
+            p = builder.gep(w_ptr, [builder.add(wbase, ir.Constant(_I64, j * LANES))])
+            wv.append(builder.load(builder.bitcast(p, vptr), align=4))
+        for r in range(mr):
+            idx = builder.add(builder.add(a_off, builder.mul(lda, ir.Constant(_I64, r))), k)
+            b = _splat(builder, vec, builder.load(builder.gep(a_ptr, [idx])))
+            for j in range(nv):
+                builder.store(op(builder, b, wv[j], builder.load(accs[r][j])), accs[r][j])
+    for r in range(mr):
+        for j in range(nv):
+            p = builder.gep(c_ptr, [ir.Constant(_I64, (r * nv + j) * LANES)])
+            builder.store(builder.load(accs[r][j]), builder.bitcast(p, vptr), align=4)
+
+
+def _fma_op(builder, b, w, acc):
+    vec = acc.type
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]), "llvm.fma.v16f32")
+    return builder.call(fn, [b, w, acc])
+
+
+def _vnni_op(builder, b, w, acc):
+    vec = acc.type
+    fn = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(vec, [vec, vec, vec]), "llvm.x86.avx512.vpdpbusd.512"
+    )
+    return builder.call(fn, [acc, b, w])  # b: unsigned bytes (activations), w: signed bytes (weights)
+
+
+def _make_tile(elt_factory, op, doc):
+    @intrinsic
+    def tile(typingctx, a, a_off, lda, w, w_off, c, kdim, mr, nv):
+        sig = types.void(a, types.intp, types.intp, w, types.intp, c, types.intp, types.intp, types.intp)
+
+        def codegen(context, builder, signature, args):
+            elt = elt_factory()
+            a_arr, a_off_v, lda_v, w_arr, w_off_v, c_arr, kdim_v, mr_v, nv_v = args
+            ptrs = [
+                builder.bitcast(context.make_array(ty)(context, builder, val).data, elt.as_pointer())
+                for ty, val in ((signature.args[0], a_arr), (signature.args[3], w_arr), (signature.args[5], c_arr))
+            ]
+            key = builder.add(builder.mul(mr_v, ir.Constant(_I64, 8)), nv_v)
+            done = builder.append_basic_block("tile.done")
+            switch = builder.switch(key, done)
+            for m in range(1, MAX_MR + 1):
+                for n in range(1, MAX_NV + 1):
+                    case = builder.append_basic_block(f"tile.{m}x{n}")
+                    switch.add_case(ir.Constant(_I64, m * 8 + n), case)
+                    builder.position_at_end(case)
+                    _emit_tile(context, builder, elt, op, ptrs[0], a_off_v, lda_v, ptrs[1], w_off_v, ptrs[2],
+                               kdim_v, m, n)
+                    builder.branch(done)
+            builder.position_at_end(done)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    tile.__doc__ = doc
+    return tile
+
+
+f32_tile = _make_tile(
+    ir.FloatType,
+    _fma_op,
+    """fp32 tile: ``c[r*nv*16 + j] = sum_k a[a_off + r*lda + k] * w[w_off + k*nv*16 + j]`` for r < mr, j < nv*16.
+
+    ``a``, ``w``, ``c`` are float32 arrays (only their data pointers are used; offsets in elements);
+    ``1 <= mr <= 4``, ``1 <= nv <= 4``; ``c`` must hold ``mr * nv * 16`` values.""",
+)
+
+vnni_tile = _make_tile(
+    lambda: _I32,
+    _vnni_op,
+    """VNNI int8 tile, same shape as ``f32_tile`` over int32 words: ``a`` holds u8 activations viewed as int32
+    (4 k's per word), ``w`` s8 weights packed with ``pack_panels(group=4)`` viewed as int32, ``kdim = Kp / 4``;
+    ``c`` (int32) receives ``sum_k u8 * s8`` per channel.""",
+)
+
+
+def unpack_panels(packed: np.ndarray, k: int, n: int, group: int = 1) -> np.ndarray:
+    """Inverse of ``pack_panels``: the ``[k, n]`` matrix (``k`` a multiple of ``group``)."""
+    w = np.empty((k, n), dtype=packed.dtype)
+    off = 0
+    for n0 in range(0, n, PANEL):
+        width = min(PANEL, n - n0)
+        padded = -(-width // LANES) * LANES
+        block = packed[off : off + k * padded].reshape(k // group, padded, group)
+        w[:, n0 : n0 + width] = block[:, :width, :].transpose(0, 2, 1).reshape(k, width)
+        off += k * padded
+    return w

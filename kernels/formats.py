@@ -1,0 +1,138 @@
+"""The contract between the runtime and the kernels: one ``LayerKernel`` per weight format.
+
+A dense layer ``y = act(x @ W + b)`` (``W`` is ``[K, N]``, Keras' kernel layout) can be served in several
+formats (dense fp32, int8, CSR, BSR, sparse-int8). Each format is a ``LayerKernel`` subclass registered here
+under its name; the runtime only ever talks to this interface, so it never needs to know how a format packs
+its weights. Everything here is plain numpy: nothing imports from ``server/``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import numpy as np
+
+#: Activations every kernel fuses into its output pass. ``softmax`` is applied per row.
+ACTIVATIONS: tuple[str, ...] = ("linear", "relu", "sigmoid", "tanh", "softmax")
+
+
+class KernelInputError(ValueError):
+    """A checked kernel entry point was given arrays of the wrong shape, dtype or layout."""
+
+
+class LayerKernel(ABC):
+    """One dense layer, prepared for one weight format.
+
+    Subclasses set ``format`` and implement the abstract methods. ``__call__`` is the unchecked fast path the
+    runtime uses once the plan's shapes are validated; ``run`` is the checked public entry point.
+    """
+
+    format: ClassVar[str]
+
+    in_features: int
+    out_features: int
+    activation: str
+
+    @classmethod
+    @abstractmethod
+    def from_dense(
+        cls, weights: np.ndarray, bias: np.ndarray, activation: str, **options: Any
+    ) -> "LayerKernel":
+        """Build from fp32 ``weights[K, N]`` and ``bias[N]`` (quantize / sparsify as the format requires)."""
+
+    @classmethod
+    @abstractmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> "LayerKernel":
+        """Rebuild from what ``arrays()`` and ``meta()`` returned (loaded from safetensors + a JSON manifest)."""
+
+    @abstractmethod
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The arrays to persist (safetensors-compatible: C-contiguous numeric arrays)."""
+
+    @abstractmethod
+    def meta(self) -> dict[str, Any]:
+        """JSON-serialisable options needed by ``from_arrays`` (activation, shapes, block shape, ...)."""
+
+    @abstractmethod
+    def dense_weights(self) -> np.ndarray:
+        """The effective fp32 ``[K, N]`` weights this kernel computes with (dequantized, zeros kept)."""
+
+    @abstractmethod
+    def bias_vector(self) -> np.ndarray:
+        """The fp32 ``[N]`` bias."""
+
+    @abstractmethod
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """Unchecked fast path: ``x`` is C-contiguous float32 ``[B, K]``; returns float32 ``[B, N]``."""
+
+    def warmup(self, batch_sizes: tuple[int, ...] = (1, 8)) -> None:
+        """Compile / load every specialisation a request could hit, so no request pays the JIT."""
+        for batch in batch_sizes:
+            self(np.zeros((batch, self.in_features), dtype=np.float32))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of weight storage (what ``arrays()`` persists)."""
+        return int(sum(a.nbytes for a in self.arrays().values()))
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """Checked entry point: validates ``x`` then calls the fast path."""
+        x = check_input(x, self.in_features)
+        return self(x)
+
+
+def check_input(x: np.ndarray, in_features: int) -> np.ndarray:
+    """Validate a ``[B, K]`` float32 activation matrix, returning a C-contiguous view or copy."""
+    if not isinstance(x, np.ndarray):
+        raise KernelInputError(f"expected a numpy array, got {type(x).__name__}")
+    if x.dtype != np.float32:
+        raise KernelInputError(f"expected float32 input, got {x.dtype}")
+    if x.ndim != 2 or x.shape[1] != in_features:
+        raise KernelInputError(f"expected input of shape [B, {in_features}], got {list(x.shape)}")
+    if x.shape[0] < 1:
+        raise KernelInputError("batch must hold at least one row")
+    return np.ascontiguousarray(x)
+
+
+def check_activation(activation: str) -> str:
+    """Return ``activation`` if a kernel can fuse it, else raise ``KernelInputError``."""
+    if activation not in ACTIVATIONS:
+        raise KernelInputError(f"unsupported activation {activation!r}; supported: {', '.join(ACTIVATIONS)}")
+    return activation
+
+
+_REGISTRY: dict[str, type[LayerKernel]] = {}
+
+
+def register(cls: type[LayerKernel]) -> type[LayerKernel]:
+    """Class decorator: make a format available by its ``format`` name."""
+    _REGISTRY[cls.format] = cls
+    return cls
+
+
+def get_format(name: str) -> type[LayerKernel]:
+    """The ``LayerKernel`` class registered under ``name``."""
+    _load_builtin_formats()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KernelInputError(f"unknown layer format {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def available_formats() -> list[str]:
+    """Names of every registered format."""
+    _load_builtin_formats()
+    return sorted(_REGISTRY)
+
+
+def _load_builtin_formats() -> None:
+    # Importing the modules registers their classes; done lazily so importing this contract is cheap.
+    from kernels import dense  # noqa: F401
+
+    for optional in ("kernels.int8", "kernels.sparse"):
+        try:
+            __import__(optional)
+        except ModuleNotFoundError as exc:
+            if exc.name != optional:
+                raise

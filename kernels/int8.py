@@ -1,0 +1,228 @@
+"""Format ``int8``: per-output-channel symmetric int8 weights, activations quantized per row on each call.
+
+``y = act(sx[r] * sw[n] * sum_k qx[r, k] * qw[k, n] + b[n])`` with exact int32 accumulation (see
+``kernels/quantize.py`` for the quantization choices). Two interchangeable paths compute the int32 accumulators:
+
+* ``vnni``: AVX-512 VNNI ``vpdpbusd`` (u8 x s8 -> i32, 64 MACs per instruction) through an LLVM intrinsic
+  (``_simd.vnni_tile``), weights packed 4 k's per 32-bit lane, 16 channels per vector, panels of 64 channels;
+  activations are offset by +128 to be unsigned and ``128 * sum_k qw[k, n]`` is subtracted afterwards.
+* ``portable``: plain Numba with explicit int32 casts (LLVM turns them into vpmaddwd/vpdpwssd-class code on
+  x86), weights stored transposed ``[N, K]`` so each output is a contiguous dot product over 4 rows at once.
+
+The path is picked per kernel: ``path="auto"`` (default) uses VNNI when the CPU has it, unless
+``set_default_path("portable")`` was called; ``path="vnni"`` / ``"portable"`` force one. Both give identical
+int32 accumulators, hence bit-identical outputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numba import njit
+
+from kernels._simd import LANES, MAX_MR, PANEL, has_avx512_vnni, pack_panels, vnni_tile
+from kernels.activations import activate_row, activation_code
+from kernels.formats import KernelInputError, LayerKernel, check_activation, register
+from kernels.quantize import quantize_rows, quantize_rows_u8, quantize_weights_per_channel
+
+PATHS = ("auto", "vnni", "portable")
+_default_path = "auto"
+
+
+def set_default_path(path: str) -> None:
+    """Choose what ``path="auto"`` resolves to for kernels built afterwards: "auto" (CPU features),
+    "vnni" or "portable"."""
+    global _default_path
+    if path not in PATHS:
+        raise KernelInputError(f"unknown int8 path {path!r}; choose one of {PATHS}")
+    _default_path = path
+
+
+def resolve_path(path: str = "auto") -> str:
+    """The concrete path ("vnni" or "portable") a kernel built with ``path`` will use on this machine."""
+    if path not in PATHS:
+        raise KernelInputError(f"unknown int8 path {path!r}; choose one of {PATHS}")
+    if path == "auto":
+        path = _default_path
+    if path == "auto":
+        return "vnni" if has_avx512_vnni() else "portable"
+    if path == "vnni" and not has_avx512_vnni():
+        raise KernelInputError("int8 path 'vnni' needs a CPU with AVX512_VNNI")
+    return path
+
+
+@njit(nogil=True, cache=True)
+def vnni_accumulate(x: np.ndarray, wp: np.ndarray, wsum128: np.ndarray, acc: np.ndarray, xscale: np.ndarray) -> None:
+    """Quantize ``x`` per row (u8 + 128) and write exact signed int32 accumulators ``acc[B, N]`` using vpdpbusd.
+
+    ``wp`` is ``pack_panels(qw padded to Kp = ceil(K/4)*4 rows, group=4)`` (int8); ``wsum128[n] = 128 * sum_k
+    qw[k, n]``. Only compile this on a CPU with AVX512_VNNI."""
+    B, K = x.shape
+    N = acc.shape[1]
+    kp = (K + 3) // 4 * 4
+    kg = kp // 4
+    xu = np.empty((B, kp), dtype=np.uint8)
+    quantize_rows_u8(x, xu, xscale)
+    tile = np.empty(MAX_MR * PANEL, dtype=np.int32)
+    for n0 in range(0, N, PANEL):
+        width = min(PANEL, N - n0)
+        nv = (width + LANES - 1) // LANES
+        w_off = n0 * kg  # int32 words before this panel (earlier panels are full)
+        for r0 in range(0, B, MAX_MR):
+            mr = min(MAX_MR, B - r0)
+            vnni_tile(xu, r0 * kg, kg, wp, w_off, tile, kg, mr, nv)
+            for r in range(mr):
+                base = r * nv * LANES
+                for j in range(width):
+                    acc[r0 + r, n0 + j] = tile[base + j] - wsum128[n0 + j]
+
+
+@njit(nogil=True, cache=True)
+def portable_accumulate(x: np.ndarray, qt: np.ndarray, acc: np.ndarray, xscale: np.ndarray) -> None:
+    """Quantize ``x`` per row (signed int8) and write exact int32 accumulators ``acc[B, N]`` against the
+    transposed int8 weights ``qt[N, K]`` (portable Numba; 4 rows share each weight load)."""
+    B, K = x.shape
+    N = qt.shape[0]
+    xq = np.empty((B, K), dtype=np.int8)
+    quantize_rows(x, xq, xscale)
+    r0 = 0
+    while r0 + 4 <= B:
+        x0, x1, x2, x3 = xq[r0], xq[r0 + 1], xq[r0 + 2], xq[r0 + 3]
+        for n in range(N):
+            w = qt[n]
+            a0 = np.int32(0)
+            a1 = np.int32(0)
+            a2 = np.int32(0)
+            a3 = np.int32(0)
+            for k in range(K):
+                wk = np.int32(w[k])
+                a0 = np.int32(a0 + np.int32(x0[k]) * wk)
+                a1 = np.int32(a1 + np.int32(x1[k]) * wk)
+                a2 = np.int32(a2 + np.int32(x2[k]) * wk)
+                a3 = np.int32(a3 + np.int32(x3[k]) * wk)
+            acc[r0, n] = a0
+            acc[r0 + 1, n] = a1
+            acc[r0 + 2, n] = a2
+            acc[r0 + 3, n] = a3
+        r0 += 4
+    for r in range(r0, B):
+        xr = xq[r]
+        for n in range(N):
+            w = qt[n]
+            a = np.int32(0)
+            for k in range(K):
+                a = np.int32(a + np.int32(xr[k]) * np.int32(w[k]))
+            acc[r, n] = a
+
+
+@njit(nogil=True, cache=True)
+def dequant_epilogue(
+    acc: np.ndarray, xscale: np.ndarray, wscale: np.ndarray, bias: np.ndarray, code: int, out: np.ndarray
+) -> None:
+    """``out[r, n] = act(acc[r, n] * xscale[r] * wscale[n] + bias[n])``."""
+    B, N = acc.shape
+    for r in range(B):
+        s = xscale[r]
+        row = out[r]
+        for n in range(N):
+            row[n] = np.float32(acc[r, n]) * (s * wscale[n]) + bias[n]
+        activate_row(row, code)
+
+
+@njit(nogil=True, cache=True)
+def vnni_forward(x, wp, wsum128, wscale, bias, code):  # type: ignore[no-untyped-def]
+    """Fused int8 layer on the VNNI path: quantize, vpdpbusd accumulate, dequantize + bias + activation."""
+    B = x.shape[0]
+    N = wscale.shape[0]
+    acc = np.empty((B, N), dtype=np.int32)
+    xscale = np.empty(B, dtype=np.float32)
+    vnni_accumulate(x, wp, wsum128, acc, xscale)
+    out = np.empty((B, N), dtype=np.float32)
+    dequant_epilogue(acc, xscale, wscale, bias, code, out)
+    return out
+
+
+@njit(nogil=True, cache=True)
+def portable_forward(x, qt, wscale, bias, code):  # type: ignore[no-untyped-def]
+    """Fused int8 layer on the portable path."""
+    B = x.shape[0]
+    N = wscale.shape[0]
+    acc = np.empty((B, N), dtype=np.int32)
+    xscale = np.empty(B, dtype=np.float32)
+    portable_accumulate(x, qt, acc, xscale)
+    out = np.empty((B, N), dtype=np.float32)
+    dequant_epilogue(acc, xscale, wscale, bias, code, out)
+    return out
+
+
+@register
+class Int8(LayerKernel):
+    """int8 dense layer: per-channel weight scales, per-row dynamic activation scales, int32 accumulation."""
+
+    format = "int8"
+
+    def __init__(self, q: np.ndarray, scales: np.ndarray, bias: np.ndarray, activation: str, path: str = "auto"):
+        q = np.ascontiguousarray(q, dtype=np.int8)
+        scales = np.ascontiguousarray(scales, dtype=np.float32)
+        bias = np.ascontiguousarray(bias, dtype=np.float32)
+        if q.ndim != 2 or scales.shape != (q.shape[1],) or bias.shape != (q.shape[1],):
+            raise KernelInputError(f"q [K, N], scales [N], bias [N] expected; got {q.shape}, {scales.shape}, {bias.shape}")
+        self.activation = check_activation(activation)
+        self.in_features, self.out_features = (int(d) for d in q.shape)
+        self.requested_path = path
+        self.path = resolve_path(path)
+        self._q, self._scales, self._bias = q, scales, bias
+        self._code = activation_code(activation)
+        if self.path == "vnni":
+            kp = -(-self.in_features // 4) * 4
+            padded = np.zeros((kp, self.out_features), dtype=np.int8)
+            padded[: self.in_features] = q
+            self._packed = pack_panels(padded, group=4)
+            self._wsum128 = (128 * q.astype(np.int32).sum(axis=0)).astype(np.int32)
+        else:
+            self._qt = np.ascontiguousarray(q.T)
+
+    @classmethod
+    def from_dense(cls, weights: np.ndarray, bias: np.ndarray, activation: str, **options: Any) -> "Int8":
+        """Quantize fp32 ``weights[K, N]`` per output channel. Option: ``path`` ("auto", "vnni", "portable")."""
+        q, scales = quantize_weights_per_channel(weights)
+        return cls(q, scales, bias, activation, **options)
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> "Int8":
+        return cls(arrays["q"], arrays["scales"], arrays["bias"], meta["activation"], meta.get("path", "auto"))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"q": self._q, "scales": self._scales, "bias": self._bias}
+
+    def meta(self) -> dict[str, Any]:
+        # The requested path, not the resolved one: a model saved on a VNNI machine must load elsewhere.
+        return {
+            "activation": self.activation,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "path": self.requested_path,
+        }
+
+    def dense_weights(self) -> np.ndarray:
+        return self._q.astype(np.float32) * self._scales
+
+    def bias_vector(self) -> np.ndarray:
+        return self._bias
+
+    def accumulators(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The exact int32 accumulators ``[B, N]`` and per-row activation scales ``[B]`` for C-contiguous
+        float32 ``x`` (for tests: they must equal ``quantized_x.astype(int32) @ q.astype(int32)``)."""
+        acc = np.empty((x.shape[0], self.out_features), dtype=np.int32)
+        xscale = np.empty(x.shape[0], dtype=np.float32)
+        if self.path == "vnni":
+            vnni_accumulate(x, self._packed, self._wsum128, acc, xscale)
+        else:
+            portable_accumulate(x, self._qt, acc, xscale)
+        return acc, xscale
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self.path == "vnni":
+            return vnni_forward(x, self._packed, self._wsum128, self._scales, self._bias, self._code)
+        return portable_forward(x, self._qt, self._scales, self._bias, self._code)

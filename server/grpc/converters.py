@@ -1,0 +1,147 @@
+"""The one boundary between leanserve.v1 protobuf messages and numpy / domain objects."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from leanserve.v1 import inference_service_pb2 as inf_pb
+from leanserve.v1 import model_service_pb2 as model_pb
+from leanserve.v1 import tensor_pb2 as tensor_pb
+from server.errors import InvalidArgument
+from server.models import PredictResult, ServedModel, TensorSignature, UploadRequest
+from server.postprocess import PostProcess
+
+_DTYPES: dict[int, np.dtype] = {
+    tensor_pb.FLOAT32: np.dtype("<f4"),
+    tensor_pb.FLOAT64: np.dtype("<f8"),
+    tensor_pb.FLOAT16: np.dtype("<f2"),
+    tensor_pb.INT8: np.dtype("i1"),
+    tensor_pb.INT16: np.dtype("<i2"),
+    tensor_pb.INT32: np.dtype("<i4"),
+    tensor_pb.INT64: np.dtype("<i8"),
+    tensor_pb.UINT8: np.dtype("u1"),
+    tensor_pb.BOOL: np.dtype("?"),
+}
+_PB_DTYPES: dict[str, int] = {np.dtype(v).name: k for k, v in _DTYPES.items()}
+
+_FORMATS = {model_pb.MODEL_FORMAT_UNSPECIFIED: "", model_pb.KERAS: "keras", model_pb.H5: "h5", model_pb.LEANSERVE: "leanserve"}
+_PB_FORMATS = {v: k for k, v in _FORMATS.items() if v}
+
+_POSTPROCESS = {
+    inf_pb.RAW: PostProcess.RAW,
+    inf_pb.PROBABILITIES: PostProcess.PROBABILITIES,
+    inf_pb.TOP_K: PostProcess.TOP_K,
+    inf_pb.ARGMAX: PostProcess.ARGMAX,
+}
+
+
+def tensor_to_numpy(t: tensor_pb.Tensor) -> np.ndarray:
+    """A read-only numpy view over the message's bytes (no per-element copy)."""
+    dtype = _DTYPES.get(t.dtype)
+    if dtype is None:
+        raise InvalidArgument(f"tensor {t.name!r}: unsupported or unset dtype ({t.dtype})")
+    shape = tuple(int(d) for d in t.shape)
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(f"tensor {t.name!r}: negative dimension in shape {list(shape)}")
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(t.data) != expected:
+        raise InvalidArgument(
+            f"tensor {t.name!r}: shape {list(shape)} of {dtype.name} needs {expected} bytes, got {len(t.data)}"
+        )
+    return np.frombuffer(t.data, dtype=dtype).reshape(shape)
+
+
+def numpy_to_tensor(name: str, a: np.ndarray) -> tensor_pb.Tensor:
+    """A Tensor message holding ``a``'s bytes (little-endian, row-major)."""
+    a = np.ascontiguousarray(a)
+    code = _PB_DTYPES.get(a.dtype.name)
+    if code is None:
+        raise InvalidArgument(f"cannot send dtype {a.dtype} as a tensor")
+    if a.dtype.byteorder == ">":
+        a = a.astype(a.dtype.newbyteorder("<"))
+    return tensor_pb.Tensor(name=name, dtype=code, shape=a.shape, data=a.tobytes())
+
+
+def dtype_to_pb(dtype: str) -> int:
+    return _PB_DTYPES.get(np.dtype(dtype).name, tensor_pb.DATA_TYPE_UNSPECIFIED)
+
+
+def spec_to_pb(sig: TensorSignature) -> tensor_pb.TensorSpec:
+    return tensor_pb.TensorSpec(name=sig.name, dtype=dtype_to_pb(sig.dtype), shape=[-1, *sig.shape])
+
+
+def upload_header(h: model_pb.UploadHeader) -> UploadRequest:
+    return UploadRequest(
+        name=h.name, format=_FORMATS.get(h.format, ""), size_bytes=h.size_bytes, sha256=h.sha256.lower(),
+        description=h.description,
+    )
+
+
+def predict_request(req: inf_pb.PredictRequest) -> tuple[dict[str, np.ndarray], PostProcess, int]:
+    """Inputs by name (unnamed allowed for a single input), post-processing and top_k."""
+    inputs: dict[str, np.ndarray] = {}
+    for t in req.inputs:
+        if t.name in inputs:
+            raise InvalidArgument(f"input {t.name!r} given twice")
+        inputs[t.name] = tensor_to_numpy(t)
+    kind = _POSTPROCESS.get(req.postprocess)
+    if kind is None:
+        raise InvalidArgument(f"unknown postprocess value {req.postprocess}")
+    if req.top_k < 0:
+        raise InvalidArgument("top_k must not be negative")
+    return inputs, kind, int(req.top_k)
+
+
+def predict_response(result: PredictResult, request_id: str = "") -> inf_pb.PredictResponse:
+    return inf_pb.PredictResponse(
+        model_name=result.model_name,
+        model_version=result.model_version,
+        request_id=request_id,
+        outputs=[numpy_to_tensor(name, a) for name, a in result.outputs.items()],
+    )
+
+
+def model_info(info: dict[str, Any], model: ServedModel) -> model_pb.ModelInfo:
+    """GetModel's answer from the dataplane's description of a served version."""
+    ref = info.get("reference", {})
+    layers = []
+    for layer in info.get("layers_served", []):
+        tuning = layer.get("tuning") or {}
+        timings = [
+            model_pb.FormatTiming(format=fmt, batch_size=int(batch), seconds=float(sec))
+            for fmt, per_batch in (tuning.get("timings") or {}).items()
+            for batch, sec in per_batch.items()
+        ]
+        layers.append(
+            model_pb.LayerInfo(
+                name=layer["name"], format=layer["format"], in_features=layer["in_features"],
+                out_features=layer["out_features"], activation=layer["activation"], sparsity=layer["sparsity"],
+                size_bytes=layer["bytes"], timings=timings, options_json=json.dumps(tuning.get("options") or {}),
+            )
+        )
+    source = info.get("source", {})
+    return model_pb.ModelInfo(
+        name=model.name,
+        version=model.version,
+        versions=info.get("versions", []),
+        runtime=model.runtime,
+        source_format=_PB_FORMATS.get(source.get("format", ""), model_pb.MODEL_FORMAT_UNSPECIFIED),
+        inputs=[spec_to_pb(model.input)],
+        outputs=[spec_to_pb(model.output)],
+        layers=layers,
+        reference=model_pb.ReferenceCheck(
+            reference=ref.get("reference", ""), samples=ref.get("n", 0), max_abs_error=ref.get("max_abs_error", 0.0),
+            max_rel_error=ref.get("max_rel_error", 0.0), atol=ref.get("atol", 0.0), rtol=ref.get("rtol", 0.0),
+            passed=bool(ref.get("within_tolerance", False)),
+        ),
+        source_size_bytes=int(source.get("size_bytes", 0)),
+        source_sha256=source.get("sha256", ""),
+        created_at=info.get("created_at", ""),
+        max_batch_size=int(info.get("max_batch_size", 0)),
+        description=info.get("description", ""),
+        served_size_bytes=int(info.get("served_size_bytes", 0)),
+        metadata_json=json.dumps(info.get("metadata") or {}, sort_keys=True),
+    )

@@ -1,0 +1,68 @@
+"""Domain types shared by the dataplane, registry and loaders (no protobuf, no TensorFlow)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from server.runtime.plan import Plan
+
+
+@dataclass(frozen=True)
+class TensorSignature:
+    """One model input or output: name, numpy dtype name, shape without the batch dimension."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TensorSignature":
+        return cls(name=str(d["name"]), dtype=str(d["dtype"]), shape=tuple(int(s) for s in d["shape"]))
+
+
+@dataclass
+class ServedModel:
+    """One loaded, ready version: what the registry hands to a request."""
+
+    name: str
+    version: int
+    runtime: str
+    input: TensorSignature
+    output: TensorSignature
+    manifest: dict[str, Any]
+    runner: Callable[[np.ndarray], np.ndarray]
+    #: True when the output already is a probability distribution (the last layer is a softmax)
+    output_is_probability: bool = False
+    plan: Plan | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        """Run the model on an already validated batch."""
+        return self.runner(x)
+
+
+@dataclass(frozen=True)
+class UploadRequest:
+    """The header of an upload, transport-free."""
+
+    name: str
+    format: str  # "keras" | "h5" | "leanserve" | "" (detect)
+    size_bytes: int
+    sha256: str
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class PredictResult:
+    """Outputs of one predict call, keyed by output name."""
+
+    model_name: str
+    model_version: int
+    outputs: dict[str, np.ndarray]

@@ -1,0 +1,65 @@
+"""Loaded models and their versions: lookups for requests and atomic swaps for uploads and deletes.
+
+The maps are replaced, never mutated, under a lock; a request that already holds a ``ServedModel`` keeps it
+alive (Python's reference count is the in-flight count), so a delete or a new version never breaks a call in
+progress.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from server.errors import NotFound
+from server.models import ServedModel
+
+
+class ModelRegistry:
+    """name -> version -> ServedModel, with "latest" resolution."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._models: dict[str, dict[int, ServedModel]] = {}
+
+    def get(self, name: str, version: int | None = None) -> ServedModel:
+        """The requested version, or the latest when ``version`` is None or 0."""
+        versions = self._models.get(name)
+        if not versions:
+            raise NotFound(f"model {name!r} not found")
+        if not version:
+            return versions[max(versions)]
+        try:
+            return versions[version]
+        except KeyError:
+            raise NotFound(
+                f"model {name!r} has no version {version} (versions: {', '.join(map(str, sorted(versions)))})"
+            ) from None
+
+    def add(self, model: ServedModel) -> None:
+        """Publish a loaded version (replacing one with the same number)."""
+        with self._lock:
+            models = dict(self._models)
+            versions = dict(models.get(model.name, {}))
+            versions[model.version] = model
+            models[model.name] = versions
+            self._models = models
+
+    def remove(self, name: str, versions: list[int]) -> None:
+        """Stop serving ``versions`` of ``name``."""
+        with self._lock:
+            models = dict(self._models)
+            remaining = {v: m for v, m in models.get(name, {}).items() if v not in versions}
+            if remaining:
+                models[name] = remaining
+            else:
+                models.pop(name, None)
+            self._models = models
+
+    def versions(self, name: str) -> list[int]:
+        """Served versions of ``name`` ascending (empty when unknown)."""
+        return sorted(self._models.get(name, {}))
+
+    def names(self) -> list[str]:
+        return sorted(self._models)
+
+    def all(self) -> list[ServedModel]:
+        return [m for name in sorted(self._models) for _, m in sorted(self._models[name].items())]

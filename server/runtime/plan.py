@@ -1,0 +1,108 @@
+"""A compiled Plan: the chain of dense layers a converted model becomes, executed with kernels/.
+
+A Plan takes one float32 input of shape ``[B, *input_shape]``, flattens it to ``[B, K]`` and runs each layer's
+``LayerKernel`` in turn (bias and activation fused by the kernel). It holds no protobuf and no TensorFlow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from kernels.formats import LayerKernel, get_format
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One dense layer before it is prepared for a format: fp32 weights ``[K, N]``, bias ``[N]``, activation."""
+
+    name: str
+    weights: np.ndarray
+    bias: np.ndarray
+    activation: str
+
+
+@dataclass
+class Plan:
+    """A ready-to-run chain of prepared layers."""
+
+    input_shape: tuple[int, ...]
+    layers: list[LayerKernel]
+    layer_names: list[str]
+    #: per layer: the autotune record (candidate format -> seconds per batch size), empty when not tuned
+    tuning: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def in_features(self) -> int:
+        return int(np.prod(self.input_shape))
+
+    @property
+    def out_features(self) -> int:
+        return self.layers[-1].out_features
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """Run the plan on float32 ``x[B, *input_shape]`` (already validated by the caller)."""
+        h = np.ascontiguousarray(x.reshape(x.shape[0], -1), dtype=np.float32)
+        for layer in self.layers:
+            h = layer(h)
+        return h
+
+    def warmup(self, batch_sizes: tuple[int, ...] = (1, 8)) -> None:
+        """Touch every kernel specialisation so the first request pays no compilation."""
+        for batch in batch_sizes:
+            self(np.zeros((batch, *self.input_shape), dtype=np.float32))
+
+    def reference(self, x: np.ndarray) -> np.ndarray:
+        """The same computation in plain numpy float64 on the effective weights (the kernels' oracle)."""
+        h = x.reshape(x.shape[0], -1).astype(np.float64)
+        for layer in self.layers:
+            h = apply_activation(h @ layer.dense_weights().astype(np.float64) + layer.bias_vector(), layer.activation)
+        return h.astype(np.float32)
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(layer.nbytes for layer in self.layers))
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Per layer: name, format, shape, activation, density, bytes and the tuning record."""
+        out = []
+        for i, (name, layer) in enumerate(zip(self.layer_names, self.layers)):
+            w = layer.dense_weights()
+            out.append(
+                {
+                    "name": name,
+                    "format": layer.format,
+                    "in_features": layer.in_features,
+                    "out_features": layer.out_features,
+                    "activation": layer.activation,
+                    "sparsity": float(1.0 - np.count_nonzero(w) / max(w.size, 1)),
+                    "bytes": layer.nbytes,
+                    "tuning": self.tuning[i] if i < len(self.tuning) else {},
+                }
+            )
+        return out
+
+
+def build_plan(input_shape: tuple[int, ...], specs: list[LayerSpec], formats: list[str] | None = None) -> Plan:
+    """Prepare every layer in the requested format (``dense_f32`` by default)."""
+    formats = formats or ["dense_f32"] * len(specs)
+    layers = [get_format(fmt).from_dense(s.weights, s.bias, s.activation) for s, fmt in zip(specs, formats)]
+    return Plan(input_shape=tuple(input_shape), layers=layers, layer_names=[s.name for s in specs])
+
+
+def apply_activation(h: np.ndarray, activation: str) -> np.ndarray:
+    """Numpy reference of the fused activations (float64 in, float64 out)."""
+    if activation == "linear":
+        return h
+    if activation == "relu":
+        return np.maximum(h, 0.0)
+    if activation == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-h))
+    if activation == "tanh":
+        return np.tanh(h)
+    if activation == "softmax":
+        e = np.exp(h - h.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+    raise ValueError(f"unknown activation {activation!r}")
