@@ -101,7 +101,7 @@ def _convert_keras(path: Path, settings: Settings) -> Converted:
         from server.runtime.tf_runtime import TFRuntime
 
         log.info("model not expressible as a Plan (%s); serving it with TensorFlow", exc.message)
-        runtime = TFRuntime.from_model(model)
+        runtime = TFRuntime(model)
         return Converted(
             runtime="tensorflow",
             input=inp,

@@ -30,8 +30,9 @@ def model_signature(model: Any) -> dict[str, dict[str, Any]]:
     except (AttributeError, ValueError) as exc:
         raise UnsupportedModel(f"model has no defined inputs (build it from keras.Input): {exc}") from None
     if len(inputs) != 1 or len(outputs) != 1:
-        raise UnsupportedModel(f"only single-input single-output models are served; got {len(inputs)} inputs, "
-                               f"{len(outputs)} outputs")
+        raise UnsupportedModel(
+            f"only single-input single-output models are served; got {len(inputs)} inputs, {len(outputs)} outputs"
+        )
     inp, out = inputs[0], outputs[0]
     return {
         "input": {"name": _tensor_name(inp), "shape": list(inp.shape[1:]), "dtype": str(inp.dtype)},
@@ -208,8 +209,9 @@ class _ChainBuilder:
         if activation == "linear":
             return
         if self.pending is not None:
-            raise UnsupportedModel(f"{where}: activation after a BatchNormalization that has no linear Dense "
-                                   "before it; cannot fold")
+            raise UnsupportedModel(
+                f"{where}: activation after a BatchNormalization that has no linear Dense before it; cannot fold"
+            )
         if self.current is None:
             raise UnsupportedModel(f"{where}: activation without a Dense before it")
         if self.current.activation != "linear":
@@ -235,7 +237,9 @@ class _ChainBuilder:
 def _activation_name(value: Any, where: str) -> str:
     name = value if isinstance(value, str) else getattr(value, "__name__", repr(value))
     if name not in PLAN_ACTIVATIONS:
-        raise UnsupportedModel(f"{where}: activation {name!r} unsupported; the Plan fuses {', '.join(PLAN_ACTIVATIONS)}")
+        raise UnsupportedModel(
+            f"{where}: activation {name!r} unsupported; the Plan fuses {', '.join(PLAN_ACTIVATIONS)}"
+        )
     return name
 
 

@@ -26,7 +26,7 @@ def _seed(request: pytest.FixtureRequest) -> None:
 
 @pytest.fixture
 def randomize_batchnorm(keras: Any) -> Any:
-    """``f(model, rng)``: give every BatchNormalization non-trivial gamma/beta/moving stats (fresh ones are identity)."""
+    """``f(model, rng)``: give every BatchNormalization non-trivial gamma/beta/moving stats (fresh ones: identity)."""
     return _randomize_batchnorm
 
 

@@ -1,0 +1,68 @@
+"""asyncio Python client for the leanserve.v1 API (same methods as ``Client``, awaitable)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterable
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from client import common
+from client.client import PredictOutput, StreamError
+from leanserve.v1 import inference_service_pb2_grpc as inf_grpc
+from leanserve.v1 import model_service_pb2 as model_pb
+from leanserve.v1 import model_service_pb2_grpc as model_grpc
+
+
+class AsyncClient:
+    """asyncio client; use ``async with AsyncClient(target) as c:``."""
+
+    def __init__(self, target: str = common.DEFAULT_SERVER, *, max_message_bytes: int = common.DEFAULT_MAX_MESSAGE_BYTES,
+                 timeout: float | None = None) -> None:
+        self.channel = grpc.aio.insecure_channel(target, options=common.channel_options(max_message_bytes))
+        self.models_stub = model_grpc.ModelServiceStub(self.channel)
+        self.inference_stub = inf_grpc.InferenceServiceStub(self.channel)
+        self.timeout = timeout
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def upload(self, path: str | Path, name: str, *, format: str = "", description: str = "",
+                     progress: Callable[[int], None] | None = None) -> model_pb.ModelInfo:
+        msgs = common.upload_messages(Path(path), name, fmt=format, description=description, progress=progress)
+        return (await self.models_stub.UploadModel(msgs, timeout=self.timeout)).model
+
+    async def models(self) -> dict[str, list[int]]:
+        resp = await self.models_stub.ListModels(model_pb.ListModelsRequest(), timeout=self.timeout)
+        return {m.name: list(m.versions) for m in resp.models}
+
+    async def info(self, name: str, version: int = 0) -> model_pb.ModelInfo:
+        return await self.models_stub.GetModel(model_pb.GetModelRequest(name=name, version=version), timeout=self.timeout)
+
+    async def delete(self, name: str, version: int = 0) -> list[int]:
+        resp = await self.models_stub.DeleteModel(model_pb.DeleteModelRequest(name=name, version=version), timeout=self.timeout)
+        return list(resp.deleted_versions)
+
+    async def predict(self, name: str, x: np.ndarray, *, version: int = 0, postprocess: str = "raw",
+                      top_k: int = 0) -> PredictOutput:
+        req = common.predict_request(name, x, version=version, postprocess=postprocess, top_k=top_k)
+        resp = await self.inference_stub.Predict(req, timeout=self.timeout)
+        return PredictOutput(resp.model_name, resp.model_version, common.outputs(resp), resp.request_id)
+
+    async def stream(self, name: str, batches: Iterable[np.ndarray], *, version: int = 0, postprocess: str = "raw",
+                     top_k: int = 0) -> AsyncIterator[PredictOutput]:
+        requests = (
+            common.predict_request(name, x, version=version, postprocess=postprocess, top_k=top_k, request_id=str(i))
+            for i, x in enumerate(batches)
+        )
+        async for resp in self.inference_stub.PredictStream(requests, timeout=self.timeout):
+            if resp.HasField("error"):
+                raise StreamError(resp.error.code, resp.error.message, resp.request_id)
+            yield PredictOutput(resp.model_name, resp.model_version, common.outputs(resp), resp.request_id)

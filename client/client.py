@@ -1,0 +1,119 @@
+"""Blocking Python client for the leanserve.v1 API."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from client import common
+from leanserve.v1 import inference_service_pb2_grpc as inf_grpc
+from leanserve.v1 import model_service_pb2 as model_pb
+from leanserve.v1 import model_service_pb2_grpc as model_grpc
+
+
+@dataclass(frozen=True)
+class PredictOutput:
+    """One answer: the version that served it and its named output arrays."""
+
+    model_name: str
+    model_version: int
+    outputs: dict[str, np.ndarray]
+    request_id: str = ""
+
+    @property
+    def output(self) -> np.ndarray:
+        """The only output (raises when there are several, e.g. top-k's indices and scores)."""
+        if len(self.outputs) != 1:
+            raise ValueError(f"several outputs: {', '.join(self.outputs)}")
+        return next(iter(self.outputs.values()))
+
+
+class StreamError(RuntimeError):
+    """A request inside a stream failed; the stream itself goes on."""
+
+    def __init__(self, code: int, message: str, request_id: str) -> None:
+        super().__init__(f"request {request_id!r} failed with status {code}: {message}")
+        self.code, self.message, self.request_id = code, message, request_id
+
+
+class Client:
+    """Talks to one leanserve server. Errors surface as ``grpc.RpcError`` with the server's status code."""
+
+    def __init__(
+        self,
+        target: str = common.DEFAULT_SERVER,
+        *,
+        max_message_bytes: int = common.DEFAULT_MAX_MESSAGE_BYTES,
+        channel: grpc.Channel | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        self.channel = channel or grpc.insecure_channel(target, options=common.channel_options(max_message_bytes))
+        self.models_stub = model_grpc.ModelServiceStub(self.channel)
+        self.inference_stub = inf_grpc.InferenceServiceStub(self.channel)
+        self.timeout = timeout
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Block until the channel is connected."""
+        grpc.channel_ready_future(self.channel).result(timeout=timeout)
+
+    # -- models ----------------------------------------------------------------------------------------------
+    def upload(
+        self, path: str | Path, name: str, *, format: str = "", description: str = "",
+        progress: Callable[[int], None] | None = None,
+    ) -> model_pb.ModelInfo:
+        """Upload a ``.keras``, ``.h5`` or ``.leanserve`` file as the next version of ``name``."""
+        msgs = common.upload_messages(Path(path), name, fmt=format, description=description, progress=progress)
+        return self.models_stub.UploadModel(msgs, timeout=self.timeout).model
+
+    def models(self) -> dict[str, list[int]]:
+        """Every model and its versions."""
+        resp = self.models_stub.ListModels(model_pb.ListModelsRequest(), timeout=self.timeout)
+        return {m.name: list(m.versions) for m in resp.models}
+
+    def info(self, name: str, version: int = 0) -> model_pb.ModelInfo:
+        """Everything known about one version (latest when 0)."""
+        return self.models_stub.GetModel(model_pb.GetModelRequest(name=name, version=version), timeout=self.timeout)
+
+    def delete(self, name: str, version: int = 0) -> list[int]:
+        """Delete one version, or all when 0; returns the deleted versions."""
+        req = model_pb.DeleteModelRequest(name=name, version=version)
+        return list(self.models_stub.DeleteModel(req, timeout=self.timeout).deleted_versions)
+
+    # -- inference -------------------------------------------------------------------------------------------
+    def predict(
+        self, name: str, x: np.ndarray, *, version: int = 0, postprocess: str = "raw", top_k: int = 0,
+        timeout: float | None = None,
+    ) -> PredictOutput:
+        """One batch in, its outputs back."""
+        req = common.predict_request(name, x, version=version, postprocess=postprocess, top_k=top_k)
+        resp = self.inference_stub.Predict(req, timeout=timeout or self.timeout)
+        return PredictOutput(resp.model_name, resp.model_version, common.outputs(resp), resp.request_id)
+
+    def stream(
+        self, name: str, batches: Iterable[np.ndarray], *, version: int = 0, postprocess: str = "raw",
+        top_k: int = 0, raise_on_error: bool = True,
+    ) -> Iterator[PredictOutput]:
+        """Push many batches through one PredictStream; results come back in order, request ids "0", "1", ..."""
+        requests = (
+            common.predict_request(name, x, version=version, postprocess=postprocess, top_k=top_k, request_id=str(i))
+            for i, x in enumerate(batches)
+        )
+        for resp in self.inference_stub.PredictStream(requests, timeout=self.timeout):
+            if resp.HasField("error"):
+                if raise_on_error:
+                    raise StreamError(resp.error.code, resp.error.message, resp.request_id)
+                continue
+            yield PredictOutput(resp.model_name, resp.model_version, common.outputs(resp), resp.request_id)

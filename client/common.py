@@ -1,0 +1,90 @@
+"""What the sync and asyncio clients share: message building, tensor conversion, channel options."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from leanserve.v1 import inference_service_pb2 as inf_pb
+from leanserve.v1 import model_service_pb2 as model_pb
+from leanserve.v1 import tensor_pb2 as tensor_pb
+
+DEFAULT_SERVER = "127.0.0.1:8500"
+DEFAULT_MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+CHUNK_BYTES = 1024 * 1024
+
+_DTYPES = {
+    tensor_pb.FLOAT32: np.dtype("<f4"), tensor_pb.FLOAT64: np.dtype("<f8"), tensor_pb.FLOAT16: np.dtype("<f2"),
+    tensor_pb.INT8: np.dtype("i1"), tensor_pb.INT16: np.dtype("<i2"), tensor_pb.INT32: np.dtype("<i4"),
+    tensor_pb.INT64: np.dtype("<i8"), tensor_pb.UINT8: np.dtype("u1"), tensor_pb.BOOL: np.dtype("?"),
+}
+_PB_DTYPES = {v.name: k for k, v in _DTYPES.items()}
+POSTPROCESS = {"raw": inf_pb.RAW, "probabilities": inf_pb.PROBABILITIES, "top_k": inf_pb.TOP_K, "argmax": inf_pb.ARGMAX}
+FORMATS = {"": model_pb.MODEL_FORMAT_UNSPECIFIED, "keras": model_pb.KERAS, "h5": model_pb.H5, "leanserve": model_pb.LEANSERVE}
+
+
+def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+
+
+def to_tensor(a: np.ndarray, name: str = "") -> tensor_pb.Tensor:
+    a = np.ascontiguousarray(a)
+    if a.dtype.name not in _PB_DTYPES:
+        raise TypeError(f"unsupported dtype {a.dtype}")
+    if a.dtype.byteorder == ">":
+        a = a.astype(a.dtype.newbyteorder("<"))
+    return tensor_pb.Tensor(name=name, dtype=_PB_DTYPES[a.dtype.name], shape=a.shape, data=a.tobytes())
+
+
+def from_tensor(t: tensor_pb.Tensor) -> np.ndarray:
+    return np.frombuffer(t.data, dtype=_DTYPES[t.dtype]).reshape(tuple(t.shape))
+
+
+def predict_request(
+    model: str, x: np.ndarray, *, version: int = 0, postprocess: str = "raw", top_k: int = 0,
+    request_id: str = "", input_name: str = "",
+) -> inf_pb.PredictRequest:
+    if postprocess not in POSTPROCESS:
+        raise ValueError(f"postprocess must be one of {', '.join(POSTPROCESS)}")
+    return inf_pb.PredictRequest(
+        model_name=model, model_version=version, inputs=[to_tensor(x, input_name)],
+        postprocess=POSTPROCESS[postprocess], top_k=top_k, request_id=request_id,
+    )
+
+
+def outputs(resp: inf_pb.PredictResponse) -> dict[str, np.ndarray]:
+    return {t.name: from_tensor(t) for t in resp.outputs}
+
+
+def detect_format(path: Path) -> str:
+    """Format from the file name (the server checks the content too)."""
+    suffix = path.suffix.lower()
+    return {".keras": "keras", ".h5": "h5", ".hdf5": "h5", ".leanserve": "leanserve"}.get(suffix, "")
+
+
+def upload_messages(
+    path: Path, name: str, *, fmt: str = "", description: str = "", progress: Callable[[int], None] | None = None
+) -> Iterator[model_pb.UploadModelRequest]:
+    """Header then 1 MiB chunks; the sha256 is computed in a first pass so the header carries it."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK_BYTES), b""):
+            digest.update(block)
+    size = path.stat().st_size
+    header = model_pb.UploadHeader(
+        name=name, format=FORMATS[fmt or detect_format(path)], size_bytes=size, sha256=digest.hexdigest(),
+        description=description,
+    )
+    yield model_pb.UploadModelRequest(header=header)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK_BYTES), b""):
+            yield model_pb.UploadModelRequest(chunk=block)
+            if progress:
+                progress(len(block))

@@ -1,0 +1,11 @@
+"""Sparse weight formats: importing this module registers ``csr_f32``, ``csr_int8``, ``bsr_f32``, ``bsr_int8``.
+
+Layouts, block axes and kernel choices are documented in ``sparse_common``, ``sparse_csr`` and ``sparse_bsr``.
+"""
+
+from __future__ import annotations
+
+from kernels.sparse_bsr import BsrF32, BsrInt8
+from kernels.sparse_csr import CsrF32, CsrInt8
+
+__all__ = ["BsrF32", "BsrInt8", "CsrF32", "CsrInt8"]

@@ -1,0 +1,295 @@
+"""Block-sparse formats: ``bsr_f32`` and ``bsr_int8`` (block rows of ``W^T``; see ``sparse_common`` for axes).
+
+``block=(r, c)``: ``r`` consecutive inputs (K axis) x ``c`` consecutive outputs (N axis).
+
+* ``bsr_f32``: ``c == 1`` with ``r`` in 4, 8, 16 (a block is a contiguous slice of ``x`` dotted with ``r``
+  weights: ``_sparse_simd.bsr_dot_f32``), or ``c`` in 4, 8, 16 with any ``r`` (each input broadcast onto ``c``
+  output lanes: ``bsr_bcast_f32``). Up to 4 batch rows share every weight load.
+* ``bsr_int8``: ``c == 1`` with ``r`` in 4, 8, 16, 32, 64. With AVX512_VNNI, ``r >= 16`` runs ``vpdpbusd`` on u8
+  activations (``q + 128``; the kernel subtracts ``128 * sum(q_w)`` per channel); other shapes and CPUs use the
+  portable int32 loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numba import njit
+
+from kernels._sparse_simd import MAX_MR, VNNI_WIDTHS, bsr_bcast_f32, bsr_dot_f32, bsr_dot_vnni, has_avx512_vnni
+from kernels.activations import activation_code
+from kernels.formats import KernelInputError, LayerKernel, check_activation, register
+from kernels.quantize import quantize_rows, quantize_rows_u8, quantize_weights_per_channel
+from kernels.sparse_common import (BlockSparse, check_block_arrays, epilogue_f32, epilogue_int, index_dtype,
+                                   pack_blocks, unpack_blocks)
+
+F32_BLOCKS: tuple[tuple[int, int], ...] = ((4, 1), (8, 1), (16, 1), (1, 4), (1, 8), (1, 16), (4, 4), (4, 16))
+INT8_BLOCKS: tuple[tuple[int, int], ...] = ((4, 1), (8, 1), (16, 1), (32, 1), (64, 1))
+HAS_VNNI: bool = has_avx512_vnni()
+
+
+def f32_block_supported(r: int, c: int) -> bool:
+    """Block shapes ``bsr_f32`` has a kernel for (``F32_BLOCKS`` lists the measured ones)."""
+    return (c == 1 and r in (4, 8, 16)) or (c in (4, 8, 16) and r >= 1)
+
+
+@njit(nogil=True, cache=True)
+def pad_columns(x: np.ndarray, width: int) -> np.ndarray:
+    """``x`` itself if it already has ``width`` columns, else a zero-padded copy."""
+    B, K = x.shape
+    if K == width:
+        return x
+    out = np.zeros((B, width), dtype=x.dtype)
+    out[:, :K] = x
+    return out
+
+
+@njit(nogil=True, cache=True)
+def bsr_f32_accumulate(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, x: np.ndarray, r: int,
+                       c: int, acc: np.ndarray) -> None:
+    """``acc[B, Np] = x[B, Kp] @ W`` (padded) for fp32 BSR blocks ``(r, c)``, 4 batch rows per register tile."""
+    B, ldx = x.shape
+    ldo = acc.shape[1]
+    for b in range(0, B, MAX_MR):
+        mr = min(MAX_MR, B - b)
+        xs = x[b:]
+        for j in range(indptr.shape[0] - 1):
+            if c == 1:
+                bsr_dot_f32(indices, values, indptr[j], indptr[j + 1], xs, ldx, mr, r, acc, b * ldo + j, ldo)
+            else:
+                bsr_bcast_f32(indices, values, indptr[j], indptr[j + 1], xs, ldx, mr, r, c, acc, b * ldo + j * c,
+                              ldo)
+
+
+@njit(nogil=True, cache=True)
+def bsr_f32_forward(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, bias: np.ndarray, code: int,
+                    x: np.ndarray, r: int, c: int) -> np.ndarray:
+    """``act(x @ W + b)`` for fp32 BSR weights."""
+    B = x.shape[0]
+    nbr = indptr.shape[0] - 1
+    kp = (x.shape[1] + r - 1) // r * r
+    acc = np.empty((B, nbr * c), dtype=np.float32)
+    bsr_f32_accumulate(indptr, indices, values, pad_columns(x, kp), r, c, acc)
+    out = np.empty((B, bias.shape[0]), dtype=np.float32)
+    epilogue_f32(acc, False, bias, code, out)
+    return out
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def bsr_int8_accumulate_portable(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, xq: np.ndarray,
+                                 r: int) -> np.ndarray:
+    """Exact int32 ``xq[B, Kp] @ W`` for int8 ``(r, 1)`` blocks (``values`` flat ``[nblocks * r]``); no SIMD
+    intrinsics, so it runs on any CPU."""
+    B = xq.shape[0]
+    N = indptr.shape[0] - 1
+    acc = np.empty((B, N), dtype=np.int32)
+    for b in range(B):
+        for n in range(N):
+            a = np.int32(0)
+            for p in range(indptr[n], indptr[n + 1]):
+                k0 = np.int64(indices[p]) * r
+                w0 = p * r
+                for i in range(r):
+                    # explicit int32 casts keep the multiply-adds 32-bit (vpmaddwd) instead of int64
+                    a = np.int32(a + np.int32(xq[b, k0 + i]) * np.int32(values[w0 + i]))
+            acc[b, n] = a
+    return acc
+
+
+@njit(nogil=True, cache=True)
+def bsr_int8_accumulate_vnni(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, xu8: np.ndarray,
+                             r: int, wsum: np.ndarray) -> np.ndarray:
+    """Exact int32 ``(xu8 - 128) @ W`` for int8 ``(r, 1)`` blocks, ``r`` in 16/32/64, with ``vpdpbusd``;
+    ``wsum[n]`` is the sum of channel ``n``'s stored weights."""
+    B, ldx = xu8.shape
+    N = indptr.shape[0] - 1
+    acc = np.empty((B, N), dtype=np.int32)
+    for b in range(0, B, MAX_MR):
+        mr = min(MAX_MR, B - b)
+        xs = xu8[b:]
+        for n in range(N):
+            bsr_dot_vnni(indices, values, indptr[n], indptr[n + 1], xs, ldx, mr, r, acc, b * N + n, N)
+    for b in range(B):
+        for n in range(N):
+            acc[b, n] = np.int32(acc[b, n] - np.int32(128) * wsum[n])
+    return acc
+
+
+@njit(nogil=True, cache=True)
+def bsr_int8_forward(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, wsum: np.ndarray,
+                     scales: np.ndarray, bias: np.ndarray, code: int, x: np.ndarray, r: int,
+                     vnni: bool) -> np.ndarray:
+    """``act(dequant(quant(x) @ Wq) + b)`` for int8 ``(r, 1)`` BSR weights (dynamic per-row activations)."""
+    B, K = x.shape
+    kp = (K + r - 1) // r * r
+    xs = np.empty(B, dtype=np.float32)
+    if vnni:
+        xu8 = np.empty((B, kp), dtype=np.uint8)
+        quantize_rows_u8(x, xu8, xs)
+        acc = bsr_int8_accumulate_vnni(indptr, indices, values, xu8, r, wsum)
+    else:
+        xq = np.empty((B, kp), dtype=np.int8)
+        quantize_rows(x, xq, xs)
+        acc = bsr_int8_accumulate_portable(indptr, indices, values, xq, r)
+    out = np.empty((B, bias.shape[0]), dtype=np.float32)
+    epilogue_int(acc, xs, scales, bias, code, out)
+    return out
+
+
+def _block_option(block: Any) -> tuple[int, int]:
+    try:
+        r, c = (int(v) for v in block)
+    except (TypeError, ValueError):
+        raise KernelInputError(f"block must be a pair (r, c), got {block!r}") from None
+    return r, c
+
+
+class _BsrBase(LayerKernel):
+    def __init__(self, bs: BlockSparse, bias: np.ndarray, activation: str, in_features: int) -> None:
+        self.in_features = int(in_features)
+        self.out_features = int(bias.shape[0])
+        self.activation = check_activation(activation)
+        _, self.r, self.c = (int(v) for v in bs.values.shape)
+        kb = -(-self.in_features // self.r)
+        check_block_arrays(bs.indptr, bs.indices, -(-self.out_features // self.c), kb)
+        self.indptr = np.ascontiguousarray(bs.indptr, dtype=np.int32)
+        self.indices = np.ascontiguousarray(bs.indices, dtype=index_dtype(kb))
+        self.values = np.ascontiguousarray(bs.values)
+        self.bias = np.ascontiguousarray(bias, dtype=np.float32)
+        self._flat = self.values.reshape(-1)
+        self._code = activation_code(activation)
+
+    @property
+    def block(self) -> tuple[int, int]:
+        """``(r, c)``: inputs x outputs per block."""
+        return self.r, self.c
+
+    @property
+    def nblocks(self) -> int:
+        """Number of stored blocks."""
+        return int(self.values.shape[0])
+
+    def _bs(self) -> BlockSparse:
+        return BlockSparse(self.indptr, self.indices, self.values)
+
+    def bias_vector(self) -> np.ndarray:
+        return self.bias.copy()
+
+    def meta(self) -> dict[str, Any]:
+        return {"format": self.format, "activation": self.activation, "in_features": self.in_features,
+                "out_features": self.out_features, "block": [self.r, self.c]}
+
+
+@register
+class BsrF32(_BsrBase):
+    """fp32 block-sparse layer; ``block=(r, c)`` = ``r`` inputs x ``c`` outputs (default ``(1, 16)``)."""
+
+    format = "bsr_f32"
+
+    def __init__(self, bs: BlockSparse, bias: np.ndarray, activation: str, in_features: int) -> None:
+        r, c = bs.values.shape[1:]
+        if not f32_block_supported(r, c):
+            raise KernelInputError(f"bsr_f32 has no kernel for block ({r}, {c}); use one of {F32_BLOCKS}")
+        super().__init__(bs, bias, activation, in_features)
+
+    @classmethod
+    def from_dense(cls, weights: np.ndarray, bias: np.ndarray, activation: str, **options: Any) -> "BsrF32":
+        """Store every ``(r, c)`` block of fp32 ``weights[K, N]`` holding a nonzero; option ``block``."""
+        r, c = _block_option(options.pop("block", (1, 16)))
+        if options:
+            raise TypeError(f"bsr_f32 got unknown options {sorted(options)}")
+        if not f32_block_supported(r, c):
+            raise KernelInputError(f"bsr_f32 has no kernel for block ({r}, {c}); use one of {F32_BLOCKS}")
+        w = np.asarray(weights, dtype=np.float32)
+        return cls(pack_blocks(w, r, c), np.asarray(bias, np.float32), activation, w.shape[0])
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> "BsrF32":
+        r, c = _block_option(meta["block"])
+        values = np.asarray(arrays["values"], dtype=np.float32).reshape(-1, r, c)
+        return cls(BlockSparse(arrays["indptr"], arrays["indices"], values), arrays["bias"], meta["activation"],
+                   meta["in_features"])
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"indptr": self.indptr, "indices": self.indices, "values": self.values, "bias": self.bias}
+
+    def dense_weights(self) -> np.ndarray:
+        return unpack_blocks(self._bs(), self.in_features, self.out_features)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return bsr_f32_forward(self.indptr, self.indices, self._flat, self.bias, self._code, x, self.r, self.c)
+
+
+@register
+class BsrInt8(_BsrBase):
+    """int8 block-sparse layer, ``block=(r, 1)`` (default ``(16, 1)``): per-channel weight scales, dynamic
+    per-row activation quantization, int32 accumulation (VNNI when available)."""
+
+    format = "bsr_int8"
+
+    def __init__(self, bs: BlockSparse, scales: np.ndarray, bias: np.ndarray, activation: str,
+                 in_features: int) -> None:
+        if bs.values.shape[1:] not in [(r, c) for r, c in INT8_BLOCKS]:
+            raise KernelInputError(f"bsr_int8 has no kernel for block {bs.values.shape[1:]}; use one of "
+                                   f"{INT8_BLOCKS}")
+        super().__init__(BlockSparse(bs.indptr, bs.indices, bs.values.astype(np.int8)), bias, activation,
+                         in_features)
+        self.scales = np.ascontiguousarray(scales, dtype=np.float32)
+        nbr = self.indptr.shape[0] - 1
+        rows = np.repeat(np.arange(nbr), np.diff(self.indptr))
+        self.wsum = np.bincount(rows, weights=self.values.reshape(self.nblocks, -1).sum(axis=1),
+                                minlength=nbr).astype(np.int32)
+        self.use_vnni = HAS_VNNI and self.r in VNNI_WIDTHS
+
+    @classmethod
+    def from_dense(cls, weights: np.ndarray, bias: np.ndarray, activation: str, **options: Any) -> "BsrInt8":
+        """Quantize fp32 ``weights[K, N]`` per output channel; keep every ``(r, 1)`` block whose fp32 weights
+        hold a nonzero. Option ``block`` (default ``(16, 1)``)."""
+        r, c = _block_option(options.pop("block", (16, 1)))
+        if options:
+            raise TypeError(f"bsr_int8 got unknown options {sorted(options)}")
+        if (r, c) not in INT8_BLOCKS:
+            raise KernelInputError(f"bsr_int8 has no kernel for block ({r}, {c}); use one of {INT8_BLOCKS}")
+        w = np.asarray(weights, dtype=np.float32)
+        q, scales = quantize_weights_per_channel(w)
+        pattern = pack_blocks(w, r, c)
+        kb = -(-w.shape[0] // r)
+        padded = np.zeros((kb * r, w.shape[1]), dtype=np.int8)
+        padded[: w.shape[0]] = q
+        rows = np.repeat(np.arange(w.shape[1]), np.diff(pattern.indptr))
+        values = padded.reshape(kb, r, w.shape[1])[pattern.indices.astype(np.int64), :, rows][:, :, None]
+        bs = BlockSparse(pattern.indptr, pattern.indices, np.ascontiguousarray(values))
+        return cls(bs, scales, np.asarray(bias, np.float32), activation, w.shape[0])
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> "BsrInt8":
+        r, c = _block_option(meta["block"])
+        values = np.asarray(arrays["values"]).reshape(-1, r, c)
+        return cls(BlockSparse(arrays["indptr"], arrays["indices"], values), arrays["scales"], arrays["bias"],
+                   meta["activation"], meta["in_features"])
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"indptr": self.indptr, "indices": self.indices, "values": self.values, "scales": self.scales,
+                "bias": self.bias}
+
+    def quantized_weights(self) -> np.ndarray:
+        """The int8 ``[K, N]`` weights (zeros kept)."""
+        return unpack_blocks(self._bs(), self.in_features, self.out_features)
+
+    def dense_weights(self) -> np.ndarray:
+        return self.quantized_weights().astype(np.float32) * self.scales
+
+    def accumulators(self, xq: np.ndarray, vnni: bool | None = None) -> np.ndarray:
+        """Exact int32 ``xq @ Wq`` for int8 activations ``xq[B, K]``; ``vnni`` forces a path (for tests)."""
+        vnni = self.use_vnni if vnni is None else (vnni and self.use_vnni)
+        kp = -(-self.in_features // self.r) * self.r
+        xq = pad_columns(np.ascontiguousarray(xq, dtype=np.int8), kp)
+        if vnni:
+            xu8 = (xq.astype(np.int16) + 128).astype(np.uint8)
+            return bsr_int8_accumulate_vnni(self.indptr, self.indices, self._flat, xu8, self.r, self.wsum)
+        return bsr_int8_accumulate_portable(self.indptr, self.indices, self._flat, xq, self.r)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return bsr_int8_forward(self.indptr, self.indices, self._flat, self.wsum, self.scales, self.bias,
+                                self._code, x, self.r, self.use_vnni)

@@ -1,0 +1,244 @@
+"""Unstructured sparse formats: ``csr_f32`` and ``csr_int8`` (CSR of ``W^T``: one stored row per output channel).
+
+Gather form (per output, the nonzero k's) rather than scatter (per input, the outputs it feeds): the output's
+sum stays in registers and batches vectorise over the batch lanes of a transposed ``x``. Small batches walk each
+sparse row once per input row with scalar gathers (AVX-512 gathers measured slower than scalar here); from
+``LANES_MIN_BATCH`` rows on, ``x`` is transposed into ``[K, B]`` and every stored weight feeds 16..64 batch
+lanes with one FMA each (``_sparse_simd.csr_lanes_f32``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numba import njit
+
+from kernels._sparse_simd import csr_lanes_f32
+from kernels.activations import activation_code
+from kernels.formats import LayerKernel, check_activation, register
+from kernels.quantize import quantize_rows, quantize_weights_per_channel
+from kernels.sparse_common import check_block_arrays, epilogue_f32, epilogue_int, index_dtype
+
+#: batch size from which csr_f32 switches from per-row gathers to batch-lane SIMD (measured crossover)
+LANES_MIN_BATCH = 2
+
+
+def pack_csr(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """CSR of ``w.T`` keeping exactly the nonzeros: (indptr int32 [N+1], indices uint16/32, values)."""
+    K, N = w.shape
+    rows, cols = np.nonzero(w.T)
+    indptr = np.zeros(N + 1, dtype=np.int32)
+    np.cumsum(np.bincount(rows, minlength=N), out=indptr[1:])
+    return indptr, cols.astype(index_dtype(K)), np.ascontiguousarray(w.T[rows, cols])
+
+
+def unpack_csr(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, K: int, N: int) -> np.ndarray:
+    """Dense ``[K, N]`` from ``pack_csr`` arrays."""
+    w = np.zeros((K, N), dtype=values.dtype)
+    w[indices.astype(np.int64), np.repeat(np.arange(N), np.diff(indptr))] = values
+    return w
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def csr_rows_f32(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, x: np.ndarray, acc: np.ndarray) -> None:
+    """``acc[b, n] = sum_p values[p] * x[b, indices[p]]`` row by row (streams the weights once per row)."""
+    N = indptr.shape[0] - 1
+    for b in range(x.shape[0]):
+        for n in range(N):
+            s0 = np.float32(0.0)
+            s1 = np.float32(0.0)
+            p, end = indptr[n], indptr[n + 1]
+            while p + 2 <= end:  # two chains hide the add latency; a gather-vectorised loop is slower
+                s0 += values[p] * x[b, indices[p]]
+                s1 += values[p + 1] * x[b, indices[p + 1]]
+                p += 2
+            if p < end:
+                s0 += values[p] * x[b, indices[p]]
+            acc[b, n] = s0 + s1
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def csr_lanes(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, x: np.ndarray, acc_t: np.ndarray) -> None:
+    """``acc_t[n, b] = sum_p values[p] * x[b, indices[p]]`` with SIMD over batch lanes; ``acc_t`` is
+    ``[N, Bp]`` with ``Bp`` the batch rounded up to 16."""
+    B, K = x.shape
+    N, Bp = acc_t.shape
+    xt = np.zeros((K, Bp), dtype=np.float32)
+    for b in range(B):
+        for k in range(K):
+            xt[k, b] = x[b, k]
+    for b0 in range(0, Bp, 64):  # 64 lanes of x^T: K * 256 B, stays in L2 while all rows stream past it
+        nv = min(4, (Bp - b0) // 16)
+        for n in range(N):
+            csr_lanes_f32(indices, values, indptr[n], indptr[n + 1], xt, Bp, b0, acc_t, n * Bp + b0, nv)
+
+
+@njit(nogil=True, cache=True)
+def csr_f32_forward(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, bias: np.ndarray, code: int,
+                    x: np.ndarray, lanes_min_batch: int) -> np.ndarray:
+    """``act(x @ W + b)`` for CSR fp32 weights; picks the per-row or batch-lane kernel by batch size."""
+    B = x.shape[0]
+    N = indptr.shape[0] - 1
+    out = np.empty((B, N), dtype=np.float32)
+    if B >= lanes_min_batch:
+        acc_t = np.empty((N, (B + 15) // 16 * 16), dtype=np.float32)
+        csr_lanes(indptr, indices, values, x, acc_t)
+        epilogue_f32(acc_t, True, bias, code, out)
+    else:
+        acc = np.empty((B, N), dtype=np.float32)
+        csr_rows_f32(indptr, indices, values, x, acc)
+        epilogue_f32(acc, False, bias, code, out)
+    return out
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def csr_int8_accumulators(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, xq: np.ndarray) -> np.ndarray:
+    """Exact int32 ``xq[B, K] @ W`` for int8 CSR weights; four rows share each pass over a sparse row."""
+    B = xq.shape[0]
+    N = indptr.shape[0] - 1
+    acc = np.empty((B, N), dtype=np.int32)
+    b = 0
+    while b + 4 <= B:
+        for n in range(N):
+            a0 = np.int32(0)
+            a1 = np.int32(0)
+            a2 = np.int32(0)
+            a3 = np.int32(0)
+            for p in range(indptr[n], indptr[n + 1]):
+                k = indices[p]
+                w = np.int32(values[p])
+                # explicit int32 casts: Numba would otherwise widen int8 * int8 to int64
+                a0 = np.int32(a0 + np.int32(xq[b, k]) * w)
+                a1 = np.int32(a1 + np.int32(xq[b + 1, k]) * w)
+                a2 = np.int32(a2 + np.int32(xq[b + 2, k]) * w)
+                a3 = np.int32(a3 + np.int32(xq[b + 3, k]) * w)
+            acc[b, n] = a0
+            acc[b + 1, n] = a1
+            acc[b + 2, n] = a2
+            acc[b + 3, n] = a3
+        b += 4
+    for r in range(b, B):
+        for n in range(N):
+            a = np.int32(0)
+            for p in range(indptr[n], indptr[n + 1]):
+                a = np.int32(a + np.int32(xq[r, indices[p]]) * np.int32(values[p]))
+            acc[r, n] = a
+    return acc
+
+
+@njit(nogil=True, cache=True)
+def csr_int8_forward(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, scales: np.ndarray,
+                     bias: np.ndarray, code: int, x: np.ndarray) -> np.ndarray:
+    """``act(dequant(quant(x) @ Wq) + b)``: dynamic per-row int8 activations, int32 accumulation."""
+    B, K = x.shape
+    xq = np.empty((B, K), dtype=np.int8)
+    xs = np.empty(B, dtype=np.float32)
+    quantize_rows(x, xq, xs)
+    acc = csr_int8_accumulators(indptr, indices, values, xq)
+    out = np.empty((B, indptr.shape[0] - 1), dtype=np.float32)
+    epilogue_int(acc, xs, scales, bias, code, out)
+    return out
+
+
+class _CsrBase(LayerKernel):
+    def __init__(self, indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, bias: np.ndarray,
+                 activation: str, in_features: int) -> None:
+        self.in_features = int(in_features)
+        self.out_features = int(bias.shape[0])
+        self.activation = check_activation(activation)
+        check_block_arrays(indptr, indices, self.out_features, self.in_features)
+        self.indptr = np.ascontiguousarray(indptr, dtype=np.int32)
+        self.indices = np.ascontiguousarray(indices, dtype=index_dtype(self.in_features))
+        self.values = np.ascontiguousarray(values)
+        self.bias = np.ascontiguousarray(bias, dtype=np.float32)
+        self._code = activation_code(activation)
+
+    @property
+    def nnz(self) -> int:
+        """Number of stored weights."""
+        return int(self.values.shape[0])
+
+    def bias_vector(self) -> np.ndarray:
+        return self.bias.copy()
+
+    def meta(self) -> dict[str, Any]:
+        return {"format": self.format, "activation": self.activation, "in_features": self.in_features,
+                "out_features": self.out_features}
+
+
+@register
+class CsrF32(_CsrBase):
+    """fp32 CSR (of ``W^T``) sparse layer: stores exactly the nonzeros of ``W``."""
+
+    format = "csr_f32"
+
+    @classmethod
+    def from_dense(cls, weights: np.ndarray, bias: np.ndarray, activation: str, **options: Any) -> "CsrF32":
+        """Keep every nonzero of fp32 ``weights[K, N]``; no options."""
+        if options:
+            raise TypeError(f"csr_f32 takes no options, got {sorted(options)}")
+        w = np.asarray(weights, dtype=np.float32)
+        indptr, indices, values = pack_csr(w)
+        return cls(indptr, indices, values, np.asarray(bias, np.float32), activation, w.shape[0])
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> "CsrF32":
+        return cls(arrays["indptr"], arrays["indices"], arrays["values"].astype(np.float32), arrays["bias"],
+                   meta["activation"], meta["in_features"])
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"indptr": self.indptr, "indices": self.indices, "values": self.values, "bias": self.bias}
+
+    def dense_weights(self) -> np.ndarray:
+        return unpack_csr(self.indptr, self.indices, self.values, self.in_features, self.out_features)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return csr_f32_forward(self.indptr, self.indices, self.values, self.bias, self._code, x, LANES_MIN_BATCH)
+
+
+@register
+class CsrInt8(_CsrBase):
+    """int8 CSR sparse layer: per-output-channel weight scales, dynamic per-row activation quantization."""
+
+    format = "csr_int8"
+
+    def __init__(self, indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, scales: np.ndarray,
+                 bias: np.ndarray, activation: str, in_features: int) -> None:
+        super().__init__(indptr, indices, values.astype(np.int8), bias, activation, in_features)
+        self.scales = np.ascontiguousarray(scales, dtype=np.float32)
+
+    @classmethod
+    def from_dense(cls, weights: np.ndarray, bias: np.ndarray, activation: str, **options: Any) -> "CsrInt8":
+        """Quantize fp32 ``weights[K, N]`` per output channel, then keep the nonzeros of the fp32 weights
+        (a weight that rounds to 0 is still stored, so the pattern is exactly ``weights != 0``)."""
+        if options:
+            raise TypeError(f"csr_int8 takes no options, got {sorted(options)}")
+        w = np.asarray(weights, dtype=np.float32)
+        q, scales = quantize_weights_per_channel(w)
+        indptr, indices, _ = pack_csr(w)
+        rows, cols = np.nonzero(w.T)
+        return cls(indptr, indices, q.T[rows, cols], scales, np.asarray(bias, np.float32), activation, w.shape[0])
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> "CsrInt8":
+        return cls(arrays["indptr"], arrays["indices"], arrays["values"], arrays["scales"], arrays["bias"],
+                   meta["activation"], meta["in_features"])
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"indptr": self.indptr, "indices": self.indices, "values": self.values, "scales": self.scales,
+                "bias": self.bias}
+
+    def quantized_weights(self) -> np.ndarray:
+        """The int8 ``[K, N]`` weights (zeros kept)."""
+        return unpack_csr(self.indptr, self.indices, self.values, self.in_features, self.out_features)
+
+    def dense_weights(self) -> np.ndarray:
+        return self.quantized_weights().astype(np.float32) * self.scales
+
+    def accumulators(self, xq: np.ndarray) -> np.ndarray:
+        """Exact int32 ``xq @ Wq`` for int8 activations ``xq[B, K]`` (for tests)."""
+        return csr_int8_accumulators(self.indptr, self.indices, self.values, np.ascontiguousarray(xq, np.int8))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return csr_int8_forward(self.indptr, self.indices, self.values, self.scales, self.bias, self._code, x)
