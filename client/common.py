@@ -34,7 +34,7 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[
 
 
 def to_tensor(a: np.ndarray, name: str = "") -> tensor_pb.Tensor:
-    a = np.ascontiguousarray(a)
+    a = np.require(a, requirements='C')  # unlike ascontiguousarray, keeps 0-d arrays 0-d
     if a.dtype.name not in _PB_DTYPES:
         raise TypeError(f"unsupported dtype {a.dtype}")
     if a.dtype.byteorder == ">":

@@ -17,6 +17,7 @@ import numpy as np
 from numba import njit
 
 QMAX = 127
+_QMAX_F32 = np.float32(QMAX)  # float32 constants keep the quantize loops in float32 (they vectorize)
 
 
 def quantize_weights_per_channel(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -29,14 +30,19 @@ def quantize_weights_per_channel(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 
 
 @njit(nogil=True, cache=True)
-def _row_scale(x: np.ndarray, r: int) -> np.float32:
-    amax = np.float32(0.0)
-    for k in range(x.shape[1]):
-        v = abs(x[r, k])
-        if v > amax:
-            amax = v
+def _row_scale(x: np.ndarray, r: int, bits: np.ndarray) -> np.float32:
+    # max |x| as an integer max over the sign-cleared IEEE bits (monotonic for non-negative floats): LLVM
+    # vectorizes it, unlike the NaN-aware float max (6x faster). ``bits`` is an int32[1] scratch. A NaN in the
+    # row wins the max, so the row's scale (and output) is NaN, as it would be in fp32.
+    row = x[r].view(np.int32)  # x must be C-contiguous
+    m = np.int32(0)
+    for k in range(row.shape[0]):
+        b = row[k] & np.int32(0x7FFFFFFF)
+        m = b if b > m else m
+    bits[0] = m
+    amax = bits.view(np.float32)[0]
     if amax > 0.0:
-        return amax / np.float32(QMAX)
+        return amax / _QMAX_F32
     return np.float32(1.0)
 
 
@@ -45,13 +51,14 @@ def quantize_rows(x: np.ndarray, q: np.ndarray, scales: np.ndarray) -> None:
     """Per-row symmetric int8 quantization of float32 ``x[B, K]`` into ``q`` int8 ``[B, Kq >= K]`` (tail zeroed)
     and ``scales`` float32 ``[B]``."""
     B, K = x.shape
+    bits = np.empty(1, dtype=np.int32)
     for r in range(B):
-        s = _row_scale(x, r)
+        s = _row_scale(x, r, bits)
         scales[r] = s
         inv = np.float32(1.0) / s
         for k in range(K):
             v = np.rint(x[r, k] * inv)
-            v = min(max(v, -QMAX), QMAX)
+            v = min(max(v, -_QMAX_F32), _QMAX_F32)
             q[r, k] = np.int8(v)
         for k in range(K, q.shape[1]):
             q[r, k] = 0
@@ -61,13 +68,14 @@ def quantize_rows(x: np.ndarray, q: np.ndarray, scales: np.ndarray) -> None:
 def quantize_rows_u8(x: np.ndarray, q: np.ndarray, scales: np.ndarray) -> None:
     """Like ``quantize_rows`` but stores ``q + 128`` as uint8 (VNNI's unsigned operand); the tail is 128 (q = 0)."""
     B, K = x.shape
+    bits = np.empty(1, dtype=np.int32)
     for r in range(B):
-        s = _row_scale(x, r)
+        s = _row_scale(x, r, bits)
         scales[r] = s
         inv = np.float32(1.0) / s
         for k in range(K):
             v = np.rint(x[r, k] * inv)
-            v = min(max(v, -QMAX), QMAX)
+            v = min(max(v, -_QMAX_F32), _QMAX_F32)
             q[r, k] = np.uint8(np.int32(v) + 128)
         for k in range(K, q.shape[1]):
             q[r, k] = 128

@@ -238,7 +238,7 @@ class BsrInt8(_BsrBase):
         self.scales = np.ascontiguousarray(scales, dtype=np.float32)
         nbr = self.indptr.shape[0] - 1
         rows = np.repeat(np.arange(nbr), np.diff(self.indptr))
-        self.wsum = np.bincount(rows, weights=self.values.reshape(self.nblocks, -1).sum(axis=1),
+        self.wsum = np.bincount(rows, weights=self.values.sum(axis=(1, 2), dtype=np.int64),
                                 minlength=nbr).astype(np.int32)
         self.use_vnni = HAS_VNNI and self.r in VNNI_WIDTHS
 

@@ -110,7 +110,7 @@ def _convert_keras(path: Path, settings: Settings) -> Converted:
             runner=runtime,
             reference=reference,
             reference_name="keras",
-            output_is_probability=bool(sig.get("output_is_probability", False)),
+            output_is_probability=_ends_in_softmax(model),
             conversion_note=exc.message,
         )
     plan = build_plan(input_shape, specs)
@@ -124,6 +124,12 @@ def _convert_keras(path: Path, settings: Settings) -> Converted:
         reference_name="keras",
         output_is_probability=specs[-1].activation == "softmax",
     )
+
+
+def _ends_in_softmax(model: Any) -> bool:
+    last = model.layers[-1]
+    activation = getattr(last, "activation", None)
+    return type(last).__name__ == "Softmax" or getattr(activation, "__name__", "") == "softmax"
 
 
 def check_reference(conv: Converted, settings: Settings) -> dict[str, Any]:

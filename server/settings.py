@@ -5,10 +5,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIB = 1024 * 1024
+
+
+class BatchOverride(BaseModel):
+    """Per-model batching settings; a field left unset keeps the server-wide value."""
+
+    enabled: bool | None = Field(None, description="Batch this model's requests (False = run each request alone).")
+    max_batch_size: int | None = Field(None, ge=1, description="Most rows per kernel call.")
+    max_queue_delay_us: int | None = Field(None, ge=0, description="Longest wait for more rows when busy (µs).")
+    max_queue_size: int | None = Field(None, ge=1, description="Most queued requests before RESOURCE_EXHAUSTED.")
+    workers: int | None = Field(None, ge=1, description="Threads executing this model's batches.")
 
 
 class Settings(BaseSettings):
@@ -36,6 +46,32 @@ class Settings(BaseSettings):
     autotune: bool = Field(True, description="Measure candidate kernel formats per layer at load and keep the fastest.")
     autotune_batch_sizes: tuple[int, ...] = Field((1, 32), description="Batch sizes the autotuner measures.")
     warmup_batch_sizes: tuple[int, ...] = Field((1, 8, 64), description="Batch sizes compiled/warmed at model load.")
+
+    batching: bool = Field(
+        True, description="Dynamic batching: concurrent requests to one model version run as one kernel call."
+    )
+    batch_max_size: int = Field(64, ge=1, description="Most rows the batcher puts into one kernel call.")
+    batch_max_queue_delay_us: int = Field(
+        500,
+        ge=0,
+        description="While another batch of the model is executing, how long (µs) a queued request may wait for "
+        "more rows to join it. A request arriving at an idle model starts at once; 0 = never wait.",
+    )
+    batch_max_queue_size: int = Field(
+        1024, ge=1, description="Most requests queued per model version; more are refused with RESOURCE_EXHAUSTED."
+    )
+    batch_workers: int = Field(1, ge=1, description="Threads per model version executing batches.")
+    batch_overrides: dict[str, BatchOverride] = Field(
+        default_factory=dict,
+        description="Per-model batching settings by model name (JSON in the environment), e.g. "
+        '{"seed": {"max_batch_size": 256}}. A model\'s manifest may carry a "batching" object too; these win.',
+    )
+    stream_window: int = Field(
+        16, ge=1, description="Requests of one stream in flight at once (read ahead, answered in order)."
+    )
+
+    metrics: bool = Field(True, description="Serve Prometheus metrics over HTTP at /metrics.")
+    metrics_port: int = Field(8502, ge=0, le=65535, description="Port of the metrics endpoint; 0 picks a free one.")
 
     shutdown_grace_seconds: float = Field(5.0, ge=0, description="Time in-flight RPCs get to finish on SIGTERM.")
     log_level: str = Field("INFO", description="Python logging level.")

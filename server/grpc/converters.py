@@ -56,7 +56,7 @@ def tensor_to_numpy(t: tensor_pb.Tensor) -> np.ndarray:
 
 def numpy_to_tensor(name: str, a: np.ndarray) -> tensor_pb.Tensor:
     """A Tensor message holding ``a``'s bytes (little-endian, row-major)."""
-    a = np.ascontiguousarray(a)
+    a = np.require(a, requirements='C')  # unlike ascontiguousarray, keeps 0-d arrays 0-d
     code = _PB_DTYPES.get(a.dtype.name)
     if code is None:
         raise InvalidArgument(f"cannot send dtype {a.dtype} as a tensor")

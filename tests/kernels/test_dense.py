@@ -59,7 +59,7 @@ def test_dense_property(k, n, batch, activation, seed, scale):
     x = rng.standard_normal((batch, k)).astype(np.float32)
     out = DenseF32.from_dense(w, b, activation)(x)
     assert np.isfinite(out).all()
-    assert_close_f32(out, reference(x, w, b, activation), k)
+    assert_close_f32(out, reference(x, w, b, activation), k, x, w)
 
 
 def test_round_trip_arrays_meta(rng):

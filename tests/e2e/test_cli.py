@@ -1,0 +1,88 @@
+"""The ``leanserve`` command as a person uses it: serve in a subprocess, client verbs, exit codes, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+LEANSERVE = [sys.executable, "-m", "server.cli"]
+
+
+def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([*LEANSERVE, *args], capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"leanserve {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen, Path]]:
+    """``leanserve serve --port 0`` in a subprocess; yields its address once it printed ``listening on``."""
+    repo = tmp_path / "repo"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", LEANSERVE_SHUTDOWN_GRACE_SECONDS="1")
+    proc = subprocess.Popen([*LEANSERVE, "serve", "--port", "0", "--repository", str(repo)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    line = proc.stdout.readline()
+    assert line.startswith("listening on 127.0.0.1:"), line + proc.stderr.read()
+    address = line.split()[-1]
+    yield address, proc, repo
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.slow
+def test_train_upload_predict_restart_with_the_cli(tmp_path: Path, served, keras_predict) -> None:
+    """The seed's own path: train with TF, model.save('model.h5'), upload by CLI, predict, restart, predict."""
+    address, proc, repo = served
+    model = tmp_path / "model.h5"
+    out = run_cli("train", "--dataset", "synthetic", "--epochs", "2", "--out", str(model))
+    assert "validation accuracy" in out.stdout and model.exists()
+
+    info = json.loads(run_cli("upload", str(model), "--name", "seed", "--server", address, "--json").stdout)
+    assert info["runtime"] == "plan" and info["version"] == "1"
+    assert [layer["format"] for layer in info["layers"]] == ["dense_f32"] * 3
+    assert info["reference"]["passed"] is True
+
+    x = np.random.default_rng(3).normal(size=(64, 1000)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    run_cli("predict", "seed", "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "y.npy"),
+            "--server", address)
+    y = np.load(tmp_path / "y.npy")
+    np.testing.assert_allclose(y, keras_predict(model, x), atol=1e-5, rtol=0)
+
+    # graceful stop on SIGTERM, then a new server process on the same repository serves the same model
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    proc2 = subprocess.Popen([*LEANSERVE, "serve", "--port", "0", "--repository", str(repo)],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        address2 = proc2.stdout.readline().split()[-1]
+        run_cli("predict", "seed", "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "y2.npy"),
+                "--version", "1", "--server", address2)
+        np.testing.assert_array_equal(np.load(tmp_path / "y2.npy"), y)
+    finally:
+        proc2.send_signal(signal.SIGINT)
+        assert proc2.wait(timeout=30) == 0
+
+
+def test_failed_calls_exit_non_zero_with_status(served, tmp_path: Path) -> None:
+    address, _, _ = served
+    proc = run_cli("info", "missing", "--server", address, check=False)
+    assert proc.returncode == 1 and "NOT_FOUND" in proc.stderr and "missing" in proc.stderr
+    proc = run_cli("info", "missing", "--server", address, "--json", check=False)
+    assert proc.returncode == 1 and json.loads(proc.stdout)["error"]["code"] == "NOT_FOUND"
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
+    proc = run_cli("upload", str(bad), "--name", "bad", "--server", address, check=False)
+    assert proc.returncode == 1 and "INVALID_ARGUMENT" in proc.stderr
+    assert json.loads(run_cli("models", "--server", address, "--json").stdout) == {}

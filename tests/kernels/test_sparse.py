@@ -1,0 +1,205 @@
+"""Sparse formats (csr_f32, csr_int8, bsr_f32, bsr_int8) against numpy references."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.numpy import load, save
+
+from kernels.activations import activate_numpy
+from kernels.formats import KernelInputError, LayerKernel, available_formats, get_format
+from kernels.prune import prune_magnitude
+from kernels.quantize import quantize_rows
+from kernels.sparse import BsrF32, BsrInt8, CsrF32, CsrInt8
+from kernels.sparse_bsr import F32_BLOCKS, HAS_VNNI, INT8_BLOCKS
+
+from _kernel_refs import assert_close_f32, reference
+
+# (format name, block) — every block shape each format has a kernel for
+CONFIGS = ([("csr_f32", None), ("csr_int8", None)] + [("bsr_f32", b) for b in F32_BLOCKS]
+           + [("bsr_f32", (3, 8))] + [("bsr_int8", b) for b in INT8_BLOCKS])
+SHAPES = [(1, 1), (1, 7), (7, 1), (37, 13), (64, 33), (130, 17)]
+SPARSITIES = [0.0, 0.5, 0.9, 1.0]
+BATCHES = [1, 3, 17, 64]
+
+
+def _build(fmt: str, block: tuple[int, int] | None, w: np.ndarray, b: np.ndarray, act: str) -> LayerKernel:
+    cls = get_format(fmt)
+    return cls.from_dense(w, b, act) if block is None else cls.from_dense(w, b, act, block=block)
+
+
+def _weights(rng: np.random.Generator, k: int, n: int, sparsity: float, block) -> np.ndarray:
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    return prune_magnitude(w, sparsity, block=block)
+
+
+def _int8_reference(kernel: LayerKernel, x: np.ndarray) -> np.ndarray:
+    """Exact semantics of the int8 formats: per-row quantized x, int32 products, fused dequant + bias + act."""
+    xq = np.empty(x.shape, np.int8)
+    xs = np.empty(x.shape[0], np.float32)
+    quantize_rows(x, xq, xs)
+    acc = xq.astype(np.int64) @ kernel.quantized_weights().astype(np.int64)
+    h = acc.astype(np.float64) * xs[:, None].astype(np.float64) * kernel.scales.astype(np.float64)
+    return activate_numpy(h + kernel.bias, kernel.activation)
+
+
+def _check(kernel: LayerKernel, w: np.ndarray, b: np.ndarray, x: np.ndarray) -> None:
+    out = kernel.run(x)
+    if kernel.format.endswith("int8"):
+        ref = _int8_reference(kernel, x)
+        assert out.dtype == np.float32 and out.shape == ref.shape
+        np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-5 * max(1.0, float(np.abs(ref).max(initial=0))))
+    else:
+        assert_close_f32(out, reference(x, w, b, kernel.activation), w.shape[0])
+
+
+def test_all_formats_registered() -> None:
+    assert {"csr_f32", "csr_int8", "bsr_f32", "bsr_int8"} <= set(available_formats())
+
+
+@pytest.mark.parametrize("fmt,block", CONFIGS, ids=lambda v: str(v))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_matches_numpy(fmt: str, block, shape: tuple[int, int], rng: np.random.Generator) -> None:
+    k, n = shape
+    for sparsity in SPARSITIES:
+        w = _weights(rng, k, n, sparsity, block)
+        b = rng.standard_normal(n).astype(np.float32)
+        kernel = _build(fmt, block, w, b, "linear")
+        if not fmt.endswith("int8"):
+            assert np.array_equal(kernel.dense_weights(), w)  # exactly the nonzeros are kept
+        assert np.array_equal(kernel.bias_vector(), b)
+        for batch in BATCHES:
+            _check(kernel, w, b, rng.standard_normal((batch, k)).astype(np.float32))
+
+
+@pytest.mark.parametrize("fmt,block", CONFIGS, ids=lambda v: str(v))
+@pytest.mark.parametrize("activation", ["relu", "sigmoid", "tanh", "softmax"])
+def test_fused_activations(fmt: str, block, activation: str, rng: np.random.Generator) -> None:
+    w = _weights(rng, 40, 21, 0.6, block)
+    b = rng.standard_normal(21).astype(np.float32)
+    kernel = _build(fmt, block, w, b, activation)
+    for batch in (1, 5):
+        _check(kernel, w, b, rng.standard_normal((batch, 40)).astype(np.float32))
+
+
+@pytest.mark.parametrize("fmt,block", CONFIGS, ids=lambda v: str(v))
+def test_empty_rows_columns_and_zero_nnz(fmt: str, block, rng: np.random.Generator) -> None:
+    w = rng.standard_normal((48, 35)).astype(np.float32)
+    w[:, ::3] = 0  # outputs with no weights (empty sparse rows)
+    w[5:30] = 0  # inputs nothing reads
+    b = rng.standard_normal(35).astype(np.float32)
+    x = rng.standard_normal((6, 48)).astype(np.float32)
+    _check(_build(fmt, block, w, b, "linear"), w, b, x)
+    zero = _build(fmt, block, np.zeros_like(w), b, "relu")
+    assert zero.arrays()["values"].size == 0
+    np.testing.assert_array_equal(zero.run(x), np.broadcast_to(np.maximum(b, 0), (6, 35)))
+
+
+@pytest.mark.parametrize("fmt,block", [c for c in CONFIGS if c[0].endswith("int8")], ids=lambda v: str(v))
+@pytest.mark.parametrize("shape", [(1, 1), (37, 13), (130, 17), (256, 40)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_int8_accumulators_exact(fmt: str, block, shape: tuple[int, int], rng: np.random.Generator) -> None:
+    k, n = shape
+    kernel = _build(fmt, block, _weights(rng, k, n, 0.5, block), np.zeros(n, np.float32), "linear")
+    wq = kernel.quantized_weights().astype(np.int32)
+    for batch in (1, 3, 17):
+        xq = rng.integers(-127, 128, (batch, k)).astype(np.int8)
+        ref = xq.astype(np.int32) @ wq
+        acc = kernel.accumulators(xq)
+        assert acc.dtype == np.int32
+        np.testing.assert_array_equal(acc, ref)
+        if fmt == "bsr_int8":  # both the VNNI and the portable path
+            np.testing.assert_array_equal(kernel.accumulators(xq, vnni=False), ref)
+            np.testing.assert_array_equal(kernel.accumulators(xq, vnni=True), ref)
+
+
+def test_vnni_path_is_used_when_available() -> None:
+    kernel = BsrInt8.from_dense(np.ones((32, 4), np.float32), np.zeros(4, np.float32), "linear", block=(16, 1))
+    assert kernel.use_vnni == HAS_VNNI
+
+
+@pytest.mark.parametrize("fmt,block", CONFIGS, ids=lambda v: str(v))
+def test_round_trip_through_safetensors(fmt: str, block, rng: np.random.Generator) -> None:
+    w = _weights(rng, 70, 29, 0.8, block)
+    b = rng.standard_normal(29).astype(np.float32)
+    kernel = _build(fmt, block, w, b, "tanh")
+    arrays = load(save(kernel.arrays()))
+    meta = json.loads(json.dumps(kernel.meta()))
+    again = get_format(fmt).from_arrays(arrays, meta)
+    x = rng.standard_normal((9, 70)).astype(np.float32)
+    np.testing.assert_array_equal(again(x), kernel(x))
+    np.testing.assert_array_equal(again.dense_weights(), kernel.dense_weights())
+    assert again.nbytes == kernel.nbytes and again.meta() == kernel.meta()
+
+
+@pytest.mark.parametrize("fmt,block", CONFIGS, ids=lambda v: str(v))
+def test_storage_smaller_than_dense_at_90_percent(fmt: str, block, rng: np.random.Generator) -> None:
+    w = _weights(rng, 512, 256, 0.9, block)
+    kernel = _build(fmt, block, w, np.zeros(256, np.float32), "linear")
+    dense_bytes = w.size * (1 if fmt.endswith("int8") else 4)
+    assert kernel.nbytes < 0.5 * dense_bytes
+
+
+def test_corrupt_arrays_and_bad_options_are_refused(rng: np.random.Generator) -> None:
+    kernel = CsrF32.from_dense(_weights(rng, 20, 10, 0.5, None), np.zeros(10, np.float32), "linear")
+    arrays = dict(kernel.arrays())
+    arrays["indices"] = arrays["indices"].copy()
+    arrays["indices"][0] = 20
+    with pytest.raises(ValueError):
+        CsrF32.from_arrays(arrays, kernel.meta())
+    w, b = np.ones((8, 8), np.float32), np.zeros(8, np.float32)
+    with pytest.raises(KernelInputError):
+        BsrF32.from_dense(w, b, "linear", block=(2, 2))
+    with pytest.raises(KernelInputError):
+        BsrInt8.from_dense(w, b, "linear", block=(1, 16))
+    with pytest.raises(TypeError):
+        CsrInt8.from_dense(w, b, "linear", block=(4, 1))
+    with pytest.raises(KernelInputError):
+        kernel.run(np.ones((2, 21), np.float32))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    config=st.sampled_from(CONFIGS),
+    k=st.integers(1, 80),
+    n=st.integers(1, 50),
+    sparsity=st.floats(0.0, 1.0),
+    batch=st.integers(1, 24),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_property_random_shapes(config, k: int, n: int, sparsity: float, batch: int, seed: int) -> None:
+    fmt, block = config
+    rng = np.random.default_rng(seed)
+    w = _weights(rng, k, n, sparsity, block)
+    b = rng.standard_normal(n).astype(np.float32)
+    _check(_build(fmt, block, w, b, "linear"), w, b, rng.standard_normal((batch, k)).astype(np.float32))
+
+
+@pytest.mark.parametrize("fmt,block", [("csr_f32", None), ("csr_int8", None), ("bsr_f32", (1, 16)),
+                                       ("bsr_f32", (16, 1)), ("bsr_int8", (16, 1))], ids=lambda v: str(v))
+def test_concurrent_calls_give_identical_results(fmt: str, block, rng: np.random.Generator) -> None:
+    w = _weights(rng, 300, 200, 0.9, block)
+    kernel = _build(fmt, block, w, rng.standard_normal(200).astype(np.float32), "relu")
+    xs = [rng.standard_normal((b, 300)).astype(np.float32) for b in (1, 3, 17, 32, 1, 8, 64, 2)]
+    expected = [kernel(x) for x in xs]
+    results: dict[int, list[np.ndarray]] = {i: [] for i in range(8)}
+    barrier = threading.Barrier(8)
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        for _ in range(20):
+            results[i].append(kernel(xs[i]))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(8):
+        assert len(results[i]) == 20
+        for r in results[i]:
+            np.testing.assert_array_equal(r, expected[i])
