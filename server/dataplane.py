@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterable
+from concurrent.futures import CancelledError, Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 import numpy as np
 
 from server import ingest
-from server.errors import LeanserveError
+from server.batching import BatchConfig, Batcher
+from server.errors import Cancelled, DeadlineExceeded, FailedPrecondition, LeanserveError, NotFound
 from server.loading import load_version, served_from_plan
-from server.models import PredictResult, ServedModel, UploadRequest
+from server.models import NO_CONTEXT, PredictResult, RequestContext, ServedModel, UploadRequest
 from server.postprocess import PostProcess, apply
 from server.registry import ModelRegistry
 from server.repository import Repository, validate_name
@@ -35,22 +39,76 @@ class DataPlane:
         self.registry = registry
         # Conversion holds a whole model (and maybe TensorFlow) in memory: one at a time bounds the peak.
         self._ingest_lock = threading.Lock()
+        self._load_lock = threading.Lock()
+        #: False until the repository is loaded and again once shutting down
+        self.ready = False
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def load_all(self) -> list[tuple[str, int, str]]:
         """Load every stored version; a version that fails to load is logged and skipped, not fatal."""
         failures = []
         for name, versions in self.repository.models().items():
-            for version in versions:
-                path = self.repository.path(name, version)
-                try:
-                    manifest = self.repository.manifest(name, version)
-                    self.registry.add(load_version(name, version, path, manifest, self.settings))
-                    log.info("loaded %s version %d", name, version)
-                except (LeanserveError, OSError, ValueError, KeyError) as exc:
-                    log.error("could not load %s version %d: %s", name, version, exc)
-                    failures.append((name, version, str(exc)))
+            failures += self._load_versions(name, versions)
+        self.ready = True
         return failures
+
+    def _load_versions(self, name: str, versions: list[int]) -> list[tuple[str, int, str]]:
+        failures = []
+        for version in versions:
+            path = self.repository.path(name, version)
+            try:
+                manifest = self.repository.manifest(name, version)
+                self.serve(load_version(name, version, path, manifest, self.settings))
+                log.info("loaded %s version %d", name, version)
+            except (LeanserveError, OSError, ValueError, KeyError) as exc:
+                log.error("could not load %s version %d: %s", name, version, exc)
+                failures.append((name, version, str(exc)))
+        return failures
+
+    def serve(self, model: ServedModel) -> None:
+        """Publish a loaded version behind its own batcher (replacing a served one with the same number)."""
+        config = BatchConfig.for_model(self.settings, model.name, model.manifest)
+        model.batcher = Batcher(model.infer, config, model.stats, f"{model.name}:{model.version}")
+        replaced = self.registry.add(model)
+        if replaced is not None:
+            self._retire([replaced])
+
+    @staticmethod
+    def _retire(models: list[ServedModel]) -> None:
+        # Requests already queued finish; requests still holding the model run inline (see Batcher.stop).
+        for model in models:
+            if model.batcher is not None:
+                model.batcher.stop()
+
+    def close(self) -> None:
+        """Not ready any more; drain and stop every batcher (call after the transport stopped taking calls)."""
+        self.ready = False
+        self._retire(self.registry.all())
+
+    def load_model(self, name: str) -> list[int]:
+        """Serve the stored versions of ``name`` that are not served (e.g. after ``unload_model``)."""
+        with self._load_lock:
+            served = set(self.registry.versions(name))
+            todo = [v for v in self.repository.versions(name) if v not in served]
+            failures = self._load_versions(name, todo)
+        if failures:
+            raise FailedPrecondition(f"model {name!r}: {len(failures)} version(s) failed to load: {failures[0][2]}")
+        return todo
+
+    def unload_model(self, name: str) -> list[int]:
+        """Stop serving every version of ``name``; the repository keeps them (``load_model`` serves them again)."""
+        with self._load_lock:
+            versions = self.registry.versions(name)
+            if not versions and not self.repository.versions(name, missing_ok=True):
+                raise NotFound(f"model {name!r} not found")
+            self._retire(self.registry.remove(name, versions))
+        return versions
+
+    def repository_index(self) -> list[tuple[str, int, bool]]:
+        """Every stored or served version: (name, version, served)."""
+        stored = {(n, v) for n, vs in self.repository.models().items() for v in vs}
+        served = {(m.name, m.version) for m in self.registry.all()}
+        return [(n, v, (n, v) in served) for n, v in sorted(stored | served)]
 
     # -- models ----------------------------------------------------------------------------------------------
     def upload(self, req: UploadRequest, chunks: Iterable[bytes]) -> ServedModel:
@@ -67,7 +125,7 @@ class DataPlane:
         else:
             path = self.repository.path(req.name, version)
             served = load_version(req.name, version, path, manifest, self.settings)
-        self.registry.add(served)
+        self.serve(served)
         log.info("serving %s version %d (%s runtime)", req.name, version, served.runtime)
         return served
 
@@ -84,7 +142,7 @@ class DataPlane:
         if version:
             self.registry.get(name, version)  # NotFound with a good message
         deleted = self.repository.delete(name, version or None)
-        self.registry.remove(name, deleted)
+        self._retire(self.registry.remove(name, deleted))
         return deleted
 
     # -- inference -------------------------------------------------------------------------------------------
@@ -95,13 +153,31 @@ class DataPlane:
         inputs: dict[str, np.ndarray],
         postprocess: PostProcess = PostProcess.RAW,
         top_k: int = 0,
+        ctx: RequestContext = NO_CONTEXT,
     ) -> PredictResult:
-        """Validate, run and post-process one request."""
+        """Validate, run (batched with other callers' requests) and post-process one request."""
+        return self.submit(name, version, inputs, postprocess, top_k, ctx).result()
+
+    def submit(
+        self,
+        name: str,
+        version: int | None,
+        inputs: dict[str, np.ndarray],
+        postprocess: PostProcess = PostProcess.RAW,
+        top_k: int = 0,
+        ctx: RequestContext = NO_CONTEXT,
+    ) -> "PendingPredict":
+        """Validate and queue one request without waiting for it (streams keep several in flight)."""
         model = self.registry.get(name, version)
-        x = validate_batch(model, select_input(model, inputs), self.settings.max_batch_size)
-        y = model.infer(x)
-        outputs = apply(postprocess, model.output.name, y, is_probability=model.output_is_probability, top_k=top_k)
-        return PredictResult(model_name=model.name, model_version=model.version, outputs=outputs)
+        started = time.perf_counter_ns()
+        try:
+            x = validate_batch(model, select_input(model, inputs), self.settings.max_batch_size)
+            batcher = model.batcher or Batcher(model.infer, BatchConfig(enabled=False), model.stats)
+            future = batcher.submit(x, ctx)
+        except Exception:
+            model.stats.record_request(False, time.perf_counter_ns() - started)
+            raise
+        return PendingPredict(model, future, postprocess, top_k, ctx, started)
 
     def describe(self, model: ServedModel) -> dict[str, Any]:
         """Manifest plus live facts (versions, per-layer formats) for GetModel."""
@@ -113,3 +189,32 @@ class DataPlane:
             info["layers_served"] = model.plan.describe()
             info["served_size_bytes"] = model.plan.nbytes
         return info
+
+
+class PendingPredict:
+    """A queued request; ``result()`` waits for its rows, post-processes them and counts the outcome."""
+
+    def __init__(self, model: ServedModel, future: Future[np.ndarray], postprocess: PostProcess, top_k: int,
+                 ctx: RequestContext, started_ns: int) -> None:
+        self.model, self._future, self._postprocess, self._top_k = model, future, postprocess, top_k
+        self._ctx, self._started = ctx, started_ns
+
+    def result(self) -> PredictResult:
+        """The outputs, or the request's error (DeadlineExceeded when the deadline passes first)."""
+        model = self.model
+        try:
+            timeout = None if self._ctx.deadline is None else max(0.0, self._ctx.deadline - time.monotonic())
+            try:
+                y = self._future.result(timeout)
+            except FutureTimeout:
+                self._future.cancel()  # still queued: the batcher skips it
+                raise DeadlineExceeded("the deadline passed before the request was answered") from None
+            except CancelledError:
+                raise Cancelled("the request was cancelled") from None
+            outputs = apply(self._postprocess, model.output.name, y, is_probability=model.output_is_probability,
+                            top_k=self._top_k)
+        except Exception:
+            model.stats.record_request(False, time.perf_counter_ns() - self._started)
+            raise
+        model.stats.record_request(True, time.perf_counter_ns() - self._started)
+        return PredictResult(model_name=model.name, model_version=model.version, outputs=outputs)

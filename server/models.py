@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from server.runtime.plan import Plan
+from server.stats import ModelStats
+
+if TYPE_CHECKING:
+    from server.batching import Batcher
 
 
 @dataclass(frozen=True)
@@ -42,10 +46,26 @@ class ServedModel:
     output_is_probability: bool = False
     plan: Plan | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    stats: ModelStats = field(default_factory=ModelStats)
+    #: set by the dataplane when the version is published; stopped when it stops being served
+    batcher: Batcher | None = None
 
     def infer(self, x: np.ndarray) -> np.ndarray:
         """Run the model on an already validated batch."""
         return self.runner(x)
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    """What the transport knows about a call beyond its payload, in transport-free terms."""
+
+    #: ``time.monotonic()`` after which the caller no longer wants the answer (None = no deadline)
+    deadline: float | None = None
+    #: False once the caller has gone away (cancelled RPC); None = cannot tell
+    is_active: Callable[[], bool] | None = None
+
+
+NO_CONTEXT = RequestContext()
 
 
 @dataclass(frozen=True)

@@ -34,25 +34,30 @@ class ModelRegistry:
                 f"model {name!r} has no version {version} (versions: {', '.join(map(str, sorted(versions)))})"
             ) from None
 
-    def add(self, model: ServedModel) -> None:
-        """Publish a loaded version (replacing one with the same number)."""
+    def add(self, model: ServedModel) -> ServedModel | None:
+        """Publish a loaded version; returns the one it replaced (same number), if any."""
         with self._lock:
             models = dict(self._models)
             versions = dict(models.get(model.name, {}))
+            replaced = versions.get(model.version)
             versions[model.version] = model
             models[model.name] = versions
             self._models = models
+        return replaced
 
-    def remove(self, name: str, versions: list[int]) -> None:
-        """Stop serving ``versions`` of ``name``."""
+    def remove(self, name: str, versions: list[int]) -> list[ServedModel]:
+        """Stop serving ``versions`` of ``name``; returns the versions that were served."""
         with self._lock:
             models = dict(self._models)
-            remaining = {v: m for v, m in models.get(name, {}).items() if v not in versions}
+            current = models.get(name, {})
+            removed = [m for v, m in current.items() if v in versions]
+            remaining = {v: m for v, m in current.items() if v not in versions}
             if remaining:
                 models[name] = remaining
             else:
                 models.pop(name, None)
             self._models = models
+        return removed
 
     def versions(self, name: str) -> list[int]:
         """Served versions of ``name`` ascending (empty when unknown)."""

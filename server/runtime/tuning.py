@@ -19,8 +19,12 @@ log = logging.getLogger(__name__)
 
 FP32_FAMILY = ("dense_f32", "csr_f32", "bsr_f32")
 INT8_FAMILY = ("int8", "csr_int8", "bsr_int8")
-#: BSR block shapes tried by the tuner (rows along K x columns along N); the sparse kernels' winners.
-BSR_BLOCKS: tuple[tuple[int, int], ...] = ((1, 4), (4, 1), (8, 1), (16, 1))
+#: BSR block shapes tried by the tuner (rows along K x columns along N): the ones that won the kernel
+#: measurements (16x1/8x1 at batch 1, 4x16/1x16 at batch >= 16; int8 blocks are r x 1 for the VNNI kernel).
+BSR_BLOCKS: dict[str, tuple[tuple[int, int], ...]] = {
+    "bsr_f32": ((8, 1), (16, 1), (1, 16), (4, 16)),
+    "bsr_int8": ((16, 1), (32, 1)),
+}
 #: below this fraction of zeros a sparse format cannot win; skip measuring it
 MIN_SPARSITY_FOR_SPARSE = 0.3
 
@@ -34,7 +38,7 @@ def candidates_for(layer_format: str, sparsity: float) -> list[tuple[str, dict[s
         if family[1] in known:
             out.append((family[1], {}))
         if family[2] in known:
-            out.extend((family[2], {"block": block}) for block in BSR_BLOCKS)
+            out.extend((family[2], {"block": block}) for block in BSR_BLOCKS[family[2]])
     if not any(fmt == layer_format for fmt, _ in out):
         out.insert(0, (layer_format, {}))
     return out
