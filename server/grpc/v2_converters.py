@@ -1,0 +1,193 @@
+"""The one boundary between Open Inference Protocol (KServe V2, package ``inference``) messages and numpy/domain.
+
+Inputs are read without per-element copies when they come as ``raw_input_contents`` (np.frombuffer over the
+message's bytes); typed ``contents`` are accepted too. Outputs always go out as ``raw_output_contents`` (one
+``tobytes`` per output).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from inference import grpc_service_pb2 as pb
+from server.errors import InvalidArgument
+from server.models import PredictResult, ServedModel, TensorSignature
+from server.postprocess import PostProcess
+from server.stats import StatsSnapshot
+
+DTYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype("?"),
+    "UINT8": np.dtype("u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+}
+_V2_NAMES: dict[str, str] = {dtype.name: name for name, dtype in DTYPES.items()}
+
+# which InferTensorContents field carries each datatype, and that field's element type
+_CONTENTS: dict[str, tuple[str, np.dtype]] = {
+    "BOOL": ("bool_contents", np.dtype("?")),
+    "INT8": ("int_contents", np.dtype("i4")),
+    "INT16": ("int_contents", np.dtype("i4")),
+    "INT32": ("int_contents", np.dtype("i4")),
+    "INT64": ("int64_contents", np.dtype("i8")),
+    "UINT8": ("uint_contents", np.dtype("u4")),
+    "UINT16": ("uint_contents", np.dtype("u4")),
+    "UINT32": ("uint_contents", np.dtype("u4")),
+    "UINT64": ("uint64_contents", np.dtype("u8")),
+    "FP32": ("fp32_contents", np.dtype("f4")),
+    "FP64": ("fp64_contents", np.dtype("f8")),
+}
+_POSTPROCESS = {p.value: p for p in PostProcess}
+
+
+@dataclass(frozen=True)
+class InferCall:
+    """A ModelInferRequest in domain terms."""
+
+    model_name: str
+    version: int | None
+    inputs: dict[str, np.ndarray]
+    postprocess: PostProcess
+    top_k: int
+    outputs: tuple[str, ...]
+    id: str
+
+
+def parse_version(version: str) -> int | None:
+    """V2 versions are strings: "" = latest, else a positive decimal number."""
+    if not version:
+        return None
+    if not version.isdigit() or int(version) == 0:
+        raise InvalidArgument(f"model version must be a positive number or empty, got {version!r}")
+    return int(version)
+
+
+def v2_datatype(dtype: str | np.dtype) -> str:
+    """The V2 datatype name of a numpy dtype ("float32" -> "FP32")."""
+    name = _V2_NAMES.get(np.dtype(dtype).name)
+    if name is None:
+        raise InvalidArgument(f"dtype {dtype} has no Open Inference Protocol datatype")
+    return name
+
+
+def _tensor(t: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> np.ndarray:
+    dtype = DTYPES.get(t.datatype)
+    if dtype is None:
+        raise InvalidArgument(f"input {t.name!r}: unsupported datatype {t.datatype!r}")
+    shape = tuple(int(d) for d in t.shape)
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(f"input {t.name!r}: negative dimension in shape {list(shape)}")
+    count = int(np.prod(shape, dtype=np.int64))
+    if raw is not None:
+        if len(raw) != count * dtype.itemsize:
+            raise InvalidArgument(
+                f"input {t.name!r}: shape {list(shape)} of {t.datatype} needs {count * dtype.itemsize} bytes, "
+                f"got {len(raw)}"
+            )
+        return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    if t.datatype not in _CONTENTS:
+        raise InvalidArgument(f"input {t.name!r}: {t.datatype} must be sent in raw_input_contents")
+    field, wire_dtype = _CONTENTS[t.datatype]
+    values = getattr(t.contents, field)
+    if len(values) != count:
+        raise InvalidArgument(f"input {t.name!r}: shape {list(shape)} needs {count} elements, got {len(values)}")
+    return np.fromiter(values, dtype=wire_dtype, count=count).astype(dtype, copy=False).reshape(shape)
+
+
+def infer_request(req: pb.ModelInferRequest) -> InferCall:
+    """Inputs by name, options from the request parameters, requested output names."""
+    raws = req.raw_input_contents
+    if raws and len(raws) != len(req.inputs):
+        raise InvalidArgument(f"raw_input_contents has {len(raws)} entries for {len(req.inputs)} inputs")
+    inputs: dict[str, np.ndarray] = {}
+    for i, t in enumerate(req.inputs):
+        if t.name in inputs:
+            raise InvalidArgument(f"input {t.name!r} given twice")
+        if raws and t.HasField("contents"):
+            raise InvalidArgument(f"input {t.name!r}: contents and raw_input_contents must not both be used")
+        inputs[t.name] = _tensor(t, raws[i] if raws else None)
+    params = req.parameters
+    kind = PostProcess.RAW
+    if "postprocess" in params:
+        kind = _POSTPROCESS.get(params["postprocess"].string_param)
+        if kind is None:
+            raise InvalidArgument(f"parameter postprocess must be one of {', '.join(_POSTPROCESS)}")
+    top_k = int(params["top_k"].int64_param) if "top_k" in params else 0
+    if top_k < 0:
+        raise InvalidArgument("top_k must not be negative")
+    return InferCall(
+        model_name=req.model_name, version=parse_version(req.model_version), inputs=inputs, postprocess=kind,
+        top_k=top_k, outputs=tuple(o.name for o in req.outputs), id=req.id,
+    )
+
+
+def infer_response(result: PredictResult, call: InferCall) -> pb.ModelInferResponse:
+    """Requested outputs (all when none requested) as raw little-endian bytes."""
+    names = call.outputs or tuple(result.outputs)
+    tensors, raws = [], []
+    for name in names:
+        a = result.outputs.get(name)
+        if a is None:
+            raise InvalidArgument(f"no output {name!r}; this request produces {', '.join(result.outputs)}")
+        a = np.ascontiguousarray(a)
+        if a.dtype.byteorder == ">":
+            a = a.astype(a.dtype.newbyteorder("<"))
+        tensors.append(pb.ModelInferResponse.InferOutputTensor(name=name, datatype=v2_datatype(a.dtype),
+                                                               shape=a.shape))
+        raws.append(a.tobytes())
+    return pb.ModelInferResponse(
+        model_name=result.model_name, model_version=str(result.model_version), id=call.id, outputs=tensors,
+        raw_output_contents=raws,
+    )
+
+
+def _tensor_metadata(sig: TensorSignature) -> pb.ModelMetadataResponse.TensorMetadata:
+    return pb.ModelMetadataResponse.TensorMetadata(name=sig.name, datatype=v2_datatype(sig.dtype),
+                                                   shape=[-1, *sig.shape])
+
+
+def model_metadata(model: ServedModel, versions: Iterable[int]) -> pb.ModelMetadataResponse:
+    return pb.ModelMetadataResponse(
+        name=model.name, versions=[str(v) for v in versions], platform=f"leanserve_{model.runtime}",
+        inputs=[_tensor_metadata(model.input)], outputs=[_tensor_metadata(model.output)],
+    )
+
+
+def model_statistics(model: ServedModel, s: StatsSnapshot) -> pb.ModelStatistics:
+    duration = pb.StatisticDuration
+    return pb.ModelStatistics(
+        name=model.name, version=str(model.version), last_inference=s.last_inference_ms,
+        inference_count=s.inference_count, execution_count=s.execution_count,
+        inference_stats=pb.InferStatistics(
+            success=duration(count=s.success_count, ns=s.success_ns), fail=duration(count=s.fail_count, ns=s.fail_ns),
+            queue=duration(count=s.queue_count, ns=s.queue_ns),
+            compute_infer=duration(count=s.compute_count, ns=s.compute_ns),
+        ),
+        batch_stats=[
+            pb.InferBatchStatistics(batch_size=rows, compute_infer=duration(count=n, ns=ns))
+            for rows, (n, ns) in sorted(s.batches.items())
+        ],
+    )
+
+
+def repository_index(entries: Iterable[tuple[str, int, bool]], ready_only: bool) -> pb.RepositoryIndexResponse:
+    Index = pb.RepositoryIndexResponse.ModelIndex
+    return pb.RepositoryIndexResponse(
+        models=[
+            Index(name=name, version=str(version), state="READY" if served else "UNAVAILABLE",
+                  reason="" if served else "unloaded")
+            for name, version, served in entries
+            if served or not ready_only
+        ]
+    )
