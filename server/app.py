@@ -13,11 +13,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from inference import grpc_service_pb2, grpc_service_pb2_grpc
 from leanserve.v1 import inference_service_pb2, inference_service_pb2_grpc, model_service_pb2, model_service_pb2_grpc
 from server.dataplane import DataPlane
 from server.grpc.inference_servicer import InferenceServicer
 from server.grpc.interceptors import ErrorInterceptor
 from server.grpc.model_servicer import ModelServicer
+from server.grpc.v2_servicer import V2Servicer
+from server.metrics import MetricsServer
 from server.registry import ModelRegistry
 from server.repository import Repository
 from server.settings import Settings
@@ -27,6 +30,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAMES = (
     model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
     inference_service_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
+    grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
 )
 
 
@@ -38,11 +42,21 @@ class ServerHandle:
     port: int
     dataplane: DataPlane
     health: health.HealthServicer
+    metrics: MetricsServer | None = None
+
+    @property
+    def metrics_port(self) -> int | None:
+        """Port of the Prometheus endpoint (None when metrics are off)."""
+        return self.metrics.port if self.metrics else None
 
     def stop(self, grace: float | None = None) -> None:
-        """Report NOT_SERVING, then let in-flight RPCs finish for ``grace`` seconds."""
+        """Report NOT_SERVING, let in-flight RPCs finish for ``grace`` seconds, then drain the batchers."""
         self.health.enter_graceful_shutdown()
+        self.dataplane.ready = False
         self.server.stop(grace).wait()
+        self.dataplane.close()
+        if self.metrics is not None:
+            self.metrics.stop()
 
     def wait(self) -> None:
         self.server.wait_for_termination()
@@ -71,6 +85,7 @@ def create_server(settings: Settings) -> ServerHandle:
     )
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(dataplane), server)
     inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(dataplane), server)
+    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(V2Servicer(dataplane), server)
 
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -83,6 +98,7 @@ def create_server(settings: Settings) -> ServerHandle:
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     if port == 0:
         raise OSError(f"could not bind {settings.host}:{settings.port}")
+    metrics = MetricsServer(registry.all, settings.host, settings.metrics_port) if settings.metrics else None
     server.start()
     log.info("serving %d model(s) from %s", len(registry.names()), repository.root)
-    return ServerHandle(server=server, port=port, dataplane=dataplane, health=health_servicer)
+    return ServerHandle(server=server, port=port, dataplane=dataplane, health=health_servicer, metrics=metrics)

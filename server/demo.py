@@ -63,7 +63,7 @@ def run_demo(workdir: Path, *, epochs: int = 3) -> int:
             ok &= err <= 1e-5
             top = client.predict("seed-mlp", x_val[:3], postprocess="top_k", top_k=3)
             console.print(f"  top-3 of the first 3 rows: classes {top.outputs['indices'].tolist()}, "
-                          f"scores {np.round(top.outputs['scores'], 3).tolist()}")
+                          "scores " + str([[f"{v:.3f}" for v in row] for row in top.outputs["scores"]]))
             latency = _time_grpc(client, x_val[:1])
     finally:
         handle.stop(1.0)

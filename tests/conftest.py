@@ -20,6 +20,7 @@ def make_settings(repository: Path, **overrides: object) -> Settings:
     base = dict(
         host="127.0.0.1", port=0, repository=repository, reference_samples=128, autotune_batch_sizes=(1, 16),
         warmup_batch_sizes=(1,), shutdown_grace_seconds=0.5, worker_threads=8,
+        metrics_port=0,  # a free port: never clash with a running server or another test's
     )
     base.update(overrides)
     return Settings(**base)

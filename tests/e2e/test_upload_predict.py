@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -109,3 +111,38 @@ def test_stream_answers_in_order_and_survives_a_bad_request(client: Client, mode
     mixed = [batches[0], _rows(2, 999), batches[1]]
     outs = list(client.stream("seed", mixed, raise_on_error=False))
     assert [o.request_id for o in outs] == ["0", "2"]
+
+
+def test_new_version_swaps_in_while_predictions_run(client: Client, model_files, keras_predict) -> None:
+    """Uploading v2 under load: every call succeeds and is answered by v1 or v2, never by a half-loaded model."""
+    client.upload(model_files["seed_h5"], "hot")
+    x = _rows(2, 1000)
+    expected = keras_predict(model_files["seed_h5"], x)
+    errors: list[BaseException] = []
+    versions: set[int] = set()
+    stop = threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            try:
+                out = client.predict("hot", x)
+                versions.add(out.model_version)
+                np.testing.assert_allclose(out.output, expected, atol=1e-5)
+            except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        assert client.upload(model_files["seed_h5"], "hot").version == 2
+        deadline = time.monotonic() + 10
+        while 2 not in versions and time.monotonic() < deadline:
+            stop.wait(0.01)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not errors, errors[:1]
+    assert versions == {1, 2}

@@ -1,0 +1,103 @@
+"""inference.GRPCInferenceService (Open Inference Protocol / KServe V2) over the same dataplane as leanserve.v1."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from importlib import metadata
+
+import grpc
+
+from inference import grpc_service_pb2 as pb
+from inference import grpc_service_pb2_grpc as pb_grpc
+from server.dataplane import DataPlane
+from server.errors import LeanserveError, NotFound
+from server.grpc import v2_converters as conv
+from server.grpc.calls import pipelined, request_context
+from server.models import RequestContext
+
+EXTENSIONS = ("model_repository", "statistics", "parameters")
+
+
+def _package_version() -> str:
+    try:
+        return metadata.version("leanserve")
+    except metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, dataplane: DataPlane) -> None:
+        self.dp = dataplane
+        self._metadata = pb.ServerMetadataResponse(name="leanserve", version=_package_version(),
+                                                   extensions=EXTENSIONS)
+
+    # -- health and metadata ---------------------------------------------------------------------------------
+    def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.ServicerContext) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.ServicerContext) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.dp.ready)
+
+    def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.ServicerContext) -> pb.ModelReadyResponse:
+        try:
+            self.dp.get_model(request.name, conv.parse_version(request.version))
+        except NotFound:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=self.dp.ready)
+
+    def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.ServicerContext):
+        return self._metadata
+
+    def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.ServicerContext):
+        model = self.dp.get_model(request.name, conv.parse_version(request.version))
+        return conv.model_metadata(model, self.dp.registry.versions(model.name))
+
+    # -- inference -------------------------------------------------------------------------------------------
+    def _submit(self, request: pb.ModelInferRequest, ctx: RequestContext) -> Callable[[], pb.ModelInferResponse]:
+        call = conv.infer_request(request)
+        pending = self.dp.submit(call.model_name, call.version, call.inputs, call.postprocess, call.top_k, ctx)
+        return lambda: conv.infer_response(pending.result(), call)
+
+    def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.ServicerContext) -> pb.ModelInferResponse:
+        return self._submit(request, request_context(context))()
+
+    def ModelStreamInfer(
+        self, request_iterator: Iterator[pb.ModelInferRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.ModelStreamInferResponse]:
+        ctx = request_context(context)
+
+        def submit(request: pb.ModelInferRequest) -> Callable[[], pb.ModelStreamInferResponse]:
+            wait = self._submit(request, ctx)
+            return lambda: pb.ModelStreamInferResponse(infer_response=wait())
+
+        def on_error(request: pb.ModelInferRequest, exc: LeanserveError) -> pb.ModelStreamInferResponse:
+            return pb.ModelStreamInferResponse(
+                error_message=f"{exc.code.name}: {exc.message}",
+                infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),
+            )
+
+        yield from pipelined(request_iterator, submit, on_error, self.dp.settings.stream_window)
+
+    def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: grpc.ServicerContext):
+        if request.name:
+            version = conv.parse_version(request.version)
+            models = [self.dp.get_model(request.name, version)] if version else [
+                self.dp.get_model(request.name, v) for v in self.dp.registry.versions(request.name)
+            ]
+            if not models:
+                raise NotFound(f"model {request.name!r} not found")
+        else:
+            models = self.dp.registry.all()
+        return pb.ModelStatisticsResponse(model_stats=[conv.model_statistics(m, m.stats.snapshot()) for m in models])
+
+    # -- repository ------------------------------------------------------------------------------------------
+    def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: grpc.ServicerContext):
+        return conv.repository_index(self.dp.repository_index(), request.ready)
+
+    def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context: grpc.ServicerContext):
+        self.dp.load_model(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest, context: grpc.ServicerContext):
+        self.dp.unload_model(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
