@@ -17,6 +17,11 @@ import numpy as np
 ACTIVATIONS: tuple[str, ...] = ("linear", "relu", "sigmoid", "tanh", "softmax")
 
 
+#: Formats that quantize their input activations per row on every call (``kernels.quantize.quantize_rows``);
+#: a faithful reference of such a layer quantizes its input the same way.
+QUANTIZED_INPUT_FORMATS: frozenset[str] = frozenset({"int8", "csr_int8", "bsr_int8"})
+
+
 class KernelInputError(ValueError):
     """A checked kernel entry point was given arrays of the wrong shape, dtype or layout."""
 

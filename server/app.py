@@ -98,7 +98,12 @@ def create_server(settings: Settings) -> ServerHandle:
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     if port == 0:
         raise OSError(f"could not bind {settings.host}:{settings.port}")
-    metrics = MetricsServer(registry.all, settings.host, settings.metrics_port) if settings.metrics else None
+    metrics = None
+    if settings.metrics:
+        try:
+            metrics = MetricsServer(registry.all, settings.host, settings.metrics_port)
+        except OSError as exc:  # metrics are auxiliary: a taken port must not stop inference
+            log.error("metrics endpoint off: cannot listen on %s:%d: %s", settings.host, settings.metrics_port, exc)
     server.start()
     log.info("serving %d model(s) from %s", len(registry.names()), repository.root)
     return ServerHandle(server=server, port=port, dataplane=dataplane, health=health_servicer, metrics=metrics)

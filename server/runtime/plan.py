@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from kernels.formats import LayerKernel, get_format
+from kernels.formats import QUANTIZED_INPUT_FORMATS, LayerKernel, get_format
+from kernels.quantize import quantize_rows
 
 
 @dataclass(frozen=True)
@@ -55,9 +56,15 @@ class Plan:
             self(np.zeros((batch, *self.input_shape), dtype=np.float32))
 
     def reference(self, x: np.ndarray) -> np.ndarray:
-        """The same computation in plain numpy float64 on the effective weights (the kernels' oracle)."""
+        """The same computation in plain numpy float64 on the effective weights (the kernels' oracle).
+
+        Layers that quantize their input per call get the identical input quantization here, so the reference
+        differs from the kernels only by float rounding, not by the (intended) quantization error.
+        """
         h = x.reshape(x.shape[0], -1).astype(np.float64)
         for layer in self.layers:
+            if layer.format in QUANTIZED_INPUT_FORMATS:
+                h = quantize_dequantize_rows(h)
             h = apply_activation(h @ layer.dense_weights().astype(np.float64) + layer.bias_vector(), layer.activation)
         return h.astype(np.float32)
 
@@ -90,6 +97,15 @@ def build_plan(input_shape: tuple[int, ...], specs: list[LayerSpec], formats: li
     formats = formats or ["dense_f32"] * len(specs)
     layers = [get_format(fmt).from_dense(s.weights, s.bias, s.activation) for s, fmt in zip(specs, formats)]
     return Plan(input_shape=tuple(input_shape), layers=layers, layer_names=[s.name for s in specs])
+
+
+def quantize_dequantize_rows(h: np.ndarray) -> np.ndarray:
+    """``h`` after the kernels' per-row int8 activation quantization, as float64."""
+    x = np.ascontiguousarray(h, dtype=np.float32)
+    q = np.empty(x.shape, dtype=np.int8)
+    scales = np.empty(x.shape[0], dtype=np.float32)
+    quantize_rows(x, q, scales)
+    return q.astype(np.float64) * scales.astype(np.float64)[:, None]
 
 
 def apply_activation(h: np.ndarray, activation: str) -> np.ndarray:

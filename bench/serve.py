@@ -1,0 +1,231 @@
+"""Load generator for leanserve in the style of perf_analyzer (GitHub issue "Serving at speed", part 6).
+
+Starts ``leanserve serve --port 0`` on a temporary repository (or targets ``--target host:port``), uploads the seed
+MLP (1000→128→64→10, seeded random weights) and measures, with several client processes:
+
+* closed loop over a concurrency sweep and open loop at ``--rate``: unary and stream, native (leanserve.v1) and
+  v2 (tritonclient.grpc, when the server has the Open Inference Protocol endpoint);
+* stream throughput: ``--rows`` rows through one PredictStream in batches of ``--stream-batch``, against the same
+  batches run by the Plan in this process (target ≥ 50 %);
+* batching overhead at concurrency 1: p50 with ``LEANSERVE_BATCHING=true`` vs ``false`` (two fresh servers).
+
+    .venv/bin/python bench/serve.py [--quick] [--target HOST:PORT] [--rate 2000] [--duration 5]
+
+Writes bench/results/serve.json, serve_sweep.png and prints rich tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+import loadgen  # noqa: E402
+
+SWEEP = (1, 4, 16, 32, 64)
+QUICK_SWEEP = (1, 32)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--target", help="host:port of a running leanserve (default: start one)")
+    p.add_argument("--quick", action="store_true", help="concurrency 1 and 32 only, 2 s points, 200k stream rows")
+    p.add_argument("--duration", type=float, help="seconds measured per point (default 5, quick 2)")
+    p.add_argument("--warmup", type=float, default=1.0, help="seconds of unmeasured load before each point")
+    p.add_argument("--concurrency", type=int, nargs="+", help=f"closed-loop sweep (default {' '.join(map(str, SWEEP))})")
+    p.add_argument("--rate", type=float, default=1000.0, help="open-loop requests/s (0 = skip)")
+    p.add_argument("--procs", type=int, default=2, help="client processes per point")
+    p.add_argument("--protocols", nargs="+", default=["native", "v2"], choices=["native", "v2"])
+    p.add_argument("--modes", nargs="+", default=["unary", "stream"], choices=["unary", "stream"])
+    p.add_argument("--rows", type=int, help="stream-throughput rows (default 1,000,000, quick 200,000)")
+    p.add_argument("--stream-batch", type=int, default=256, help="rows per request in the stream-throughput test")
+    p.add_argument("--no-batching-check", action="store_true", help="skip the batching on/off comparison")
+    p.add_argument("--out", type=Path, default=common.RESULTS / "serve.json")
+    args = p.parse_args(argv)
+    args.duration = args.duration or (2.0 if args.quick else 5.0)
+    args.concurrency = args.concurrency or list(QUICK_SWEEP if args.quick else SWEEP)
+    args.rows = args.rows or (200_000 if args.quick else 1_000_000)
+    return args
+
+
+def measure(load: loadgen.Load, system: str = "leanserve", label: str = "") -> common.Point:
+    """Run one point and summarise it."""
+    got = loadgen.run(load)
+    return common.summarize(
+        got.latencies, got.errors, load.duration, got.cpu_s, got.first_error, system=system, protocol=load.protocol,
+        mode=load.mode, loop="open" if load.rate else "closed", concurrency=load.concurrency,
+        target_rate=load.rate, procs=got.procs, batch=load.batch, label=label,
+    )
+
+
+def check_native(target: str, input_name: str, oracle: Any) -> float:
+    """One native request, compared with the numpy oracle: the max abs error (the server must serve this model)."""
+    from client.client import Client
+
+    x = np.random.default_rng(7).random((4, common.IN_FEATURES), dtype=np.float32)
+    with Client(target, timeout=30) as c:
+        y = c.predict(common.MODEL_NAME, x).output
+    return float(np.abs(y - oracle(x)).max())
+
+
+def stream_throughput(target: str, rows: int, batch: int, plan: Any) -> dict[str, Any]:
+    """Rows/s through one native PredictStream vs the same batches through the Plan in this process."""
+    from client.client import Client
+
+    pool = [np.random.default_rng(i).random((batch, common.IN_FEATURES), dtype=np.float32) for i in range(16)]
+    n_batches = max(1, rows // batch)
+    batches = (pool[i % len(pool)] for i in range(n_batches))
+    with Client(target, timeout=600) as c:
+        list(c.stream(common.MODEL_NAME, iter(pool[:4])))  # warm the stream path
+        t = time.perf_counter()
+        served = sum(out.output.shape[0] for out in c.stream(common.MODEL_NAME, batches))
+        stream_s = time.perf_counter() - t
+    result: dict[str, Any] = {"rows": served, "batch": batch, "stream_s": stream_s, "stream_rows_per_s": served / stream_s}
+    if plan is not None:
+        for b in pool[:4]:
+            plan(b)
+        t = time.perf_counter()
+        for i in range(n_batches):
+            plan(pool[i % len(pool)])
+        kernel_s = time.perf_counter() - t
+        result.update(kernel_s=kernel_s, kernel_rows_per_s=n_batches * batch / kernel_s)
+        result["stream_vs_kernel"] = result["stream_rows_per_s"] / result["kernel_rows_per_s"]
+    return result
+
+
+def load_plan(repository: Path | None, h5: Path) -> tuple[Any, str]:
+    """The Plan the server serves (from its repository), or a fresh conversion of the same file with --target."""
+    from server import artifacts
+
+    if repository is not None:
+        versions = sorted((repository / common.MODEL_NAME).glob("*/" + artifacts.MANIFEST))
+        if versions:
+            import json
+
+            manifest = json.loads(versions[-1].read_text())
+            if manifest.get("runtime") == "plan":
+                blob = (versions[-1].parent / artifacts.WEIGHTS).read_bytes()
+                return artifacts.plan_from_files(manifest, blob), "repository"
+    from server import ingest
+    from server.settings import Settings
+
+    conv = ingest.convert("h5", h5, Settings())
+    return conv.plan, "converted in-process"
+
+
+def batching_overhead(
+    h5: Path, tmp: Path, args: argparse.Namespace, v2: bool, input_name: str
+) -> tuple[list[common.Point], dict[str, Any]]:
+    """p50 at concurrency 1 (and throughput at 32) on two fresh servers: batching on and off."""
+    points: list[common.Point] = []
+    for enabled in ("true", "false"):
+        server = common.start_leanserve(tmp / f"repo-batching-{enabled}", f"leanserve-batching-{enabled}",
+                                        {"LEANSERVE_BATCHING": enabled})
+        try:
+            common.upload_seed(server.target, h5)
+            for protocol in ["native"] + (["v2"] if v2 else []):
+                for conc in (1, 32):
+                    load = loadgen.Load(server.target, protocol, "unary", common.MODEL_NAME, input_name,
+                                        common.IN_FEATURES, conc, duration=args.duration, warmup=args.warmup,
+                                        procs=args.procs)
+                    points.append(measure(load, label=f"batching={'on' if enabled == 'true' else 'off'}"))
+        finally:
+            server.stop()
+    summary = {}
+    for protocol in {p.protocol for p in points}:
+        on = next(p for p in points if p.protocol == protocol and p.concurrency == 1 and p.label == "batching=on")
+        off = next(p for p in points if p.protocol == protocol and p.concurrency == 1 and p.label == "batching=off")
+        summary[protocol] = {"p50_on_ms": on.p50_ms, "p50_off_ms": off.p50_ms, "overhead_ms": on.p50_ms - off.p50_ms}
+    return points, summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every measurement, print the tables, write JSON and plots."""
+    from rich.console import Console
+
+    args = parse_args(argv)
+    console = Console()
+    report: dict[str, Any] = {"machine": common.machine_info(), "args": {k: str(v) for k, v in vars(args).items()}}
+    points: list[common.Point] = []
+    with tempfile.TemporaryDirectory(prefix="leanserve-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        h5, npz = common.save_seed_model(tmp / "model")
+        oracle = common.numpy_mlp(npz)
+        server = None
+        repository = None
+        try:
+            if args.target:
+                target = args.target
+            else:
+                repository = tmp / "repo"
+                server = common.start_leanserve(repository)
+                target = server.target
+            console.print(f"leanserve at {target}; uploading the seed MLP")
+            input_name = common.upload_seed(target, h5)
+            report["native_max_abs_error"] = check_native(target, input_name, oracle)
+
+            x = np.random.default_rng(7).random((4, common.IN_FEATURES), dtype=np.float32)
+            v2_ok, v2_value = loadgen.v2_probe(target, common.MODEL_NAME, input_name, x, timeout=10)
+            v2 = v2_ok and "v2" in args.protocols
+            report["v2_available"] = v2_ok
+            if v2_ok:
+                report["v2_max_abs_error"] = float(np.abs(v2_value - oracle(x)).max())
+            else:
+                report["v2_unavailable_reason"] = v2_value
+                console.print(f"[yellow]V2 endpoint not available, native only: {v2_value}")
+            protocols = [p for p in args.protocols if p == "native" or v2]
+
+            for protocol in protocols:
+                for mode in args.modes:
+                    for conc in args.concurrency:
+                        load = loadgen.Load(target, protocol, mode, common.MODEL_NAME, input_name,
+                                            common.IN_FEATURES, conc, duration=args.duration, warmup=args.warmup,
+                                            procs=args.procs)
+                        points.append(measure(load))
+                        console.print(common.points_table(points[-1:], ""), end="")
+                if args.rate > 0:
+                    load = loadgen.Load(target, protocol, "unary", common.MODEL_NAME, input_name, common.IN_FEATURES,
+                                        64, rate=args.rate, duration=args.duration, warmup=args.warmup,
+                                        procs=args.procs)
+                    points.append(measure(load))
+
+            plan, plan_source = load_plan(repository, h5)
+            report["stream_throughput"] = stream_throughput(target, args.rows, args.stream_batch, plan)
+            report["stream_throughput"]["kernel_plan"] = plan_source
+        finally:
+            if server is not None:
+                server.stop()
+
+        if not args.target and not args.no_batching_check:
+            batch_points, report["batching_overhead"] = batching_overhead(h5, tmp, args, v2, input_name)
+            points += batch_points
+            report["batching_module_present"] = (common.ROOT / "server" / "batching.py").exists()
+
+    report["points"] = points
+    common.write_json(args.out, report)
+    png = common.plot_sweep([p for p in points if not p.label], args.out.with_name("serve_sweep.png"),
+                            "leanserve, seed MLP, batch-1 requests")
+    console.print(common.points_table(points, "leanserve load points"))
+    st = report["stream_throughput"]
+    console.print(
+        f"stream throughput: {st['stream_rows_per_s']:,.0f} rows/s through one PredictStream (batch {st['batch']}), "
+        f"kernel in-process {st.get('kernel_rows_per_s', float('nan')):,.0f} rows/s "
+        f"→ {100 * st.get('stream_vs_kernel', float('nan')):.0f} % (target ≥ 50 %)"
+    )
+    for protocol, b in report.get("batching_overhead", {}).items():
+        console.print(f"batching overhead at concurrency 1 ({protocol}): p50 {b['p50_on_ms']:.3f} ms on vs "
+                      f"{b['p50_off_ms']:.3f} ms off ({b['overhead_ms'] * 1e3:+.0f} µs)")
+    console.print(f"wrote {args.out} and {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
