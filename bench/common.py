@@ -27,7 +27,7 @@ VENV_BIN = ROOT / ".venv" / "bin"
 HOST = "127.0.0.1"
 MODEL_NAME = "seed"
 IN_FEATURES = 1000
-for _p in (str(ROOT), str(ROOT / "protos")):
+for _p in (str(ROOT), str(ROOT / "protos"), str(ROOT / "bench")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
@@ -82,6 +82,20 @@ def summarize(
         mean_ms=float(ms.mean()) if ms.size else float("nan"), client_cpu=cpu_s / duration,
         first_error=first_error, **kw,
     )
+
+
+def measure(load: Any, system: str = "leanserve", label: str = "") -> Point:
+    """Run one ``loadgen.Load`` point with its client processes, print a line and return its summary."""
+    import loadgen
+
+    got = loadgen.run(load)
+    point = summarize(
+        got.latencies, got.errors, load.duration, got.cpu_s, got.first_error, system=system, protocol=load.protocol,
+        mode=load.mode, loop="open" if load.rate else "closed", concurrency=load.concurrency,
+        target_rate=load.rate, procs=got.procs, batch=load.batch, label=label,
+    )
+    print(one_line(point), flush=True)
+    return point
 
 
 def machine_info() -> dict[str, Any]:
@@ -282,6 +296,13 @@ def points_table(points: Sequence[Point], title: str) -> Any:
             str(p.errors), f"{p.client_cpu:.2f}",
         )
     return t
+
+
+def one_line(p: Point) -> str:
+    """A progress line for one point."""
+    rate = f" rate {p.target_rate:.0f}/s" if p.target_rate else ""
+    return (f"{p.series:<34} {p.loop} c={p.concurrency}{rate}: {p.throughput:,.0f} req/s, p50 {p.p50_ms:.2f} ms, "
+            f"p99 {p.p99_ms:.2f} ms, errors {p.errors}{' ' + p.first_error[:80] if p.first_error else ''}")
 
 
 def plot_sweep(points: Sequence[Point], path: Path, title: str) -> Path:

@@ -56,16 +56,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def measure(load: loadgen.Load, system: str = "leanserve", label: str = "") -> common.Point:
-    """Run one point and summarise it."""
-    got = loadgen.run(load)
-    return common.summarize(
-        got.latencies, got.errors, load.duration, got.cpu_s, got.first_error, system=system, protocol=load.protocol,
-        mode=load.mode, loop="open" if load.rate else "closed", concurrency=load.concurrency,
-        target_rate=load.rate, procs=got.procs, batch=load.batch, label=label,
-    )
-
-
 def check_native(target: str, input_name: str, oracle: Any) -> float:
     """One native request, compared with the numpy oracle: the max abs error (the server must serve this model)."""
     from client.client import Client
@@ -136,7 +126,7 @@ def batching_overhead(
                     load = loadgen.Load(server.target, protocol, "unary", common.MODEL_NAME, input_name,
                                         common.IN_FEATURES, conc, duration=args.duration, warmup=args.warmup,
                                         procs=args.procs)
-                    points.append(measure(load, label=f"batching={'on' if enabled == 'true' else 'off'}"))
+                    points.append(common.measure(load, label=f"batching={'on' if enabled == 'true' else 'off'}"))
         finally:
             server.stop()
     summary = {}
@@ -152,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
     args = parse_args(argv)
-    console = Console()
+    console = Console(width=150)
     report: dict[str, Any] = {"machine": common.machine_info(), "args": {k: str(v) for k, v in vars(args).items()}}
     points: list[common.Point] = []
     with tempfile.TemporaryDirectory(prefix="leanserve-bench-") as tmpdir:
@@ -189,13 +179,12 @@ def main(argv: list[str] | None = None) -> int:
                         load = loadgen.Load(target, protocol, mode, common.MODEL_NAME, input_name,
                                             common.IN_FEATURES, conc, duration=args.duration, warmup=args.warmup,
                                             procs=args.procs)
-                        points.append(measure(load))
-                        console.print(common.points_table(points[-1:], ""), end="")
+                        points.append(common.measure(load))
                 if args.rate > 0:
                     load = loadgen.Load(target, protocol, "unary", common.MODEL_NAME, input_name, common.IN_FEATURES,
                                         64, rate=args.rate, duration=args.duration, warmup=args.warmup,
                                         procs=args.procs)
-                    points.append(measure(load))
+                    points.append(common.measure(load))
 
             plan, plan_source = load_plan(repository, h5)
             report["stream_throughput"] = stream_throughput(target, args.rows, args.stream_batch, plan)

@@ -33,13 +33,27 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[
     ]
 
 
-def to_tensor(a: np.ndarray, name: str = "") -> tensor_pb.Tensor:
-    a = np.require(a, requirements='C')  # unlike ascontiguousarray, keeps 0-d arrays 0-d
+def fill_tensor(t: tensor_pb.Tensor, a: np.ndarray, name: str = "") -> tensor_pb.Tensor:
+    """Write ``a`` into the (already attached) message ``t``.
+
+    Filling a tensor in place (``msg.inputs.add()``) is ~70x cheaper for large arrays than building a Tensor and
+    passing it to the parent's constructor, which deep-copies the bytes through a slow path in upb.
+    """
+    a = np.require(a, requirements="C")  # unlike ascontiguousarray, keeps 0-d arrays 0-d
     if a.dtype.name not in _PB_DTYPES:
         raise TypeError(f"unsupported dtype {a.dtype}")
     if a.dtype.byteorder == ">":
         a = a.astype(a.dtype.newbyteorder("<"))
-    return tensor_pb.Tensor(name=name, dtype=_PB_DTYPES[a.dtype.name], shape=a.shape, data=a.tobytes())
+    t.name = name
+    t.dtype = _PB_DTYPES[a.dtype.name]
+    t.shape[:] = a.shape
+    t.data = a.tobytes()
+    return t
+
+
+def to_tensor(a: np.ndarray, name: str = "") -> tensor_pb.Tensor:
+    """A standalone Tensor message holding ``a``."""
+    return fill_tensor(tensor_pb.Tensor(), a, name)
 
 
 def from_tensor(t: tensor_pb.Tensor) -> np.ndarray:
@@ -52,10 +66,12 @@ def predict_request(
 ) -> inf_pb.PredictRequest:
     if postprocess not in POSTPROCESS:
         raise ValueError(f"postprocess must be one of {', '.join(POSTPROCESS)}")
-    return inf_pb.PredictRequest(
-        model_name=model, model_version=version, inputs=[to_tensor(x, input_name)],
-        postprocess=POSTPROCESS[postprocess], top_k=top_k, request_id=request_id,
+    req = inf_pb.PredictRequest(
+        model_name=model, model_version=version, postprocess=POSTPROCESS[postprocess], top_k=top_k,
+        request_id=request_id,
     )
+    fill_tensor(req.inputs.add(), x, input_name)
+    return req
 
 
 def outputs(resp: inf_pb.PredictResponse) -> dict[str, np.ndarray]:

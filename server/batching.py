@@ -201,10 +201,12 @@ class Batcher:
         start = time.monotonic()
         live = []
         for item in batch:
+            if not item.future.set_running_or_notify_cancel():  # the caller gave up waiting
+                continue
             why = _drop_reason(item, start)
             if why is not None:
                 item.future.set_exception(why)
-            elif item.future.set_running_or_notify_cancel():  # False: the caller gave up waiting
+            else:
                 live.append(item)
         if not live:
             return
