@@ -43,6 +43,7 @@ QUICK_BATCHES = [1, 32]
 QUICK_SPARSITIES = [0.9]
 #: (inputs, outputs) per block for each bsr_* format (its default) and the matching block pruning
 BSR_BLOCKS = {"bsr_f32": (1, 16), "bsr_int8": (16, 1)}
+PORTABLE_BSR_BLOCK = (8, 1)
 DENSE_FORMATS = [("dense_f32", {}), ("int8", {}), ("int8", {"path": "portable"})]
 
 
@@ -230,6 +231,10 @@ def run(shapes, batches, sparsities, budget: float, log: Callable[[str], None]) 
                 else:
                     k = leanserve_kernel(fmt, {}, wu, b)
                 entries[fmt] = (k, k.nbytes, "leanserve")
+            # what CPUs without AVX512_VNNI run: the portable bsr_int8 path, (8, 1) blocks
+            k = leanserve_kernel("bsr_int8", {"block": PORTABLE_BSR_BLOCK}, prune_blocks(w, s, PORTABLE_BSR_BLOCK), b)
+            k.use_vnni = False
+            entries["bsr_int8[8x1,portable]"] = (k, k.nbytes, "leanserve")
             for B in batches:
                 for name, (fn, nbytes, kind) in entries.items():
                     t = median_seconds(lambda: fn(xs[B]), budget)

@@ -14,6 +14,8 @@ in elements. Index arrays may be uint16 or uint32.
   ``out[out_off + t*ldo + j] = sum_p sum_i x[t*ldx + idx[p]*r + i] * val[(p*r + i)*L + j]``.
 * ``bsr_dot_vnni``: int8 ``bsr_dot``: ``L`` (16, 32, 64) consecutive inputs, u8 activations x s8 weights summed
   into int32 with ``vpdpbusd`` (AVX512_VNNI + VL only; see ``has_avx512_vnni``).
+
+Gather (batch-1 CSR) and portable integer kernels live in ``_csr_simd``.
 """
 
 from __future__ import annotations
@@ -150,8 +152,10 @@ def csr_lanes_f32(typingctx, idx, val, start, end, xT, ldx, b0, out, out_off, nv
 
 
 def _block_dot(name: str, elt_in: ir.Type, widths: tuple[int, ...], lanes_of: Callable[[int], ir.VectorType],
-               mac: Callable, add: Callable, out_elt: ir.Type):
-    """Build a ``bsr_dot``-style intrinsic: vector of block inputs times vector of block weights, hsum per row."""
+               mac: Callable, add: Callable, out_elt: ir.Type, load_of: Callable[[int], ir.VectorType] | None = None):
+    """Build a ``bsr_dot``-style intrinsic: vector of block inputs times vector of block weights, hsum per row.
+    ``lanes_of(width)`` is the accumulator vector, ``load_of(width)`` (default: the same) the loaded one."""
+    load_of = load_of or lanes_of
 
     @intrinsic
     def kernel(typingctx, idx, val, start, end, x, ldx, mr, width, out, out_off, ldo):
@@ -166,13 +170,14 @@ def _block_dot(name: str, elt_in: ir.Type, widths: tuple[int, ...], lanes_of: Ca
 
             def emit(mr: int, width: int) -> None:
                 vec = lanes_of(width)
+                ld = load_of(width)
                 zero = ir.Constant(vec, [0] * vec.count if isinstance(vec.element, ir.IntType) else [0.0] * vec.count)
                 accs = [cgutils.alloca_once_value(builder, zero) for _ in range(mr)]
                 with _for(builder, start_v, end_v) as (p, _):
                     kb = builder.mul(_index(context, builder, signature.args[0], idx_v, p), _c64(width))
-                    w = _load_vec(builder, val_p, builder.mul(p, _c64(width)), vec)
+                    w = _load_vec(builder, val_p, builder.mul(p, _c64(width)), ld)
                     for t in range(mr):
-                        xv = _load_vec(builder, x_p, builder.add(kb, builder.mul(ldx_v, _c64(t))), vec)
+                        xv = _load_vec(builder, x_p, builder.add(kb, builder.mul(ldx_v, _c64(t))), ld)
                         builder.store(mac(builder, builder.load(accs[t]), xv, w), accs[t])
                 for t in range(mr):
                     s = _hsum(builder, builder.load(accs[t]), lambda a, b: add(builder, a, b))

@@ -84,13 +84,18 @@ def epilogue_f32(acc: np.ndarray, transposed: bool, bias: np.ndarray, code: int,
 
 
 @njit(nogil=True, cache=True)
-def epilogue_int(acc: np.ndarray, x_scales: np.ndarray, w_scales: np.ndarray, bias: np.ndarray, code: int,
-                 out: np.ndarray) -> None:
-    """``out[b, n] = act(acc[b, n] * x_scales[b] * w_scales[n] + bias[n])`` from int32 accumulators."""
+def epilogue_int(acc: np.ndarray, transposed: bool, x_scales: np.ndarray, w_scales: np.ndarray, bias: np.ndarray,
+                 code: int, out: np.ndarray) -> None:
+    """``out[b, n] = act(acc[b, n] * x_scales[b] * w_scales[n] + bias[n])`` from int32 accumulators
+    (``acc[n, b]`` if ``transposed``; extra padding is ignored)."""
     B, N = out.shape
     for b in range(B):
         row = out[b]
         xs = x_scales[b]
-        for n in range(N):
-            row[n] = np.float32(acc[b, n]) * (xs * w_scales[n]) + bias[n]
+        if transposed:
+            for n in range(N):
+                row[n] = np.float32(acc[n, b]) * (xs * w_scales[n]) + bias[n]
+        else:
+            for n in range(N):
+                row[n] = np.float32(acc[b, n]) * (xs * w_scales[n]) + bias[n]
         activate_row(row, code)

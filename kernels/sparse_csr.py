@@ -1,10 +1,18 @@
 """Unstructured sparse formats: ``csr_f32`` and ``csr_int8`` (CSR of ``W^T``: one stored row per output channel).
 
 Gather form (per output, the nonzero k's) rather than scatter (per input, the outputs it feeds): the output's
-sum stays in registers and batches vectorise over the batch lanes of a transposed ``x``. Small batches walk each
-sparse row once per input row with scalar gathers (AVX-512 gathers measured slower than scalar here); from
-``LANES_MIN_BATCH`` rows on, ``x`` is transposed into ``[K, B]`` and every stored weight feeds 16..64 batch
-lanes with one FMA each (``_sparse_simd.csr_lanes_f32``).
+sum stays in registers and batches vectorise over the batch lanes of a transposed ``x``.
+
+* Batch 1 (below ``LANES_MIN_BATCH`` / ``INT_LANES_MIN_BATCH``): each sparse row is one ``csr_gather_dot``: 16
+  nonzeros per step, ``x`` gathered with one ``vgatherdps`` (fp32) / ``vpgatherdd`` (int8: ``x`` quantized to
+  int16, 8 KB for K = 4096) into 16 partial sums, tree-reduced per row. Measured on Zen 4 (4096x4096, 90 %
+  unstructured) ~1.6x faster than the old two-chain scalar loop for fp32 and ~4x for int8 (whose scalar
+  loop LLVM had turned into 64-bit-index gathers); both are now gather-throughput bound (same time, ~0.6 ms,
+  ~3.5x numpy fp32 dense), not memory bound.
+* Batch >= 2: ``x`` is transposed once into ``[K, Bp]`` (fp32, or int16 for int8) and every stored weight
+  feeds 16..64 batch lanes with one FMA (``csr_lanes_f32``) or one sign-extending int32 multiply-add
+  (``lanes_i32``, exact). On large layers csr_int8 is 1.05-2x faster than csr_f32 at batch >= 2 (half the
+  weight bytes, int16 ``x^T``); on small ones (<= 1000x128) its quantize + transpose make it up to ~1.7x slower.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from typing import Any
 import numpy as np
 from numba import njit
 
+from kernels._csr_simd import csr_gather_dot, lanes_i32
 from kernels._sparse_simd import csr_lanes_f32
 from kernels.activations import activation_code
 from kernels.formats import LayerKernel, check_activation, register
@@ -22,6 +31,8 @@ from kernels.sparse_common import check_block_arrays, epilogue_f32, epilogue_int
 
 #: batch size from which csr_f32 switches from per-row gathers to batch-lane SIMD (measured crossover)
 LANES_MIN_BATCH = 2
+#: the same for csr_int8 (int16 lanes; measured crossover)
+INT_LANES_MIN_BATCH = 2
 
 
 def pack_csr(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -42,20 +53,13 @@ def unpack_csr(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, K: i
 
 @njit(nogil=True, cache=True, boundscheck=False)
 def csr_rows_f32(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, x: np.ndarray, acc: np.ndarray) -> None:
-    """``acc[b, n] = sum_p values[p] * x[b, indices[p]]`` row by row (streams the weights once per row)."""
+    """``acc[b, n] = sum_p values[p] * x[b, indices[p]]`` row by row, 16 nonzeros per ``vgatherdps`` step
+    (streams the weights once per batch row; ``x`` C-contiguous)."""
+    B, K = x.shape
     N = indptr.shape[0] - 1
-    for b in range(x.shape[0]):
+    for b in range(B):
         for n in range(N):
-            s0 = np.float32(0.0)
-            s1 = np.float32(0.0)
-            p, end = indptr[n], indptr[n + 1]
-            while p + 2 <= end:  # two chains hide the add latency; a gather-vectorised loop is slower
-                s0 += values[p] * x[b, indices[p]]
-                s1 += values[p + 1] * x[b, indices[p + 1]]
-                p += 2
-            if p < end:
-                s0 += values[p] * x[b, indices[p]]
-            acc[b, n] = s0 + s1
+            acc[b, n] = csr_gather_dot(indices, values, indptr[n], indptr[n + 1], x, b * K)
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
@@ -86,58 +90,79 @@ def csr_f32_forward(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray,
         csr_lanes(indptr, indices, values, x, acc_t)
         epilogue_f32(acc_t, True, bias, code, out)
     else:
-        acc = np.empty((B, N), dtype=np.float32)
-        csr_rows_f32(indptr, indices, values, x, acc)
-        epilogue_f32(acc, False, bias, code, out)
+        csr_rows_f32(indptr, indices, values, x, out)
+        epilogue_f32(out, False, bias, code, out)
     return out
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def csr_int8_accumulators(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, xq: np.ndarray) -> np.ndarray:
-    """Exact int32 ``xq[B, K] @ W`` for int8 CSR weights; four rows share each pass over a sparse row."""
+def int_rows(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, xq: np.ndarray, acc: np.ndarray) -> None:
+    """Exact int32 ``acc[b, n] = sum_p values[p] * xq[b, indices[p]]`` with one ``vpgatherdd`` per 16 nonzeros
+    (``x`` widened to int16: 8 KB for K = 4096, L1 resident)."""
+    B, K = xq.shape
+    xi = np.zeros(B * K + 1, dtype=np.int16)  # +1: the gathers read 32-bit words at 2-byte steps
+    for b in range(B):
+        for k in range(K):
+            xi[b * K + k] = xq[b, k]
+    N = indptr.shape[0] - 1
+    for b in range(B):
+        for n in range(N):
+            acc[b, n] = csr_gather_dot(indices, values, indptr[n], indptr[n + 1], xi, b * K)
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def int_lanes(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, xq: np.ndarray, r: int,
+              acc_t: np.ndarray) -> None:
+    """Exact int32 ``acc_t[n, b]`` (``[N, Bp]``, ``Bp`` = batch rounded up to 16) for int8 CSR (``r == 1``) or
+    ``(r, 1)`` block weights over batch lanes: ``xq[B, Kp]`` is transposed to int16 ``[Kp, Bp]`` once."""
+    B, K = xq.shape
+    N, Bp = acc_t.shape
+    xt = np.zeros((K, Bp), dtype=np.int16)
+    for b in range(B):
+        for k in range(K):
+            xt[k, b] = xq[b, k]
+    for b0 in range(0, Bp, 64):  # 64 int16 lanes: K * 128 B of x^T, L2 resident
+        nv = min(4, (Bp - b0) // 16)
+        for n in range(N):
+            lanes_i32(indices, values, indptr[n], indptr[n + 1], r, xt, Bp, b0, acc_t, n * Bp + b0, nv)
+
+
+@njit(nogil=True, cache=True)
+def csr_int8_accumulators(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, xq: np.ndarray,
+                          lanes_min_batch: int) -> np.ndarray:
+    """Exact int32 ``xq[B, K] @ W`` ``[B, N]`` for int8 CSR weights (gathers below ``lanes_min_batch``)."""
     B = xq.shape[0]
     N = indptr.shape[0] - 1
     acc = np.empty((B, N), dtype=np.int32)
-    b = 0
-    while b + 4 <= B:
-        for n in range(N):
-            a0 = np.int32(0)
-            a1 = np.int32(0)
-            a2 = np.int32(0)
-            a3 = np.int32(0)
-            for p in range(indptr[n], indptr[n + 1]):
-                k = indices[p]
-                w = np.int32(values[p])
-                # explicit int32 casts: Numba would otherwise widen int8 * int8 to int64
-                a0 = np.int32(a0 + np.int32(xq[b, k]) * w)
-                a1 = np.int32(a1 + np.int32(xq[b + 1, k]) * w)
-                a2 = np.int32(a2 + np.int32(xq[b + 2, k]) * w)
-                a3 = np.int32(a3 + np.int32(xq[b + 3, k]) * w)
-            acc[b, n] = a0
-            acc[b + 1, n] = a1
-            acc[b + 2, n] = a2
-            acc[b + 3, n] = a3
-        b += 4
-    for r in range(b, B):
-        for n in range(N):
-            a = np.int32(0)
-            for p in range(indptr[n], indptr[n + 1]):
-                a = np.int32(a + np.int32(xq[r, indices[p]]) * np.int32(values[p]))
-            acc[r, n] = a
+    if B >= lanes_min_batch:
+        acc_t = np.empty((N, (B + 15) // 16 * 16), dtype=np.int32)
+        int_lanes(indptr, indices, values, xq, 1, acc_t)
+        for b in range(B):
+            for n in range(N):
+                acc[b, n] = acc_t[n, b]
+    else:
+        int_rows(indptr, indices, values, xq, acc)
     return acc
 
 
 @njit(nogil=True, cache=True)
 def csr_int8_forward(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, scales: np.ndarray,
-                     bias: np.ndarray, code: int, x: np.ndarray) -> np.ndarray:
+                     bias: np.ndarray, code: int, x: np.ndarray, lanes_min_batch: int) -> np.ndarray:
     """``act(dequant(quant(x) @ Wq) + b)``: dynamic per-row int8 activations, int32 accumulation."""
     B, K = x.shape
+    N = indptr.shape[0] - 1
     xq = np.empty((B, K), dtype=np.int8)
     xs = np.empty(B, dtype=np.float32)
     quantize_rows(x, xq, xs)
-    acc = csr_int8_accumulators(indptr, indices, values, xq)
-    out = np.empty((B, indptr.shape[0] - 1), dtype=np.float32)
-    epilogue_int(acc, xs, scales, bias, code, out)
+    out = np.empty((B, N), dtype=np.float32)
+    if B >= lanes_min_batch:
+        acc_t = np.empty((N, (B + 15) // 16 * 16), dtype=np.int32)
+        int_lanes(indptr, indices, values, xq, 1, acc_t)
+        epilogue_int(acc_t, True, xs, scales, bias, code, out)
+    else:
+        acc = np.empty((B, N), dtype=np.int32)
+        int_rows(indptr, indices, values, xq, acc)
+        epilogue_int(acc, False, xs, scales, bias, code, out)
     return out
 
 
@@ -238,7 +263,9 @@ class CsrInt8(_CsrBase):
 
     def accumulators(self, xq: np.ndarray) -> np.ndarray:
         """Exact int32 ``xq @ Wq`` for int8 activations ``xq[B, K]`` (for tests)."""
-        return csr_int8_accumulators(self.indptr, self.indices, self.values, np.ascontiguousarray(xq, np.int8))
+        xq = np.ascontiguousarray(xq, np.int8)
+        return csr_int8_accumulators(self.indptr, self.indices, self.values, xq, INT_LANES_MIN_BATCH)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return csr_int8_forward(self.indptr, self.indices, self.values, self.scales, self.bias, self._code, x)
+        return csr_int8_forward(self.indptr, self.indices, self.values, self.scales, self.bias, self._code, x,
+                                INT_LANES_MIN_BATCH)

@@ -117,6 +117,30 @@ def test_int8_accumulators_exact(fmt: str, block, shape: tuple[int, int], rng: n
             np.testing.assert_array_equal(kernel.accumulators(xq, vnni=True), ref)
 
 
+@pytest.mark.parametrize("k", [300, 70_000], ids=["uint16_idx", "uint32_idx"])
+def test_csr_int8_gather_and_lane_paths_exact(k: int, rng: np.random.Generator) -> None:
+    """Rows of 0..70 nonzeros (every 16/32 step boundary and scalar tail of the gather kernel), both the
+    batch-1 gather path and the batch-lane path, uint16 and uint32 column indices; extreme int8 values."""
+    n = 71
+    w = np.zeros((k, n), np.float32)
+    for j in range(n):  # output j holds exactly j nonzeros, at random inputs (first and last included)
+        cols = rng.choice(k, size=j, replace=False)
+        if j >= 2:
+            cols[:2] = (0, k - 1)
+        w[cols, j] = rng.choice([-1.0, 1.0], size=j) * rng.uniform(0.01, 1.0, size=j)
+    csr = CsrInt8.from_dense(w, np.zeros(n, np.float32), "linear")
+    assert csr.indices.dtype == (np.uint16 if k <= 65536 else np.uint32)
+    wq = csr.quantized_weights().astype(np.int64)
+    for batch in (1, 2, 17, 70) if k < 1000 else (1, 3):  # 1: gathers; >= 2: lanes (1..4 vectors, lane blocks)
+        xq = rng.integers(-127, 128, (batch, k)).astype(np.int8)
+        xq[0, :] = 127
+        np.testing.assert_array_equal(csr.accumulators(xq), (xq.astype(np.int64) @ wq).astype(np.int32))
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    f32 = CsrF32.from_dense(w, np.zeros(n, np.float32), "linear")
+    assert_close_f32(f32(x), x @ w, k)
+    assert_close_f32(f32(np.repeat(x, 3, axis=0)), np.repeat(x @ w, 3, axis=0), k)
+
+
 def test_vnni_path_is_used_when_available() -> None:
     kernel = BsrInt8.from_dense(np.ones((32, 4), np.float32), np.zeros(4, np.float32), "linear", block=(16, 1))
     assert kernel.use_vnni == HAS_VNNI
