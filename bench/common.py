@@ -64,6 +64,8 @@ class Point:
     batch: int = 1
     first_error: str = ""
     label: str = ""  # free-form variant, e.g. "batching=off"
+    in_flight: float = float("nan")  # Little's law: throughput × mean latency, to compare with concurrency
+    loadavg_1m: float = float("nan")  # machine load when the point ended: other tenants make this box noisy
 
     @property
     def series(self) -> str:
@@ -80,7 +82,8 @@ def summarize(
         duration_s=duration, requests=int(ms.size), errors=errors, throughput=ms.size / duration,
         p50_ms=percentile(ms, 50), p90_ms=percentile(ms, 90), p99_ms=percentile(ms, 99),
         mean_ms=float(ms.mean()) if ms.size else float("nan"), client_cpu=cpu_s / duration,
-        first_error=first_error, **kw,
+        first_error=first_error, loadavg_1m=os.getloadavg()[0],
+        in_flight=ms.size / duration * float(ms.mean()) / 1e3 if ms.size else 0.0, **kw,
     )
 
 
@@ -287,13 +290,14 @@ def points_table(points: Sequence[Point], title: str) -> Any:
     from rich.table import Table
 
     t = Table(title=title)
-    for col in ("series", "loop", "conc", "rate", "req/s", "p50 ms", "p90 ms", "p99 ms", "errors", "client cpu"):
+    for col in ("series", "loop", "conc", "rate", "req/s", "p50 ms", "p90 ms", "p99 ms", "errors", "client cpu",
+                "load 1m"):
         t.add_column(col, justify="left" if col in ("series", "loop") else "right")
     for p in points:
         t.add_row(
             p.series, p.loop, str(p.concurrency), f"{p.target_rate:.0f}" if p.target_rate else "-",
             f"{p.throughput:,.0f}", f"{p.p50_ms:.2f}", f"{p.p90_ms:.2f}", f"{p.p99_ms:.2f}",
-            str(p.errors), f"{p.client_cpu:.2f}",
+            str(p.errors), f"{p.client_cpu:.2f}", f"{p.loadavg_1m:.1f}",
         )
     return t
 

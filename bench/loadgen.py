@@ -71,11 +71,23 @@ def _native_caller(load: Load, x: np.ndarray) -> tuple[Callable[[], None], Calla
         return call, channel.close
 
     outbox: queue.Queue = queue.Queue()
+    inbox: queue.Queue = queue.Queue()
     responses = stub.PredictStream(iter(outbox.get, None), timeout=3600)
+
+    def read() -> None:  # a reader thread, so a stalled stream times out instead of blocking forever
+        try:
+            for resp in responses:
+                inbox.put(resp)
+        except Exception as exc:  # noqa: BLE001 - handed to the waiting caller
+            inbox.put(exc)
+
+    threading.Thread(target=read, daemon=True).start()
 
     def call() -> None:
         outbox.put(req)
-        resp = next(responses)
+        resp = inbox.get(timeout=REQUEST_TIMEOUT_S)
+        if isinstance(resp, Exception):
+            raise resp
         if resp.HasField("error"):
             raise RuntimeError(f"stream error {resp.error.code}: {resp.error.message}")
 
@@ -120,8 +132,7 @@ def _worker(load: Load, threads: int, rate: float, seed: int, ready: Any, go: An
     try:
         x = np.random.default_rng(seed).random((load.batch, load.in_features), dtype=np.float32)
         callers = [CALLERS[load.protocol](load, x) for _ in range(threads)]
-        for call, _ in callers:  # connect (and open streams) before the clock starts
-            call()
+        callers[0][0]()  # one request before the clock starts: fail fast on a wrong target or model
     except Exception:  # noqa: BLE001 - reported to the parent, which fails the point loudly
         ready.put(("error", traceback.format_exc()))
         return
@@ -154,6 +165,8 @@ def _worker(load: Load, threads: int, rate: float, seed: int, ready: Any, go: An
             except Exception as exc:  # noqa: BLE001 - counted as an error of the point
                 err = exc
             record(now, time.time(), err)
+            if err is not None:
+                time.sleep(0.05)  # a failing server must not turn the loop into a busy spin
 
     # open loop: the clock of this process starts at the warm-up start, so warm-up traffic has the same rate
     open_start = t0 - load.warmup
@@ -181,16 +194,27 @@ def _worker(load: Load, threads: int, rate: float, seed: int, ready: Any, go: An
     workers = [threading.Thread(target=body, args=(call,), daemon=True) for call, _ in callers]
     for t in workers:
         t.start()
+    # one shared deadline: a call stalled past the window is cancelled by close() below and counted as an error
+    deadline = t_end + 5.0
     for t in workers:
-        t.join(load.warmup + load.duration + REQUEST_TIMEOUT_S + 5)
+        t.join(max(0.0, deadline - time.time()))
     cpu = time.process_time() - cpu0
+    # counted before close(): closing cancels the stalled calls, which then look like ordinary failures
+    stalled = sum(t.is_alive() for t in workers)
     for _, close in callers:
         try:
             close()
         except Exception:  # noqa: BLE001 - closing a broken stream must not lose the measurements
             pass
+    for t in workers:
+        t.join(max(0.0, deadline + 2.0 - time.time()))
+    with lock:
+        if stalled:
+            errors[0] += stalled
+            first_error[0] = first_error[0] or f"{stalled} of {len(workers)} client(s) stalled: no answer {deadline - t_end:.0f} s after the window"
+        latencies = np.asarray(lat, dtype=np.float64)
     # the CPU time covers warm-up + window; scale it to the window so it is comparable with the wall time
-    out.put((np.asarray(lat, dtype=np.float64), errors[0], cpu * load.duration / (load.duration + load.warmup),
+    out.put((latencies, errors[0], cpu * load.duration / (load.duration + load.warmup),
              first_error[0]))
 
 
@@ -214,7 +238,7 @@ def run(load: Load) -> Collected:
                 raise RuntimeError(f"client worker failed to start:\n{msg}")
         start_at.value = time.time() + load.warmup
         go.set()
-        results = [out.get(timeout=load.warmup + load.duration + REQUEST_TIMEOUT_S + 60) for _ in children]
+        results = [out.get(timeout=load.warmup + load.duration + 60) for _ in children]
     finally:
         go.set()
         for c in children:

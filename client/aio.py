@@ -9,10 +9,12 @@ import grpc
 import numpy as np
 
 from client import common
+from client import optimize as opt
 from client.client import PredictOutput, StreamError
 from leanserve.v1 import inference_service_pb2_grpc as inf_grpc
 from leanserve.v1 import model_service_pb2 as model_pb
 from leanserve.v1 import model_service_pb2_grpc as model_grpc
+from leanserve.v1 import optimize_service_pb2_grpc as optimize_grpc
 
 
 class AsyncClient:
@@ -23,6 +25,7 @@ class AsyncClient:
         self.channel = grpc.aio.insecure_channel(target, options=common.channel_options(max_message_bytes))
         self.models_stub = model_grpc.ModelServiceStub(self.channel)
         self.inference_stub = inf_grpc.InferenceServiceStub(self.channel)
+        self.optimize_stub = optimize_grpc.OptimizeServiceStub(self.channel)
         self.timeout = timeout
 
     async def close(self) -> None:
@@ -66,3 +69,14 @@ class AsyncClient:
             if resp.HasField("error"):
                 raise StreamError(resp.error.code, resp.error.message, resp.request_id)
             yield PredictOutput(resp.model_name, resp.model_version, common.outputs(resp), resp.request_id)
+
+    async def optimize(self, name: str, data: None | str | Path | dict[str, np.ndarray] = None, *,
+                       progress: opt.ProgressCallback | None = None, **options: object) -> dict:
+        """Like ``Client.optimize``: the report of a prune/quantize run within an accuracy budget."""
+        msgs = opt.requests(name, opt.data_bytes(data), **options)  # type: ignore[arg-type]
+        report = None
+        async for event in self.optimize_stub.Optimize(msgs, timeout=self.timeout):
+            report = opt.handle_event(event, progress) or report
+        if report is None:
+            raise RuntimeError("the Optimize stream ended without a report")
+        return report

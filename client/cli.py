@@ -66,6 +66,10 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--version", type=int, default=0, help="0 = every version")
     p.set_defaults(func=cmd_delete)
 
+    from client.optimize_cli import add_optimize_commands
+
+    add_optimize_commands(sub, common_args)
+
 
 def run_client_command(args: argparse.Namespace) -> int:
     """Run a client verb, turning gRPC failures into a message and exit status 1."""

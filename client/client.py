@@ -10,9 +10,12 @@ import grpc
 import numpy as np
 
 from client import common
+from client import optimize as opt
 from leanserve.v1 import inference_service_pb2_grpc as inf_grpc
 from leanserve.v1 import model_service_pb2 as model_pb
 from leanserve.v1 import model_service_pb2_grpc as model_grpc
+from leanserve.v1 import optimize_service_pb2 as optimize_pb
+from leanserve.v1 import optimize_service_pb2_grpc as optimize_grpc
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ class Client:
         self.channel = channel or grpc.insecure_channel(target, options=common.channel_options(max_message_bytes))
         self.models_stub = model_grpc.ModelServiceStub(self.channel)
         self.inference_stub = inf_grpc.InferenceServiceStub(self.channel)
+        self.optimize_stub = optimize_grpc.OptimizeServiceStub(self.channel)
         self.timeout = timeout
 
     def close(self) -> None:
@@ -117,3 +121,31 @@ class Client:
                     raise StreamError(resp.error.code, resp.error.message, resp.request_id)
                 continue
             yield PredictOutput(resp.model_name, resp.model_version, common.outputs(resp), resp.request_id)
+
+    # -- optimization ----------------------------------------------------------------------------------------
+    def optimize(
+        self, name: str, data: None | str | Path | dict[str, np.ndarray] = None, *, version: int = 0,
+        sparsity: float = 0.0, block: str = "", granularity: str = "per_layer", quantize: str = "none",
+        max_accuracy_drop: float = 0.01, epochs: int = 0, search: bool = False, promote: bool = False,
+        description: str = "", progress: opt.ProgressCallback | None = None, timeout: float | None = None,
+    ) -> dict:
+        """Prune and/or quantize ``name`` within an accuracy budget; returns the report (``report["version"]``
+        is the new version, ``report["promoted"]`` whether it became the default).
+
+        ``data``: an .npz path or a dict with ``x`` and optionally ``y`` (labels or one-hot), ``x_val``,
+        ``y_val``; None = one-shot, judged by agreement on random inputs. ``block``: "RxC" or "" (unstructured).
+        ``progress(stage, fraction, message)`` is called for every progress event."""
+        msgs = opt.requests(name, opt.data_bytes(data), version=version, sparsity=sparsity, block=block,
+                            granularity=granularity, quantize=quantize, max_accuracy_drop=max_accuracy_drop,
+                            epochs=epochs, search=search, promote=promote, description=description)
+        report = None
+        for event in self.optimize_stub.Optimize(msgs, timeout=timeout or self.timeout):
+            report = opt.handle_event(event, progress) or report
+        if report is None:
+            raise RuntimeError("the Optimize stream ended without a report")
+        return report
+
+    def set_default(self, name: str, version: int = 0) -> int:
+        """Pin ``version`` as the version requests with version 0 get (0 = unpin: the latest); returns it."""
+        req = optimize_pb.SetDefaultVersionRequest(name=name, version=version)
+        return self.optimize_stub.SetDefaultVersion(req, timeout=self.timeout).default_version

@@ -19,6 +19,9 @@ from server.dataplane import DataPlane
 from server.grpc.inference_servicer import InferenceServicer
 from server.grpc.interceptors import ErrorInterceptor
 from server.grpc.model_servicer import ModelServicer
+from server.grpc.optimize_servicer import OptimizeServicer
+from leanserve.v1 import optimize_service_pb2, optimize_service_pb2_grpc
+from server.optimize.service import Optimizer
 from server.grpc.v2_servicer import V2Servicer
 from server.metrics import MetricsServer
 from server.registry import ModelRegistry
@@ -31,6 +34,7 @@ SERVICE_NAMES = (
     model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
     inference_service_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
     grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+    optimize_service_pb2.DESCRIPTOR.services_by_name["OptimizeService"].full_name,
 )
 
 
@@ -86,6 +90,8 @@ def create_server(settings: Settings) -> ServerHandle:
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(dataplane), server)
     inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(dataplane), server)
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(V2Servicer(dataplane), server)
+    # Optimizer() also applies the default versions pinned in the repository
+    optimize_service_pb2_grpc.add_OptimizeServiceServicer_to_server(OptimizeServicer(Optimizer(dataplane)), server)
 
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

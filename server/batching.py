@@ -1,18 +1,18 @@
 """Dynamic batching: requests to one model version, from any API or stream, run as one kernel call.
 
-Policy (one queue, ``workers`` threads per model version):
+Policy (one queue; at most ``workers`` batches of a model version execute at once):
 
-- A worker that finds requests queued and no other batch of the model executing starts at once with everything
-  queued (up to ``max_batch_size`` rows): a lone request never waits for a timer, which keeps latency at
-  concurrency 1 equal to an unbatched call.
-- Under load the queue fills while a batch executes, so the next batch is large on its own (self-clocking).
-  With several workers, a worker that would start a small batch while another executes waits up to
-  ``max_queue_delay_us`` for more rows, so the workers do not split the load into many small kernel calls.
+- A request that finds the queue empty and a free execution slot runs at once, in the caller's own thread: no
+  timer, no hand-off to another thread, so latency at concurrency 1 equals an unbatched call.
+- Otherwise it is queued. Under load the queue fills while batches execute, so the next batch is large on its own
+  (self-clocking); ``workers`` threads take everything queued (up to ``max_batch_size`` rows) as soon as a slot is
+  free. A worker that would start a small batch while another batch executes first waits up to
+  ``max_queue_delay_us`` for more rows (0 = never), so slots do not split the load into many small kernel calls.
 - Requests are never split; a request larger than ``max_batch_size`` runs alone. Only requests whose rows have the
   same shape are concatenated.
 - A request whose deadline passed, or whose caller went away, while queued is dropped without compute.
-- Each kernel call is counted by why it started: "idle" (no other batch executing), "full", "timer" (another
-  batch executing and ``max_queue_delay_us`` passed), "inline" (batching off or stopped).
+- Each kernel call is counted by why it started: "idle" (a free slot and no batch waiting for rows), "full",
+  "timer" (another batch executing and ``max_queue_delay_us`` passed), "inline" (batching off or stopped).
 - ``stop()`` drains the queue and ends the workers; afterwards (and when batching is off) ``submit`` runs the
   request in the caller's thread, so a request racing an unload or a hot swap is still answered.
 """
@@ -126,7 +126,12 @@ class Batcher:
         """
         item = _Item(x, ctx)
         with self._cond:
-            if not self._stopped:
+            if self._stopped:
+                reason = "inline"
+            elif not self._queue and self._busy < self.config.workers:
+                reason = "idle"
+                self._busy += 1
+            else:
                 if len(self._queue) >= self.config.max_queue_size:
                     raise ResourceExhausted(
                         f"model {self._name}: the batch queue is full ({len(self._queue)} requests waiting)"
@@ -135,7 +140,11 @@ class Batcher:
                 self._queued_rows += item.rows
                 self._cond.notify_all()
                 return item.future
-        self._execute([item], "inline")
+        try:
+            self._execute([item], reason)
+        finally:
+            if reason == "idle":
+                self._release()
         return item.future
 
     def stop(self, timeout: float | None = None) -> None:
@@ -153,10 +162,10 @@ class Batcher:
         delay = cfg.max_queue_delay_us / 1e6
         while True:
             with self._cond:
-                while not self._queue and not self._stopped:
+                while not (self._queue and self._busy < cfg.workers):
+                    if self._stopped and not self._queue:
+                        return
                     self._cond.wait()
-                if not self._queue:
-                    return
                 if self._busy and delay > 0 and self._queued_rows < cfg.max_batch_size:
                     until = self._queue[0].enqueued + delay
                     while self._busy and self._queued_rows < cfg.max_batch_size and not self._stopped:
@@ -164,7 +173,7 @@ class Batcher:
                         if remaining <= 0:
                             break
                         self._cond.wait(remaining)
-                    if not self._queue:  # another worker took them
+                    if not (self._queue and self._busy < cfg.workers):  # another worker took them
                         continue
                 if not self._busy:
                     reason = "idle"
@@ -179,9 +188,12 @@ class Batcher:
             except BaseException:  # noqa: BLE001 -- a worker must survive anything; futures already carry it
                 log.exception("batch worker of %s", self._name)
             finally:
-                with self._cond:
-                    self._busy -= 1
-                    self._cond.notify_all()
+                self._release()
+
+    def _release(self) -> None:
+        with self._cond:
+            self._busy -= 1
+            self._cond.notify_all()
 
     def _take(self) -> list[_Item]:
         """Pop the next batch (caller holds the lock): whole requests, same row shape, up to max rows."""

@@ -199,6 +199,10 @@ class PendingPredict:
         self.model, self._future, self._postprocess, self._top_k = model, future, postprocess, top_k
         self._ctx, self._started = ctx, started_ns
 
+    def cancel(self) -> None:
+        """The caller went away: skip the request if it is still queued."""
+        self._future.cancel()
+
     def result(self) -> PredictResult:
         """The outputs, or the request's error (DeadlineExceeded when the deadline passes first)."""
         model = self.model

@@ -51,7 +51,7 @@ class ModelStatsCollector(Collector):
         for model, version, snap in snaps:
             buckets, total_rows = [], 0
             for bound in _BATCH_BUCKETS:
-                buckets.append((str(bound), sum(n for rows, (n, _) in snap.batches.items() if rows <= bound)))
+                buckets.append((str(float(bound)), sum(n for rows, (n, _) in snap.batches.items() if rows <= bound)))
             buckets.append(("+Inf", snap.execution_count))
             total_rows = sum(rows * n for rows, (n, _) in snap.batches.items())
             hist.add_metric([model, version], buckets, total_rows)

@@ -19,14 +19,17 @@ class ModelRegistry:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._models: dict[str, dict[int, ServedModel]] = {}
+        #: pinned default versions (absent: the latest version is the default); see set_default
+        self._defaults: dict[str, int] = {}
 
     def get(self, name: str, version: int | None = None) -> ServedModel:
-        """The requested version, or the latest when ``version`` is None or 0."""
+        """The requested version, or the default (pinned, else the latest) when ``version`` is None or 0."""
         versions = self._models.get(name)
         if not versions:
             raise NotFound(f"model {name!r} not found")
         if not version:
-            return versions[max(versions)]
+            pinned = self._defaults.get(name)
+            return versions[pinned] if pinned in versions else versions[max(versions)]
         try:
             return versions[version]
         except KeyError:
@@ -58,6 +61,17 @@ class ModelRegistry:
                 models.pop(name, None)
             self._models = models
         return removed
+
+    def set_default(self, name: str, version: int | None) -> None:
+        """Pin the version ``get(name)`` resolves to, or unpin with None. A pin on a version that is not served
+        (e.g. deleted) is ignored by ``get``: the latest version answers."""
+        with self._lock:
+            defaults = dict(self._defaults)
+            if version is None:
+                defaults.pop(name, None)
+            else:
+                defaults[name] = int(version)
+            self._defaults = defaults
 
     def versions(self, name: str) -> list[int]:
         """Served versions of ``name`` ascending (empty when unknown)."""

@@ -28,6 +28,8 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
 _STAGING = ".staging"
 _TRASH = ".trash"
 _COUNTER = ".last_version"
+#: per model: the pinned default version (absent = the latest version is the default)
+_DEFAULT = "default_version"
 
 
 def validate_name(name: str) -> str:
@@ -172,7 +174,27 @@ class Repository:
                 os.rename(src, trash)
                 fsync_dir(src.parent)
                 shutil.rmtree(trash, ignore_errors=True)
+            if self.default_version(name) in targets:
+                (self.root / name / _DEFAULT).unlink(missing_ok=True)
         return targets
+
+    def default_version(self, name: str) -> int | None:
+        """The pinned default version of ``name``, or None (the latest version is the default)."""
+        try:
+            return int((self.root / validate_name(name) / _DEFAULT).read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def set_default_version(self, name: str, version: int | None) -> None:
+        """Pin ``version`` as the default of ``name`` (durably, atomically), or unpin with None."""
+        model_dir = self.root / validate_name(name)
+        if version is None:
+            (model_dir / _DEFAULT).unlink(missing_ok=True)
+        else:
+            tmp = model_dir / f"{_DEFAULT}.tmp"
+            write_file_durably(tmp, str(int(version)).encode())
+            os.replace(tmp, model_dir / _DEFAULT)
+        fsync_dir(model_dir)
 
 
 def _fsync_file(path: Path) -> None:

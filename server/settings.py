@@ -18,7 +18,7 @@ class BatchOverride(BaseModel):
     max_batch_size: int | None = Field(None, ge=1, description="Most rows per kernel call.")
     max_queue_delay_us: int | None = Field(None, ge=0, description="Longest wait for more rows when busy (µs).")
     max_queue_size: int | None = Field(None, ge=1, description="Most queued requests before RESOURCE_EXHAUSTED.")
-    workers: int | None = Field(None, ge=1, description="Threads executing this model's batches.")
+    workers: int | None = Field(None, ge=1, description="Batches of this model executing at once.")
 
 
 class Settings(BaseSettings):
@@ -55,12 +55,14 @@ class Settings(BaseSettings):
         500,
         ge=0,
         description="While another batch of the model is executing, how long (µs) a queued request may wait for "
-        "more rows to join it. A request arriving at an idle model starts at once; 0 = never wait.",
+        "more rows to join it. A request finding a free slot and an empty queue starts at once; 0 = never wait.",
     )
     batch_max_queue_size: int = Field(
         1024, ge=1, description="Most requests queued per model version; more are refused with RESOURCE_EXHAUSTED."
     )
-    batch_workers: int = Field(1, ge=1, description="Threads per model version executing batches.")
+    batch_workers: int = Field(
+        1, ge=1, description="Batches of one model version executing at once (and threads per version running them)."
+    )
     batch_overrides: dict[str, BatchOverride] = Field(
         default_factory=dict,
         description="Per-model batching settings by model name (JSON in the environment), e.g. "
@@ -75,3 +77,21 @@ class Settings(BaseSettings):
 
     shutdown_grace_seconds: float = Field(5.0, ge=0, description="Time in-flight RPCs get to finish on SIGTERM.")
     log_level: str = Field("INFO", description="Python logging level.")
+
+    optimize_max_jobs: int = Field(
+        1, ge=1, description="Optimizations running at once; another Optimize call gets RESOURCE_EXHAUSTED."
+    )
+    optimize_max_data_bytes: int = Field(
+        256 * MIB, ge=1, description="Largest .npz of training/evaluation data an Optimize call may stream."
+    )
+    optimize_max_epochs: int = Field(200, ge=0, description="Most fine-tuning epochs an Optimize call may ask for.")
+    optimize_tf_threads: int = Field(
+        1, ge=1, description="TensorFlow intra/inter-op threads for fine-tuning (applies only if TensorFlow has not "
+        "started yet), so training leaves cores to predictions.",
+    )
+    optimize_val_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Share of x held out to judge candidates when fine-tuning without x_val."
+    )
+    optimize_latency_repeats: int = Field(
+        15, ge=1, description="Timed samples per batch size and round when the optimizer measures latency."
+    )

@@ -19,13 +19,17 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     def __init__(self, dataplane: DataPlane) -> None:
         self.dp = dataplane
 
-    def _submit(self, request: pb.PredictRequest, ctx: RequestContext) -> Callable[[], pb.PredictResponse]:
+    def _submit(
+        self, request: pb.PredictRequest, ctx: RequestContext, call: grpc.ServicerContext | None = None
+    ) -> Callable[[], pb.PredictResponse]:
         inputs, kind, top_k = converters.predict_request(request)
         pending = self.dp.submit(request.model_name, request.model_version, inputs, kind, top_k, ctx)
+        if call is not None:
+            call.add_callback(pending.cancel)  # a cancelled RPC leaves the queue at once
         return lambda: converters.predict_response(pending.result(), request.request_id)
 
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
-        return self._submit(request, request_context(context))()
+        return self._submit(request, request_context(context), context)()
 
     def PredictStream(
         self, request_iterator: Iterator[pb.PredictRequest], context: grpc.ServicerContext

@@ -53,13 +53,17 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         return conv.model_metadata(model, self.dp.registry.versions(model.name))
 
     # -- inference -------------------------------------------------------------------------------------------
-    def _submit(self, request: pb.ModelInferRequest, ctx: RequestContext) -> Callable[[], pb.ModelInferResponse]:
+    def _submit(
+        self, request: pb.ModelInferRequest, ctx: RequestContext, context: grpc.ServicerContext | None = None
+    ) -> Callable[[], pb.ModelInferResponse]:
         call = conv.infer_request(request)
         pending = self.dp.submit(call.model_name, call.version, call.inputs, call.postprocess, call.top_k, ctx)
+        if context is not None:
+            context.add_callback(pending.cancel)  # a cancelled RPC leaves the queue at once
         return lambda: conv.infer_response(pending.result(), call)
 
     def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.ServicerContext) -> pb.ModelInferResponse:
-        return self._submit(request, request_context(context))()
+        return self._submit(request, request_context(context), context)()
 
     def ModelStreamInfer(
         self, request_iterator: Iterator[pb.ModelInferRequest], context: grpc.ServicerContext

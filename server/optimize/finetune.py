@@ -27,7 +27,7 @@ from server.optimize.keras_model import dense_layers
 log = logging.getLogger(__name__)
 
 BATCH_SIZE = 32
-LEARNING_RATE = 5e-4
+LEARNING_RATE = 5e-3  # measured on digits: 90% sparsity recovers in 15 epochs (5e-4 did not)
 #: fraction of the training steps over which sparsity rises to the target
 END_FRACTION = 0.7
 #: masks are recomputed this many times per epoch while the sparsity rises

@@ -36,8 +36,8 @@ def build(input_shape: tuple[int, ...], specs: list[LayerSpec], int8: bool, bloc
 
 
 def tune(plan: Plan, batch_sizes: tuple[int, ...], block: tuple[int, int] | None) -> Plan:
-    """Per layer, time the equivalent formats (the tuner's usual candidates plus the pruned block shape) and keep
-    the fastest; the record lands in ``plan.tuning`` and so in GetModel's layer timings."""
+    """Per layer, time the equivalent formats (the tuner's usual candidates plus the pruned block shape; only
+    sparse ones for a pruned layer) and keep the fastest; the record lands in ``plan.tuning`` and so in GetModel's layer timings."""
     from kernels.autotune import autotune
 
     layers, tuning = [], []
@@ -45,6 +45,10 @@ def tune(plan: Plan, batch_sizes: tuple[int, ...], block: tuple[int, int] | None
         weights, bias = layer.dense_weights(), layer.bias_vector()
         sparsity = measured_sparsity(weights)
         cands = candidates_for(layer.format, sparsity)
+        if sparsity >= MIN_SPARSITY_FOR_SPARSE:
+            # a pruned layer stays sparse: its stored size is what pruning is for; the fastest sparse format wins
+            cands = [(f, o) for f, o in cands if f not in ("dense_f32", "int8")]
+        cands = _compact(cands, weights, bias, layer.activation)
         first, first_opts = initial_format(sparsity, layer.format in ("int8", "csr_int8", "bsr_int8"), block)
         if first_opts and (first, first_opts) not in cands:
             cands.append((first, first_opts))
@@ -52,6 +56,19 @@ def tune(plan: Plan, batch_sizes: tuple[int, ...], block: tuple[int, int] | None
         layers.append(get_format(fmt).from_dense(weights, bias, layer.activation, **options))
         tuning.append({"chosen": fmt, "options": _jsonable(options), "timings": record})
     return Plan(input_shape=plan.input_shape, layers=layers, layer_names=list(plan.layer_names), tuning=tuning)
+
+
+#: a candidate format may store at most this much more than the most compact one (BSR pads partial blocks)
+MAX_SIZE_RATIO = 1.25
+
+
+def _compact(cands: list[tuple[str, dict[str, Any]]], weights: np.ndarray, bias: np.ndarray,
+             activation: str) -> list[tuple[str, dict[str, Any]]]:
+    """The candidates whose stored size is within MAX_SIZE_RATIO of the smallest: a block format only competes
+    when the zeros really come in its blocks."""
+    sizes = [get_format(f).from_dense(weights, bias, activation, **o).nbytes for f, o in cands]
+    smallest = min(sizes)
+    return [c for c, n in zip(cands, sizes) if n <= MAX_SIZE_RATIO * smallest]
 
 
 def _jsonable(options: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,218 @@
+"""leanserve against its peers on the same model, machine and client (GitHub issue "Serving at speed", part 7).
+
+One run starts, in turn, each system on 127.0.0.1 with the seed MLP (1000→128→64→10, seeded random weights) and
+hits it with the same closed-loop tritonclient.grpc load (batch-1 requests, several client processes):
+
+* ``mlserver``   — MLServer 1.7.1 in its own virtualenv (made on first use under ~/.cache/leanserve-bench), a custom
+  numpy MLModel computing the MLP from the same weights (.npz), adaptive batching as set by --mlserver-batch-*;
+* ``seed-keras`` — the seed's way: Keras ``model.predict`` per request behind a plain gRPC servicer (seed_server.py);
+* ``leanserve``  — its Open Inference Protocol (V2) endpoint, default settings.
+
+Every system's answer is checked against a numpy oracle before it is loaded. Target: leanserve ≥ 3× MLServer's
+throughput and ≤ ½ its p99 at 32 concurrent batch-1 clients.
+
+    .venv/bin/python bench/compare.py [--quick] [--systems leanserve mlserver seed-keras]
+
+Writes bench/results/compare.json, compare.png and prints a rich table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+import loadgen  # noqa: E402
+
+CACHE = Path(os.environ.get("LEANSERVE_BENCH_CACHE", Path.home() / ".cache" / "leanserve-bench"))
+MLSERVER_VENV = CACHE / "mlserver-venv"
+# uvloop 0.22+ raises in asyncio.get_event_loop() without a running loop, which kills MLServer 1.7.1's inference
+# worker processes at start (mlserver/parallel/worker.py _ignore_signals): pin the last release that works
+MLSERVER_PINS = ["mlserver==1.7.1", "uvloop==0.21.0"]
+SYSTEMS = ("leanserve", "mlserver", "seed-keras")
+SWEEP = (1, 4, 16, 32, 64)
+QUICK_SWEEP = (1, 32)
+HEADLINE = 32
+
+MLSERVER_RUNTIME = '''
+"""The seed MLP in numpy for MLServer (written by leanserve bench/compare.py)."""
+import numpy as np
+from mlserver import MLModel
+from mlserver.codecs import NumpyCodec
+from mlserver.types import InferenceRequest, InferenceResponse
+
+
+class NumpyMLP(MLModel):
+    async def load(self) -> bool:
+        with np.load(self.settings.parameters.uri) as f:
+            self._layers = [(f[f"w{i}"], f[f"b{i}"]) for i in range(3)]
+        return True
+
+    async def predict(self, payload: InferenceRequest) -> InferenceResponse:
+        x = NumpyCodec.decode_input(payload.inputs[0]).astype(np.float32)
+        h = x.reshape(x.shape[0], -1)
+        for i, (w, b) in enumerate(self._layers):
+            h = h @ w + b
+            if i < 2:
+                h = np.maximum(h, 0.0)
+        e = np.exp(h - h.max(axis=1, keepdims=True))
+        y = (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+        return InferenceResponse(model_name=self.name, outputs=[NumpyCodec.encode_output("output", y)])
+'''
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="concurrency 1 and 32 only, 2 s points")
+    p.add_argument("--duration", type=float, help="seconds measured per point (default 5, quick 2)")
+    p.add_argument("--warmup", type=float, default=1.0)
+    p.add_argument("--concurrency", type=int, nargs="+", help=f"closed-loop sweep (default {' '.join(map(str, SWEEP))})")
+    p.add_argument("--procs", type=int, default=2, help="client processes per point")
+    p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    p.add_argument("--mlserver-batch-size", type=int, default=64, help="MLServer adaptive batching max_batch_size")
+    p.add_argument("--mlserver-batch-time", type=float, default=0.0005,
+                   help="MLServer adaptive batching max_batch_time (s); with size ≤ 1 batching is off")
+    p.add_argument("--out", type=Path, default=common.RESULTS / "compare.json")
+    args = p.parse_args(argv)
+    args.duration = args.duration or (2.0 if args.quick else 5.0)
+    args.concurrency = args.concurrency or list(QUICK_SWEEP if args.quick else SWEEP)
+    return args
+
+
+def ensure_mlserver_venv() -> Path:
+    """MLServer's own virtualenv (its pins clash with ours); created on first use. Returns its bin folder."""
+    bin_dir = MLSERVER_VENV / "bin"
+    marker = MLSERVER_VENV / "bench-pins.txt"
+    if not (bin_dir / "python").exists():
+        print(f"creating {MLSERVER_VENV} (python3.11 -m venv)", flush=True)
+        subprocess.run(["python3.11", "-m", "venv", str(MLSERVER_VENV)], check=True, timeout=300)
+    if not marker.exists() or marker.read_text().split() != MLSERVER_PINS:
+        print(f"pip install {' '.join(MLSERVER_PINS)} into {MLSERVER_VENV}", flush=True)
+        subprocess.run([str(bin_dir / "pip"), "install", "-q", *MLSERVER_PINS], check=True, timeout=1800)
+        marker.write_text("\n".join(MLSERVER_PINS))
+    return bin_dir
+
+
+def mlserver_version(bin_dir: Path) -> dict[str, str]:
+    """Installed versions of what matters in the MLServer venv (for the record)."""
+    out = subprocess.run([str(bin_dir / "pip"), "freeze"], capture_output=True, text=True, timeout=120).stdout
+    keep = ("mlserver", "numpy", "grpcio", "protobuf", "uvicorn", "fastapi", "uvloop")
+    pins = dict(line.split("==", 1) for line in out.splitlines() if "==" in line)
+    return {k: v for k, v in pins.items() if k.lower() in keep}
+
+
+def start_mlserver(workdir: Path, npz: Path, args: argparse.Namespace) -> tuple[common.ServerProcess, dict[str, Any]]:
+    """Write settings.json, model-settings.json and the runtime into ``workdir`` and start ``mlserver start``."""
+    bin_dir = ensure_mlserver_venv()
+    model_dir = workdir / "seed"
+    model_dir.mkdir(parents=True)
+    (model_dir / "runtime.py").write_text(MLSERVER_RUNTIME)
+    grpc_port, http_port, metrics_port = common.free_port(), common.free_port(), common.free_port()
+    server_settings = {"host": common.HOST, "http_port": http_port, "grpc_port": grpc_port,
+                       "metrics_port": metrics_port, "debug": False}
+    model_settings: dict[str, Any] = {
+        "name": common.MODEL_NAME, "implementation": "runtime.NumpyMLP",
+        "parameters": {"uri": str(npz)},
+    }
+    if args.mlserver_batch_size > 1:
+        model_settings.update(max_batch_size=args.mlserver_batch_size, max_batch_time=args.mlserver_batch_time)
+    (workdir / "settings.json").write_text(json.dumps(server_settings))
+    (model_dir / "model-settings.json").write_text(json.dumps(model_settings))
+    server = common.ServerProcess("mlserver", [str(bin_dir / "mlserver"), "start", str(workdir)], port=grpc_port)
+    server.start(ready_timeout=180)
+    return server, {"settings.json": server_settings, "model-settings.json": model_settings,
+                    "versions": mlserver_version(bin_dir)}
+
+
+def start_system(name: str, tmp: Path, h5: Path, npz: Path, args: argparse.Namespace) -> tuple[common.ServerProcess, dict]:
+    """Start one system with the seed model loaded; returns it and what to record about its configuration."""
+    if name == "leanserve":
+        server = common.start_leanserve(tmp / "leanserve-repo")
+        common.upload_seed(server.target, h5)
+        return server, {"settings": "defaults (LEANSERVE_* unset); V2 endpoint"}
+    if name == "seed-keras":
+        argv = [str(common.VENV_BIN / "python"), str(common.ROOT / "bench" / "seed_server.py"), "--model", str(h5)]
+        return common.ServerProcess("seed-keras", argv).start(), {"settings": "Keras model.predict per request, 16 threads"}
+    return start_mlserver(tmp / "mlserver", npz, args)
+
+
+def ratios(points: list[common.Point]) -> dict[str, Any]:
+    """leanserve / peer for throughput (higher is better) and p99 (lower is better) at each measured concurrency."""
+    out: dict[str, Any] = {}
+    lean = {p.concurrency: p for p in points if p.system == "leanserve"}
+    for peer in sorted({p.system for p in points} - {"leanserve"}):
+        for p in points:
+            if p.system == peer and p.concurrency in lean and p.throughput > 0:
+                lp = lean[p.concurrency]
+                out.setdefault(peer, {})[str(p.concurrency)] = {
+                    "throughput_ratio": lp.throughput / p.throughput, "p99_ratio": lp.p99_ms / p.p99_ms,
+                    "p50_ratio": lp.p50_ms / p.p50_ms,
+                }
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Measure every system in turn, print the table, write JSON and the plot."""
+    from rich.console import Console
+
+    args = parse_args(argv)
+    console = Console(width=150)
+    report: dict[str, Any] = {"machine": common.machine_info(), "args": {k: str(v) for k, v in vars(args).items()},
+                              "systems": {}}
+    points: list[common.Point] = []
+    with tempfile.TemporaryDirectory(prefix="leanserve-compare-") as tmpdir:
+        tmp = Path(tmpdir)
+        h5, npz = common.save_seed_model(tmp / "model")
+        oracle = common.numpy_mlp(npz)
+        x = np.random.default_rng(7).random((1, common.IN_FEATURES), dtype=np.float32)
+        for name in args.systems:
+            console.print(f"[bold]{name}[/]: starting")
+            server, config = start_system(name, tmp, h5, npz, args)
+            try:
+                ok, value = loadgen.v2_probe(server.target, common.MODEL_NAME, "input", x, timeout=120)
+                if not ok:
+                    raise RuntimeError(f"{name} failed its first request: {value}\n{server.log_tail()}")
+                config["max_abs_error_vs_numpy"] = float(np.abs(np.asarray(value) - oracle(x)).max())
+                report["systems"][name] = config
+                for conc in args.concurrency:
+                    load = loadgen.Load(server.target, "v2", "unary", common.MODEL_NAME, "input", common.IN_FEATURES,
+                                        conc, duration=args.duration, warmup=args.warmup, procs=args.procs)
+                    points.append(common.measure(load, system=name))
+            finally:
+                server.stop()
+
+    report["points"] = points
+    report["ratios_leanserve_over_peer"] = ratios(points)
+    mls = report["ratios_leanserve_over_peer"].get("mlserver", {}).get(str(HEADLINE))
+    if mls:
+        report["target_at_32"] = {"throughput_ratio": mls["throughput_ratio"], "throughput_goal": 3.0,
+                                  "p99_ratio": mls["p99_ratio"], "p99_goal": 0.5,
+                                  "met": mls["throughput_ratio"] >= 3.0 and mls["p99_ratio"] <= 0.5}
+    common.write_json(args.out, report)
+    png = common.plot_sweep(points, args.out.with_name("compare.png"),
+                            "seed MLP, batch-1 V2 requests (tritonclient.grpc, closed loop)")
+    console.print(common.points_table(points, "same V2 load, same model, same machine"))
+    for peer, by_conc in report["ratios_leanserve_over_peer"].items():
+        for conc, r in by_conc.items():
+            console.print(f"leanserve / {peer} at {conc} clients: throughput ×{r['throughput_ratio']:.2f}, "
+                          f"p50 ×{r['p50_ratio']:.2f}, p99 ×{r['p99_ratio']:.2f}")
+    if "target_at_32" in report:
+        t = report["target_at_32"]
+        console.print(f"target at 32 clients (≥3× MLServer throughput, ≤½ its p99): "
+                      f"{'MET' if t['met'] else 'NOT MET'}")
+    console.print(f"wrote {args.out} and {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

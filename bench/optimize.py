@@ -1,0 +1,122 @@
+"""Accuracy / size / latency of optimized models: fp32, pruned 50/80/90/95 %, int8 and 90 % sparse-int8.
+
+Digits (the seed-shaped MLP 64→128→64→10 trained with TF): accuracy on the held-out split, pruning with
+fine-tuning. Wide MLP (1024→4096→4096→10, random weights): served size and latency at batch 1 and 32, one-shot
+pruning (its "quality" is top-1 agreement with fp32 on random inputs). Everything runs through the optimizer's
+pipeline (the served kernels, the autotuned formats); latencies are the pipeline's before/after medians, measured
+alternately in one process, so compare ratios. Prints a table, writes bench/results/optimize.json.
+
+    .venv/bin/python bench/optimize.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# the repo root first: bench/kernels.py would otherwise shadow the kernels package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from server.datasets import load_dataset  # noqa: E402
+from server.loading import served_from_plan  # noqa: E402
+from server.models import ServedModel  # noqa: E402
+from server.optimize import pipeline  # noqa: E402
+from server.optimize.data import OptimizeData  # noqa: E402
+from server.optimize.options import OptimizeOptions  # noqa: E402
+from server.runtime.plan import LayerSpec, build_plan  # noqa: E402
+from server.settings import Settings  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results" / "optimize.json"
+CONFIGS: list[tuple[str, dict[str, Any]]] = [
+    ("pruned 50%", {"target_sparsity": 0.5}),
+    ("pruned 80%", {"target_sparsity": 0.8}),
+    ("pruned 90%", {"target_sparsity": 0.9}),
+    ("pruned 95%", {"target_sparsity": 0.95}),
+    ("int8", {"quantize": "int8"}),
+    ("sparse-int8 90%", {"target_sparsity": 0.9, "quantize": "int8"}),
+]
+QUICK = ("pruned 90%", "int8", "sparse-int8 90%")
+
+
+def _served(name: str, plan: Any, shape: list[int], settings: Settings, source: dict[str, Any]) -> ServedModel:
+    manifest = {"input": {"name": "input", "dtype": "float32", "shape": shape},
+                "output": {"name": "output", "dtype": "float32", "shape": [plan.out_features]}, "source": source}
+    return served_from_plan(name, 1, manifest, plan, settings)
+
+
+def digits_model(settings: Settings, workdir: Path, epochs: int) -> tuple[ServedModel, OptimizeData]:
+    from server.convert.keras_to_plan import keras_to_specs
+    from server.training import train_mlp
+
+    res = train_mlp("digits", epochs, out=workdir / "digits.keras", seed=0)
+    shape, specs = keras_to_specs(res.model)
+    x, y, xv, yv = load_dataset("digits", 0)
+    served = _served("digits", build_plan(shape, specs), [64], settings, {"format": "keras", "file": "digits.keras"})
+    return served, OptimizeData(x, y, xv, yv)
+
+
+def wide_model(settings: Settings) -> ServedModel:
+    rng = np.random.default_rng(0)
+    dims = [1024, 4096, 4096, 10]
+    specs = [LayerSpec(f"dense_{i}", (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32),
+                       np.zeros(n, np.float32), "relu" if i < 2 else "softmax")
+             for i, (k, n) in enumerate(zip(dims, dims[1:]))]
+    return _served("wide", build_plan((1024,), specs), [1024], settings, {"format": "leanserve"})
+
+
+def run(served: ServedModel, data: OptimizeData | None, settings: Settings, label: str, options: dict[str, Any],
+        epochs: int, folder: Path) -> dict[str, Any]:
+    pruned = options.get("target_sparsity", 0.0) > 0
+    opts = OptimizeOptions(served.name, max_accuracy_drop=1.0, epochs=epochs if (pruned and data) else 0,
+                           data_size_bytes=1 if data else 0, **options)
+    t0 = time.perf_counter()
+    r = pipeline.run(served, folder, opts, data, settings, pipeline.JobControl(lambda *a: None, lambda: False)).report
+    return {"model": served.name, "config": label, "metric": r["metric"], "before": r["before"]["metric"],
+            "after": r["after"]["metric"], "size_before": r["before"]["size_bytes"],
+            "size_after": r["after"]["size_bytes"], "latency_before": r["before"]["latency_seconds"],
+            "latency_after": r["after"]["latency_seconds"], "formats": [l["format"] for l in r["after"]["layers"]],
+            "tf_max_abs_error": r["tf_reference"]["max_abs_error"], "seconds": time.perf_counter() - t0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer configurations and epochs")
+    args = ap.parse_args()
+    settings = Settings(optimize_latency_repeats=5 if args.quick else 15, warmup_batch_sizes=(1, 32))
+    configs = [(l, o) for l, o in CONFIGS if not args.quick or l in QUICK]
+    epochs = 8 if args.quick else 15
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        digits, data = digits_model(settings, Path(tmp), 15)
+        for label, options in configs:
+            rows.append(run(digits, data, settings, label, options, epochs, Path(tmp)))
+        wide = wide_model(settings)
+        for label, options in configs:
+            rows.append(run(wide, None, settings, label, options, 0, Path(tmp)))
+
+    header = (f"{'model':<7} {'config':<16} {'metric':<17} {'before':>7} {'after':>7} {'size KiB':>15} "
+              f"{'b=1 µs':>17} {'b=32 µs':>17}  formats")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        lb, la = r["latency_before"], r["latency_after"]
+        print(f"{r['model']:<7} {r['config']:<16} {r['metric']:<17} {r['before']:>7.4f} {r['after']:>7.4f} "
+              f"{r['size_before'] / 1024:>7.0f}→{r['size_after'] / 1024:<7.0f} "
+              f"{lb['1'] * 1e6:>8.1f}→{la['1'] * 1e6:<8.1f} {lb['32'] * 1e6:>8.1f}→{la['32'] * 1e6:<8.1f} "
+              f" {','.join(r['formats'])}")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"quick": args.quick, "epochs": epochs, "rows": rows}, indent=2))
+    print(f"\nwritten {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Building Optimize request streams and reading their events (shared by the sync and asyncio clients)."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from leanserve.v1 import optimize_service_pb2 as pb
+
+CHUNK_BYTES = 1024 * 1024
+GRANULARITY = {"per_layer": pb.PER_LAYER, "global": pb.GLOBAL}
+QUANTIZATION = {"none": pb.QUANTIZATION_NONE, "": pb.QUANTIZATION_NONE, "int8": pb.INT8_DYNAMIC}
+
+#: ``progress(stage, fraction, message)``
+ProgressCallback = Callable[[str, float, str], None]
+
+
+def data_bytes(data: None | str | Path | Mapping[str, np.ndarray]) -> bytes:
+    """The .npz bytes to stream: read from a file, or saved from a dict of arrays (x, y, x_val, y_val)."""
+    if data is None:
+        return b""
+    if isinstance(data, (str, Path)):
+        return Path(data).read_bytes()
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in data.items()})
+    return buf.getvalue()
+
+
+def requests(name: str, blob: bytes, *, version: int = 0, sparsity: float = 0.0, block: str = "",
+             granularity: str = "per_layer", quantize: str = "none", max_accuracy_drop: float = 0.01,
+             epochs: int = 0, search: bool = False, promote: bool = False,
+             description: str = "") -> Iterator[pb.OptimizeRequest]:
+    """Options first, then the data in 1 MiB chunks."""
+    if granularity not in GRANULARITY:
+        raise ValueError(f"granularity must be one of {', '.join(GRANULARITY)}")
+    if quantize not in QUANTIZATION:
+        raise ValueError("quantize must be 'none' or 'int8'")
+    options = pb.OptimizeOptions(
+        model_name=name, version=version, target_sparsity=sparsity, block=block,
+        granularity=GRANULARITY[granularity], quantization=QUANTIZATION[quantize],
+        max_accuracy_drop=max_accuracy_drop, epochs=epochs, search=search, promote=promote,
+        data_size_bytes=len(blob), description=description,
+    )
+    yield pb.OptimizeRequest(options=options)
+    for i in range(0, len(blob), CHUNK_BYTES):
+        yield pb.OptimizeRequest(data_chunk=blob[i:i + CHUNK_BYTES])
+
+
+def handle_event(event: pb.OptimizeEvent, progress: ProgressCallback | None) -> dict[str, Any] | None:
+    """Call ``progress`` for a progress event; return the report dict for the final event."""
+    if event.HasField("progress"):
+        if progress:
+            progress(event.progress.stage, event.progress.fraction, event.progress.message)
+        return None
+    return json.loads(event.report.report_json)

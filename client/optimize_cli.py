@@ -1,0 +1,83 @@
+"""``leanserve optimize`` and ``leanserve set-default``: prune / quantize a model within an accuracy budget."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from client.client import Client
+
+
+def add_optimize_commands(sub: argparse._SubParsersAction,
+                          common_args: Callable[[argparse.ArgumentParser], argparse.ArgumentParser]) -> None:
+    p = common_args(sub.add_parser("optimize", help="prune and/or int8-quantize a model within an accuracy budget"))
+    p.add_argument("name")
+    p.add_argument("--data", type=Path, help=".npz with x, y (labels or one-hot), optionally x_val, y_val")
+    p.add_argument("--version", type=int, default=0, help="version to start from (0 = the default)")
+    p.add_argument("--prune", type=float, default=0.0, metavar="SPARSITY", help="target sparsity, e.g. 0.9")
+    p.add_argument("--block", default="", help="block shape RxC, e.g. 16x1 (default: unstructured)")
+    p.add_argument("--global", dest="granularity", action="store_const", const="global", default="per_layer",
+                   help="one magnitude ranking across layers (default: per layer)")
+    p.add_argument("--quantize", choices=["none", "int8"], default="none")
+    p.add_argument("--max-accuracy-drop", type=float, default=0.01, help="fraction, e.g. 0.015 = 1.5 points")
+    p.add_argument("--epochs", type=int, default=0, help="fine-tuning epochs (needs labels); 0 = one-shot")
+    p.add_argument("--search", action="store_true", help="also try lower sparsities and fp32; keep the smallest")
+    p.add_argument("--promote", action="store_true", help="make the result the default when within budget")
+    p.add_argument("--description", default="")
+    p.set_defaults(func=cmd_optimize)
+
+    p = common_args(sub.add_parser("set-default", help="pin the default version of a model (0 = latest)"))
+    p.add_argument("name")
+    p.add_argument("version", type=int)
+    p.set_defaults(func=cmd_set_default)
+
+
+def cmd_optimize(client: Client, args: argparse.Namespace) -> Any:
+    from client.cli import _emit, console
+
+    columns = (TextColumn("{task.fields[stage]:<9}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+               TimeElapsedColumn(), TextColumn("{task.description}"))
+    with Progress(*columns, console=console, disable=args.json, transient=True) as bar:
+        task = bar.add_task("", total=1.0, stage="start")
+
+        def progress(stage: str, fraction: float, message: str) -> None:
+            bar.update(task, completed=fraction, stage=stage, description=message[:60])
+
+        report = client.optimize(args.name, args.data, version=args.version, sparsity=args.prune, block=args.block,
+                                 granularity=args.granularity, quantize=args.quantize,
+                                 max_accuracy_drop=args.max_accuracy_drop, epochs=args.epochs, search=args.search,
+                                 promote=args.promote, description=args.description, progress=progress)
+    _emit(args, report, report_table(report))
+
+
+def report_table(r: dict[str, Any]) -> Table:
+    """The human summary of an optimization report."""
+    b, a = r["before"], r["after"]
+    t = Table(title=f"{r['options']['model_name']} v{r['from_version']} → v{r['version']} "
+                    f"({'within' if r['within_budget'] else 'OVER'} budget, "
+                    f"{'promoted' if r['promoted'] else 'not promoted'}; default v{r['default_version']})")
+    t.add_column("")
+    t.add_column("before", justify="right")
+    t.add_column("after", justify="right")
+    t.add_row(r["metric"], f"{b['metric']:.4f}", f"{a['metric']:.4f}")
+    t.add_row("size (bytes)", f"{b['size_bytes']:,}", f"{a['size_bytes']:,}")
+    for batch in b["latency_seconds"]:
+        t.add_row(f"latency b={batch} (µs)", f"{b['latency_seconds'][batch] * 1e6:.1f}",
+                  f"{a['latency_seconds'][batch] * 1e6:.1f}")
+    for lb, la in zip(b["layers"], a["layers"]):
+        t.add_row(f"layer {la['name']}", f"{lb['format']} {lb['sparsity']:.0%}", f"{la['format']} {la['sparsity']:.0%}")
+    t.add_row("max |served − TF|", "", f"{r['tf_reference']['max_abs_error']:.2e}")
+    return t
+
+
+def cmd_set_default(client: Client, args: argparse.Namespace) -> Any:
+    from client.cli import _emit
+
+    default = client.set_default(args.name, args.version)
+    _emit(args, {"name": args.name, "default_version": default}, f"{args.name}: default version {default}")

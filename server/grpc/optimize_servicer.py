@@ -1,0 +1,42 @@
+"""leanserve.v1.OptimizeService: options and data in, progress events and one report out."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+
+from leanserve.v1 import optimize_service_pb2 as pb
+from leanserve.v1 import optimize_service_pb2_grpc as pb_grpc
+from server.errors import Cancelled, InvalidArgument
+from server.grpc import optimize_converters as conv
+from server.optimize.service import Optimizer
+
+
+def _chunks(rest: Iterator[pb.OptimizeRequest]) -> Iterator[bytes]:
+    for msg in rest:
+        if msg.WhichOneof("part") != "data_chunk":
+            raise InvalidArgument("after the options an Optimize stream carries only data chunks")
+        yield msg.data_chunk
+
+
+class OptimizeServicer(pb_grpc.OptimizeServiceServicer):
+    def __init__(self, optimizer: Optimizer) -> None:
+        self.optimizer = optimizer
+
+    def Optimize(self, request_iterator: Iterator[pb.OptimizeRequest],
+                 context: grpc.ServicerContext) -> Iterator[pb.OptimizeEvent]:
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "options":
+            raise InvalidArgument("an Optimize stream starts with an options message")
+        job = self.optimizer.start(conv.optimize_options(first.options), _chunks(request_iterator))
+        context.add_callback(job.cancel)  # runs when the call ends for any reason, e.g. the client cancelled
+        for event in job.events():
+            yield conv.optimize_event(event)
+        if job.cancelled:
+            raise Cancelled("optimization cancelled")
+
+    def SetDefaultVersion(self, request: pb.SetDefaultVersionRequest,
+                          context: grpc.ServicerContext) -> pb.SetDefaultVersionResponse:
+        default, pinned = self.optimizer.set_default(request.name, request.version)
+        return pb.SetDefaultVersionResponse(default_version=default, pinned=pinned)

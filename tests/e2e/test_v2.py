@@ -1,0 +1,137 @@
+"""The Open Inference Protocol through our own generated stubs: contents, errors, streams, repository, stats."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import pytest
+
+from client import Client
+from inference import grpc_service_pb2 as pb
+from inference import grpc_service_pb2_grpc as pb_grpc
+from server.app import ServerHandle
+from tests.toy import GatedRunner, toy_model
+
+Tensor = pb.ModelInferRequest.InferInputTensor
+
+
+@pytest.fixture
+def stub(server: ServerHandle, client: Client) -> Iterator[pb_grpc.GRPCInferenceServiceStub]:
+    server.dataplane.serve(toy_model(GatedRunner(), features=4))
+    yield pb_grpc.GRPCInferenceServiceStub(client.channel)
+
+
+def _code(fn, *args, **kwargs) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as err:
+        fn(*args, **kwargs)
+    return err.value.code(), err.value.details()
+
+
+def _out(resp: pb.ModelInferResponse, i: int = 0) -> np.ndarray:
+    return np.frombuffer(resp.raw_output_contents[i], np.float32).reshape(tuple(resp.outputs[i].shape))
+
+
+def test_typed_contents_and_raw_contents_give_the_same_answer(stub) -> None:
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    typed = stub.ModelInfer(pb.ModelInferRequest(
+        model_name="toy", id="t", inputs=[Tensor(name="x", datatype="FP32", shape=[2, 4],
+                                                 contents=pb.InferTensorContents(fp32_contents=x.ravel()))]))
+    raw = stub.ModelInfer(pb.ModelInferRequest(
+        model_name="toy", model_version="1", inputs=[Tensor(name="x", datatype="FP32", shape=[2, 4])],
+        raw_input_contents=[x.tobytes()]))
+    for resp in (typed, raw):
+        assert resp.model_name == "toy" and resp.model_version == "1"
+        assert resp.outputs[0].name == "y" and resp.outputs[0].datatype == "FP32" and not resp.outputs[0].contents.ListFields()
+        np.testing.assert_array_equal(_out(resp), x * 2)
+    assert typed.id == "t"
+
+
+def test_errors_have_status_codes(stub) -> None:
+    ok = Tensor(name="x", datatype="FP32", shape=[1, 4])
+    one_row = [np.ones((1, 4), np.float32).tobytes()]
+    cases = [
+        (pb.ModelInferRequest(model_name="nope", inputs=[ok], raw_input_contents=one_row), grpc.StatusCode.NOT_FOUND),
+        (pb.ModelInferRequest(model_name="toy", model_version="7", inputs=[ok], raw_input_contents=one_row),
+         grpc.StatusCode.NOT_FOUND),
+        (pb.ModelInferRequest(model_name="toy", inputs=[Tensor(name="x", datatype="INT64", shape=[1, 4])],
+                              raw_input_contents=[np.ones((1, 4), np.int64).tobytes()]),
+         grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.ModelInferRequest(model_name="toy", inputs=[Tensor(name="x", datatype="FP32", shape=[1, 5])],
+                              raw_input_contents=[np.ones((1, 5), np.float32).tobytes()]),
+         grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.ModelInferRequest(model_name="toy", inputs=[Tensor(name="x", datatype="FP32", shape=[2, 4])],
+                              raw_input_contents=one_row), grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.ModelInferRequest(model_name="toy", inputs=[Tensor(name="x", datatype="FP32", shape=[1, 4],
+                              contents=pb.InferTensorContents(fp32_contents=[1, 2]))]),
+         grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.ModelInferRequest(model_name="toy", inputs=[Tensor(name="x", datatype="BYTES", shape=[1, 4])]),
+         grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.ModelInferRequest(model_name="toy", model_version="latest", inputs=[ok], raw_input_contents=one_row),
+         grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.ModelInferRequest(model_name="toy", inputs=[ok], raw_input_contents=one_row,
+                              outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name="nope")]),
+         grpc.StatusCode.INVALID_ARGUMENT),
+    ]
+    for request, expected in cases:
+        assert _code(stub.ModelInfer, request)[0] == expected, request
+    assert _code(stub.ModelMetadata, pb.ModelMetadataRequest(name="nope"))[0] == grpc.StatusCode.NOT_FOUND
+    assert not stub.ModelReady(pb.ModelReadyRequest(name="nope")).ready
+    assert stub.ModelReady(pb.ModelReadyRequest(name="toy", version="1")).ready
+
+
+def test_stream_error_message_and_order(stub) -> None:
+    def req(i: int, name: str = "toy") -> pb.ModelInferRequest:
+        x = np.full((1, 4), i, np.float32)
+        return pb.ModelInferRequest(model_name=name, id=str(i), inputs=[Tensor(name="x", datatype="FP32", shape=[1, 4])],
+                                    raw_input_contents=[x.tobytes()])
+
+    requests = [req(i) for i in range(20)]
+    requests[7] = req(7, "nope")
+    answers = list(stub.ModelStreamInfer(iter(requests), timeout=60))
+    assert [a.infer_response.id for a in answers] == [str(i) for i in range(20)]
+    assert answers[7].error_message.startswith("NOT_FOUND:") and "nope" in answers[7].error_message
+    for i, a in enumerate(answers):
+        if i != 7:
+            assert not a.error_message and _out(a.infer_response)[0, 0] == 2 * i
+
+
+def test_metadata_postprocess_and_statistics(stub) -> None:
+    md = stub.ServerMetadata(pb.ServerMetadataRequest())
+    assert md.name == "leanserve" and "statistics" in md.extensions
+    assert stub.ServerLive(pb.ServerLiveRequest()).live and stub.ServerReady(pb.ServerReadyRequest()).ready
+    meta = stub.ModelMetadata(pb.ModelMetadataRequest(name="toy"))
+    assert (meta.versions, meta.inputs[0].datatype, list(meta.inputs[0].shape)) == (["1"], "FP32", [-1, 4])
+    x = np.array([[1, 5, 2, 3]], np.float32)
+    resp = stub.ModelInfer(pb.ModelInferRequest(
+        model_name="toy", inputs=[Tensor(name="x", datatype="FP32", shape=[1, 4])], raw_input_contents=[x.tobytes()],
+        parameters={"postprocess": pb.InferParameter(string_param="argmax")}))
+    assert resp.outputs[0].name == "class" and resp.outputs[0].datatype == "INT64"
+    assert np.frombuffer(resp.raw_output_contents[0], np.int64).tolist() == [1]
+    stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name="toy")).model_stats
+    assert len(stats) == 1 and stats[0].version == "1"
+    assert stats[0].inference_stats.success.count == 1 and stats[0].inference_count == 1
+    assert stats[0].execution_count == 1 and stats[0].batch_stats[0].batch_size == 1
+
+
+def test_repository_unload_and_load(server: ServerHandle, client: Client, model_files) -> None:
+    client.upload(model_files["seed_h5"], "seed")
+    stub = pb_grpc.GRPCInferenceServiceStub(client.channel)
+    index = stub.RepositoryIndex(pb.RepositoryIndexRequest()).models
+    assert [(m.name, m.version, m.state) for m in index] == [("seed", "1", "READY")]
+
+    stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="seed"))
+    assert not stub.ModelReady(pb.ModelReadyRequest(name="seed")).ready
+    assert [m.state for m in stub.RepositoryIndex(pb.RepositoryIndexRequest()).models] == ["UNAVAILABLE"]
+    assert not stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True)).models
+    assert (server.dataplane.repository.root / "seed" / "1").is_dir()  # kept on disk
+    assert _code(client.predict, "seed", np.zeros((1, 1000), np.float32))[0] == grpc.StatusCode.NOT_FOUND
+
+    stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="seed"))
+    assert stub.ModelReady(pb.ModelReadyRequest(name="seed")).ready
+    assert client.predict("seed", np.zeros((1, 1000), np.float32)).output.shape == (1, 10)
+    assert _code(stub.RepositoryModelLoad, pb.RepositoryModelLoadRequest(model_name="nope"))[0] == \
+        grpc.StatusCode.NOT_FOUND
+    assert _code(stub.RepositoryModelUnload, pb.RepositoryModelUnloadRequest(model_name="nope"))[0] == \
+        grpc.StatusCode.NOT_FOUND

@@ -1,0 +1,46 @@
+"""A toy served model whose kernel can be held, for deterministic batching, deadline and queue tests."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from server.models import ServedModel, TensorSignature
+
+
+class GatedRunner:
+    """``y = 2x``. While ``gate`` is clear every call blocks; ``calls`` records the rows of each kernel call."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.calls: list[int] = []
+        self.threads: list[threading.Thread] = []
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        self.calls.append(int(x.shape[0]))
+        self.threads.append(threading.current_thread())
+        self.entered.set()
+        assert self.gate.wait(60), "test never opened the gate"
+        return x * 2
+
+
+def toy_model(runner: Callable[[np.ndarray], np.ndarray], name: str = "toy", version: int = 1,
+              features: int = -1) -> ServedModel:
+    """A float32 ``[batch, features]`` → ``[batch, features]`` model (-1 = any width)."""
+    return ServedModel(
+        name=name, version=version, runtime="plan", input=TensorSignature("x", "float32", (features,)),
+        output=TensorSignature("y", "float32", (features,)), manifest={}, runner=runner,
+    )
+
+
+def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    """Poll until ``predicate()`` holds (an ordering aid, never a pass/fail timing)."""
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, f"timed out waiting until {what}"
+        time.sleep(0.001)
