@@ -287,6 +287,7 @@ def upload_seed(target: str, h5: Path) -> str:
 # -- output ------------------------------------------------------------------------------------------------------
 def points_table(points: Sequence[Point], title: str) -> Any:
     """A rich table of points."""
+    from rich.markup import escape
     from rich.table import Table
 
     t = Table(title=title)
@@ -295,7 +296,7 @@ def points_table(points: Sequence[Point], title: str) -> Any:
         t.add_column(col, justify="left" if col in ("series", "loop") else "right")
     for p in points:
         t.add_row(
-            p.series, p.loop, str(p.concurrency), f"{p.target_rate:.0f}" if p.target_rate else "-",
+            escape(p.series), p.loop, str(p.concurrency), f"{p.target_rate:.0f}" if p.target_rate else "-",
             f"{p.throughput:,.0f}", f"{p.p50_ms:.2f}", f"{p.p90_ms:.2f}", f"{p.p99_ms:.2f}",
             str(p.errors), f"{p.client_cpu:.2f}", f"{p.loadavg_1m:.1f}",
         )

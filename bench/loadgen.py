@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -131,8 +131,12 @@ CALLERS = {"native": _native_caller, "v2": _v2_caller}
 def _worker(load: Load, threads: int, rate: float, seed: int, ready: Any, go: Any, start_at: Any, out: Any) -> None:
     try:
         x = np.random.default_rng(seed).random((load.batch, load.in_features), dtype=np.float32)
+        # one unary request before the clock starts: fail fast on a wrong target or model (unary, because a
+        # server may leave some streams unserved, which the point must measure, not die of)
+        check, close_check = CALLERS[load.protocol](replace(load, mode="unary"), x)
+        check()
+        close_check()
         callers = [CALLERS[load.protocol](load, x) for _ in range(threads)]
-        callers[0][0]()  # one request before the clock starts: fail fast on a wrong target or model
     except Exception:  # noqa: BLE001 - reported to the parent, which fails the point loudly
         ready.put(("error", traceback.format_exc()))
         return

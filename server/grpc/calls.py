@@ -6,7 +6,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import TypeVar
 
 import grpc
 
@@ -28,7 +28,7 @@ def request_context(context: grpc.ServicerContext) -> RequestContext:
     return RequestContext(deadline=deadline, is_active=context.is_active)
 
 
-class _Failed(Generic[Req]):
+class _Failed:
     def __init__(self, exc: BaseException) -> None:
         self.exc = exc
 

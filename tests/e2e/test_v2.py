@@ -43,7 +43,8 @@ def test_typed_contents_and_raw_contents_give_the_same_answer(stub) -> None:
         raw_input_contents=[x.tobytes()]))
     for resp in (typed, raw):
         assert resp.model_name == "toy" and resp.model_version == "1"
-        assert resp.outputs[0].name == "y" and resp.outputs[0].datatype == "FP32" and not resp.outputs[0].contents.ListFields()
+        out = resp.outputs[0]
+        assert out.name == "y" and out.datatype == "FP32" and not out.contents.ListFields()  # raw only
         np.testing.assert_array_equal(_out(resp), x * 2)
     assert typed.id == "t"
 
@@ -84,8 +85,8 @@ def test_errors_have_status_codes(stub) -> None:
 def test_stream_error_message_and_order(stub) -> None:
     def req(i: int, name: str = "toy") -> pb.ModelInferRequest:
         x = np.full((1, 4), i, np.float32)
-        return pb.ModelInferRequest(model_name=name, id=str(i), inputs=[Tensor(name="x", datatype="FP32", shape=[1, 4])],
-                                    raw_input_contents=[x.tobytes()])
+        return pb.ModelInferRequest(model_name=name, id=str(i), raw_input_contents=[x.tobytes()],
+                                    inputs=[Tensor(name="x", datatype="FP32", shape=[1, 4])])
 
     requests = [req(i) for i in range(20)]
     requests[7] = req(7, "nope")
