@@ -91,7 +91,13 @@ def measure(load: Any, system: str = "leanserve", label: str = "") -> Point:
     """Run one ``loadgen.Load`` point with its client processes, print a line and return its summary."""
     import loadgen
 
-    got = loadgen.run(load)
+    try:
+        got = loadgen.run(load)
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        # a server that cannot even start a point (e.g. every worker thread held by open streams) is a result too
+        lines = str(exc).strip().splitlines() or [repr(exc)]
+        why = next((ln.strip() for ln in lines if "StatusCode" in ln or "Error:" in ln), lines[-1])
+        got = loadgen.Collected(np.zeros(0), 1, 0.0, why[:300], load.procs)
     point = summarize(
         got.latencies, got.errors, load.duration, got.cpu_s, got.first_error, system=system, protocol=load.protocol,
         mode=load.mode, loop="open" if load.rate else "closed", concurrency=load.concurrency,
