@@ -47,11 +47,12 @@ def tensor_to_numpy(t: tensor_pb.Tensor) -> np.ndarray:
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"tensor {t.name!r}: negative dimension in shape {list(shape)}")
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if len(t.data) != expected:
+    data = t.data  # each attribute access copies the bytes out of the message: read it once
+    if len(data) != expected:
         raise InvalidArgument(
-            f"tensor {t.name!r}: shape {list(shape)} of {dtype.name} needs {expected} bytes, got {len(t.data)}"
+            f"tensor {t.name!r}: shape {list(shape)} of {dtype.name} needs {expected} bytes, got {len(data)}"
         )
-    return np.frombuffer(t.data, dtype=dtype).reshape(shape)
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
 def fill_tensor(t: tensor_pb.Tensor, name: str, a: np.ndarray) -> tensor_pb.Tensor:
