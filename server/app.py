@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from inference import grpc_service_pb2, grpc_service_pb2_grpc
 from leanserve.v1 import inference_service_pb2, inference_service_pb2_grpc, model_service_pb2, model_service_pb2_grpc
 from server.dataplane import DataPlane
+from server.grpc.calls import StreamSlots
 from server.grpc.inference_servicer import InferenceServicer
 from server.grpc.interceptors import ErrorInterceptor
 from server.grpc.model_servicer import ModelServicer
@@ -88,8 +89,9 @@ def create_server(settings: Settings) -> ServerHandle:
         maximum_concurrent_rpcs=None,
     )
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(dataplane), server)
-    inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(dataplane), server)
-    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(V2Servicer(dataplane), server)
+    streams = StreamSlots(settings.max_open_streams)  # shared: both protocols' streams hold the same threads
+    inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(dataplane, streams), server)
+    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(V2Servicer(dataplane, streams), server)
     # Optimizer() also applies the default versions pinned in the repository
     optimize_service_pb2_grpc.add_OptimizeServiceServicer_to_server(OptimizeServicer(Optimizer(dataplane)), server)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIB = 1024 * 1024
@@ -30,7 +30,15 @@ class Settings(BaseSettings):
     port: int = Field(8500, ge=0, le=65535, description="Port to listen on; 0 picks a free one.")
     repository: Path = Field(Path("./models"), description="Folder holding the model repository.")
 
-    worker_threads: int = Field(16, ge=1, description="gRPC worker threads (requests handled at once).")
+    worker_threads: int = Field(
+        128, ge=2, description="gRPC worker threads: RPCs handled at once (an open stream holds one for its lifetime)."
+    )
+    max_open_streams: int = Field(
+        96,
+        ge=1,
+        description="Streams (PredictStream, ModelStreamInfer) open at once; more are refused with RESOURCE_EXHAUSTED "
+        "so that unary calls always find a worker thread. Must be below worker_threads.",
+    )
     max_message_bytes: int = Field(
         512 * MIB, ge=4 * MIB, description="Largest gRPC message sent or received (gRPC's own default is 4 MiB)."
     )
@@ -68,6 +76,14 @@ class Settings(BaseSettings):
         description="Per-model batching settings by model name (JSON in the environment), e.g. "
         '{"seed": {"max_batch_size": 256}}. A model\'s manifest may carry a "batching" object too; these win.',
     )
+    @model_validator(mode="after")
+    def _streams_leave_threads_for_unary(self) -> "Settings":
+        if self.max_open_streams >= self.worker_threads:
+            raise ValueError(
+                f"max_open_streams ({self.max_open_streams}) must be below worker_threads ({self.worker_threads})"
+            )
+        return self
+
     stream_window: int = Field(
         16, ge=1, description="Requests of one stream in flight at once (read ahead, answered in order)."
     )

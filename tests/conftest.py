@@ -19,7 +19,7 @@ def make_settings(repository: Path, **overrides: object) -> Settings:
     """Settings for a test server: port 0, loopback, small reference check and warm-up to keep tests quick."""
     base = dict(
         host="127.0.0.1", port=0, repository=repository, reference_samples=128, autotune_batch_sizes=(1, 16),
-        warmup_batch_sizes=(1,), shutdown_grace_seconds=0.5, worker_threads=8,
+        warmup_batch_sizes=(1,), shutdown_grace_seconds=0.5, worker_threads=8, max_open_streams=4,
         metrics_port=0,  # a free port: never clash with a running server or another test's
     )
     base.update(overrides)

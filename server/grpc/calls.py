@@ -10,7 +10,7 @@ from typing import TypeVar
 
 import grpc
 
-from server.errors import LeanserveError
+from server.errors import LeanserveError, ResourceExhausted
 from server.models import RequestContext
 
 Req = TypeVar("Req")
@@ -26,6 +26,25 @@ def request_context(context: grpc.ServicerContext) -> RequestContext:
     # grpc reports "no deadline" as None or as a practically infinite time remaining
     deadline = None if remaining is None or remaining > _NO_DEADLINE else time.monotonic() + remaining
     return RequestContext(deadline=deadline, is_active=context.is_active)
+
+
+class StreamSlots:
+    """Bounds the streams open at once. Each open stream holds a worker thread for its whole life in the sync
+    server; past the bound a new stream is refused at once (RESOURCE_EXHAUSTED) rather than left hanging, and
+    unary calls keep finding threads."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._free = threading.BoundedSemaphore(limit)
+
+    def open(self, requests: Iterator[Req], answer: Callable[[Iterator[Req]], Iterator[Resp]]) -> Iterator[Resp]:
+        """Yield ``answer(requests)`` while holding a slot."""
+        if not self._free.acquire(blocking=False):
+            raise ResourceExhausted(f"too many open streams (limit {self.limit}); retry later or use fewer streams")
+        try:
+            yield from answer(requests)
+        finally:
+            self._free.release()
 
 
 class _Failed:

@@ -11,13 +11,14 @@ from leanserve.v1 import inference_service_pb2_grpc as pb_grpc
 from server.dataplane import DataPlane
 from server.errors import LeanserveError
 from server.grpc import converters
-from server.grpc.calls import pipelined, request_context
+from server.grpc.calls import StreamSlots, pipelined, request_context
 from server.models import RequestContext
 
 
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
-    def __init__(self, dataplane: DataPlane) -> None:
+    def __init__(self, dataplane: DataPlane, streams: StreamSlots) -> None:
         self.dp = dataplane
+        self.streams = streams
 
     def _submit(
         self, request: pb.PredictRequest, ctx: RequestContext, call: grpc.ServicerContext | None = None
@@ -43,4 +44,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 error=pb.Error(code=exc.code.value[0], message=exc.message),
             )
 
-        yield from pipelined(request_iterator, lambda r: self._submit(r, ctx), on_error, self.dp.settings.stream_window)
+        window = self.dp.settings.stream_window
+        yield from self.streams.open(
+            request_iterator, lambda reqs: pipelined(reqs, lambda r: self._submit(r, ctx), on_error, window)
+        )

@@ -12,7 +12,7 @@ from inference import grpc_service_pb2_grpc as pb_grpc
 from server.dataplane import DataPlane
 from server.errors import LeanserveError, NotFound
 from server.grpc import v2_converters as conv
-from server.grpc.calls import pipelined, request_context
+from server.grpc.calls import StreamSlots, pipelined, request_context
 from server.models import RequestContext
 
 EXTENSIONS = ("model_repository", "statistics", "parameters")
@@ -26,8 +26,9 @@ def _package_version() -> str:
 
 
 class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, dataplane: DataPlane) -> None:
+    def __init__(self, dataplane: DataPlane, streams: StreamSlots) -> None:
         self.dp = dataplane
+        self.streams = streams
         self._metadata = pb.ServerMetadataResponse(name="leanserve", version=_package_version(),
                                                    extensions=EXTENSIONS)
 
@@ -80,7 +81,8 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
                 infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),
             )
 
-        yield from pipelined(request_iterator, submit, on_error, self.dp.settings.stream_window)
+        window = self.dp.settings.stream_window
+        yield from self.streams.open(request_iterator, lambda reqs: pipelined(reqs, submit, on_error, window))
 
     def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: grpc.ServicerContext):
         if request.name:

@@ -52,6 +52,7 @@ def _v2_request(name: str, x: np.ndarray, rid: str = "", input_name: str = "inpu
 
 
 @pytest.mark.settings(worker_threads=40)  # every caller holds a gRPC thread while it waits
+@pytest.mark.settings(worker_threads=64, max_open_streams=32)  # 33 calls in flight at once, 16 of them streams
 def test_concurrent_callers_of_every_api_share_one_kernel_call(toy_server) -> None:
     handle, runner = toy_server
     xs = [np.full((1 + i % 2, 4), i, np.float32) for i in range(32)]

@@ -1,0 +1,50 @@
+"""Open streams are bounded: past the limit a new stream is refused at once, and unary calls still get answered."""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import grpc
+import numpy as np
+import pytest
+
+from client import Client, common
+from leanserve.v1 import inference_service_pb2 as pb
+from server.settings import Settings
+
+
+def test_streams_past_the_limit_are_refused_and_unary_still_served(client: Client, model_files) -> None:
+    client.upload(model_files["seed_h5"], "seed")
+    x = np.zeros((1, 1000), np.float32)
+    feeds: list[queue.Queue] = []
+    calls = []
+
+    def requests(q: queue.Queue):
+        while (item := q.get()) is not None:
+            yield item
+
+    try:
+        for _ in range(4):  # the test server's max_open_streams
+            q: queue.Queue = queue.Queue()
+            call = client.inference_stub.PredictStream(requests(q))
+            q.put(common.predict_request("seed", x, request_id="first"))
+            assert next(call).request_id == "first"  # the stream is open and holding its slot
+            feeds.append(q)
+            calls.append(call)
+        with pytest.raises(grpc.RpcError) as err:
+            next(client.inference_stub.PredictStream(iter([common.predict_request("seed", x)])))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "open streams" in err.value.details()
+        assert client.predict("seed", x, timeout=10).output.shape == (1, 10)
+    finally:
+        for q in feeds:
+            q.put(None)
+        for call in calls:
+            list(call)
+    # the slots are free again
+    assert [o.request_id for o in client.stream("seed", [x])] == ["0"]
+
+
+def test_stream_limit_must_leave_threads_for_unary() -> None:
+    with pytest.raises(ValueError, match="max_open_streams"):
+        Settings(worker_threads=8, max_open_streams=8)
