@@ -21,7 +21,7 @@ _DTYPES = {
     tensor_pb.INT8: np.dtype("i1"), tensor_pb.INT16: np.dtype("<i2"), tensor_pb.INT32: np.dtype("<i4"),
     tensor_pb.INT64: np.dtype("<i8"), tensor_pb.UINT8: np.dtype("u1"), tensor_pb.BOOL: np.dtype("?"),
 }
-_PB_DTYPES = {v.name: k for k, v in _DTYPES.items()}
+_PB_BY_DTYPE = {v: k for k, v in _DTYPES.items()}
 POSTPROCESS = {"raw": inf_pb.RAW, "probabilities": inf_pb.PROBABILITIES, "top_k": inf_pb.TOP_K, "argmax": inf_pb.ARGMAX}
 FORMATS = {"": model_pb.MODEL_FORMAT_UNSPECIFIED, "keras": model_pb.KERAS, "h5": model_pb.H5, "leanserve": model_pb.LEANSERVE}
 
@@ -40,12 +40,13 @@ def fill_tensor(t: tensor_pb.Tensor, a: np.ndarray, name: str = "") -> tensor_pb
     passing it to the parent's constructor, which deep-copies the bytes through a slow path in upb.
     """
     a = np.require(a, requirements="C")  # unlike ascontiguousarray, keeps 0-d arrays 0-d
-    if a.dtype.name not in _PB_DTYPES:
-        raise TypeError(f"unsupported dtype {a.dtype}")
     if a.dtype.byteorder == ">":
         a = a.astype(a.dtype.newbyteorder("<"))
+    code = _PB_BY_DTYPE.get(a.dtype)  # keyed by dtype: ``dtype.name`` is a slow property
+    if code is None:
+        raise TypeError(f"unsupported dtype {a.dtype}")
     t.name = name
-    t.dtype = _PB_DTYPES[a.dtype.name]
+    t.dtype = code
     t.shape[:] = a.shape
     t.data = a.tobytes()
     return t

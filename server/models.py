@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -22,6 +23,11 @@ class TensorSignature:
     name: str
     dtype: str
     shape: tuple[int, ...]
+
+    @cached_property
+    def np_dtype(self) -> np.dtype:
+        """The numpy dtype (cached: building it from the name costs microseconds per request)."""
+        return np.dtype(self.dtype)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}

@@ -21,7 +21,7 @@ def select_input(model: ServedModel, inputs: dict[str, np.ndarray]) -> np.ndarra
 def validate_batch(model: ServedModel, x: np.ndarray, max_batch_size: int) -> np.ndarray:
     """Check dtype, shape and batch size; return a C-contiguous array ready for the runner."""
     sig = model.input
-    if x.dtype != np.dtype(sig.dtype):
+    if x.dtype != sig.np_dtype:
         raise InvalidArgument(f"input {sig.name!r} of model {model.name!r}: expected dtype {sig.dtype}, got {x.dtype}")
     expected = ["batch", *sig.shape]
     if x.ndim != len(sig.shape) + 1 or any(e not in (-1, g) for e, g in zip(sig.shape, x.shape[1:])):

@@ -26,6 +26,8 @@ _DTYPES: dict[int, np.dtype] = {
     tensor_pb.BOOL: np.dtype("?"),
 }
 _PB_DTYPES: dict[str, int] = {np.dtype(v).name: k for k, v in _DTYPES.items()}
+# keyed by the dtype object itself: ``dtype.name`` is built by a slow Python property on every access
+_PB_BY_DTYPE: dict[np.dtype, int] = {v: k for k, v in _DTYPES.items()}
 
 _FORMATS = {model_pb.MODEL_FORMAT_UNSPECIFIED: "", model_pb.KERAS: "keras", model_pb.H5: "h5", model_pb.LEANSERVE: "leanserve"}
 _PB_FORMATS = {v: k for k, v in _FORMATS.items() if v}
@@ -62,11 +64,11 @@ def fill_tensor(t: tensor_pb.Tensor, name: str, a: np.ndarray) -> tensor_pb.Tens
     Tensor, which for large arrays is ~70x slower than the byte copy itself.
     """
     a = np.require(a, requirements="C")  # unlike ascontiguousarray, keeps 0-d arrays 0-d
-    code = _PB_DTYPES.get(a.dtype.name)
-    if code is None:
-        raise InvalidArgument(f"cannot send dtype {a.dtype} as a tensor")
     if a.dtype.byteorder == ">":
         a = a.astype(a.dtype.newbyteorder("<"))
+    code = _PB_BY_DTYPE.get(a.dtype)
+    if code is None:
+        raise InvalidArgument(f"cannot send dtype {a.dtype} as a tensor")
     t.name = name
     t.dtype = code
     t.shape[:] = a.shape
