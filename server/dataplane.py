@@ -184,6 +184,7 @@ class DataPlane:
         info = dict(model.manifest)
         info["version"] = model.version
         info["versions"] = self.registry.versions(model.name)
+        info["default_version"] = self.registry.default_version(model.name)
         info["max_batch_size"] = self.settings.max_batch_size
         if model.plan is not None:
             info["layers_served"] = model.plan.describe()

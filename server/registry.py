@@ -37,6 +37,10 @@ class ModelRegistry:
                 f"model {name!r} has no version {version} (versions: {', '.join(map(str, sorted(versions)))})"
             ) from None
 
+    def default_version(self, name: str) -> int:
+        """The version served when a request names none (NotFound when the model is unknown)."""
+        return self.get(name).version
+
     def add(self, model: ServedModel) -> ServedModel | None:
         """Publish a loaded version; returns the one it replaced (same number), if any."""
         with self._lock:

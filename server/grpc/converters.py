@@ -160,4 +160,5 @@ def model_info(info: dict[str, Any], model: ServedModel) -> model_pb.ModelInfo:
         description=info.get("description", ""),
         served_size_bytes=int(info.get("served_size_bytes", 0)),
         metadata_json=json.dumps(info.get("metadata") or {}, sort_keys=True),
+        default_version=int(info.get("default_version", 0)),
     )

@@ -34,7 +34,8 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
     def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(
             models=[
-                pb.ModelSummary(name=name, versions=versions, latest_version=max(versions))
+                pb.ModelSummary(name=name, versions=versions, latest_version=max(versions),
+                                default_version=self.dp.registry.default_version(name))
                 for name, versions in self.dp.list_models().items()
             ]
         )

@@ -12,6 +12,7 @@ import pytest
 
 from client import Client
 from client import optimize as opt
+from leanserve.v1 import model_service_pb2 as model_pb
 from server import artifacts
 from server.app import ServerHandle, create_server
 from tests.conftest import make_settings
@@ -62,6 +63,9 @@ def test_not_promoted_keeps_the_default_and_rolls_back(client: Client, server: S
     assert client.predict("d2", digits.x_val[:3]).model_version == 1
     assert client.predict("d2", digits.x_val[:3], version=2).model_version == 2
     assert client.info("d2").version == 1 and (repo_dir / "d2" / "default_version").read_text() == "1"
+    assert client.info("d2", 2).default_version == 1
+    summary = client.models_stub.ListModels(model_pb.ListModelsRequest()).models[0]
+    assert (summary.latest_version, summary.default_version) == (2, 1)
 
     assert client.set_default("d2", 2) == 2
     assert client.predict("d2", digits.x_val[:3]).model_version == 2

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from leanserve.v1 import tensor_pb2 as leanserve_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n leanserve/v1/model_service.proto\x12\x0cleanserve.v1\x1a\x19leanserve/v1/tensor.proto\"\x80\x01\n\x0cUploadHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x19.leanserve.v1.ModelFormat\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\"[\n\x12UploadModelRequest\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.leanserve.v1.UploadHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"=\n\x13UploadModelResponse\x12&\n\x05model\x18\x01 \x01(\x0b\x32\x17.leanserve.v1.ModelInfo\"\x13\n\x11ListModelsRequest\"@\n\x12ListModelsResponse\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.leanserve.v1.ModelSummary\"F\n\x0cModelSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\x03\x12\x16\n\x0elatest_version\x18\x03 \x01(\x03\"0\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"C\n\x0c\x46ormatTiming\x12\x0e\n\x06\x66ormat\x18\x01 \x01(\t\x12\x12\n\nbatch_size\x18\x02 \x01(\x03\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\"\xd1\x01\n\tLayerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12\x13\n\x0bin_features\x18\x03 \x01(\x03\x12\x14\n\x0cout_features\x18\x04 \x01(\x03\x12\x12\n\nactivation\x18\x05 \x01(\t\x12\x10\n\x08sparsity\x18\x06 \x01(\x01\x12\x12\n\nsize_bytes\x18\x07 \x01(\x03\x12+\n\x07timings\x18\x08 \x03(\x0b\x32\x1a.leanserve.v1.FormatTiming\x12\x14\n\x0coptions_json\x18\t \x01(\t\"\x8e\x01\n\x0eReferenceCheck\x12\x11\n\treference\x18\x01 \x01(\t\x12\x0f\n\x07samples\x18\x02 \x01(\x03\x12\x15\n\rmax_abs_error\x18\x03 \x01(\x01\x12\x15\n\rmax_rel_error\x18\x04 \x01(\x01\x12\x0c\n\x04\x61tol\x18\x05 \x01(\x01\x12\x0c\n\x04rtol\x18\x06 \x01(\x01\x12\x0e\n\x06passed\x18\x07 \x01(\x08\"\xd3\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x10\n\x08versions\x18\x03 \x03(\x03\x12\x0f\n\x07runtime\x18\x04 \x01(\t\x12\x30\n\rsource_format\x18\x05 \x01(\x0e\x32\x19.leanserve.v1.ModelFormat\x12(\n\x06inputs\x18\x06 \x03(\x0b\x32\x18.leanserve.v1.TensorSpec\x12)\n\x07outputs\x18\x07 \x03(\x0b\x32\x18.leanserve.v1.TensorSpec\x12\'\n\x06layers\x18\x08 \x03(\x0b\x32\x17.leanserve.v1.LayerInfo\x12/\n\treference\x18\t \x01(\x0b\x32\x1c.leanserve.v1.ReferenceCheck\x12\x19\n\x11source_size_bytes\x18\n \x01(\x03\x12\x15\n\rsource_sha256\x18\x0b \x01(\t\x12\x12\n\ncreated_at\x18\x0c \x01(\t\x12\x16\n\x0emax_batch_size\x18\r \x01(\x03\x12\x13\n\x0b\x64\x65scription\x18\x0e \x01(\t\x12\x19\n\x11served_size_bytes\x18\x0f \x01(\x03\x12\x15\n\rmetadata_json\x18\x10 \x01(\t\"3\n\x12\x44\x65leteModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"/\n\x13\x44\x65leteModelResponse\x12\x18\n\x10\x64\x65leted_versions\x18\x01 \x03(\x03*M\n\x0bModelFormat\x12\x1c\n\x18MODEL_FORMAT_UNSPECIFIED\x10\x00\x12\t\n\x05KERAS\x10\x01\x12\x06\n\x02H5\x10\x02\x12\r\n\tLEANSERVE\x10\x03\x32\xcd\x02\n\x0cModelService\x12T\n\x0bUploadModel\x12 .leanserve.v1.UploadModelRequest\x1a!.leanserve.v1.UploadModelResponse(\x01\x12O\n\nListModels\x12\x1f.leanserve.v1.ListModelsRequest\x1a .leanserve.v1.ListModelsResponse\x12\x42\n\x08GetModel\x12\x1d.leanserve.v1.GetModelRequest\x1a\x17.leanserve.v1.ModelInfo\x12R\n\x0b\x44\x65leteModel\x12 .leanserve.v1.DeleteModelRequest\x1a!.leanserve.v1.DeleteModelResponseB-\n\x0fio.leanserve.v1P\x01Z\x18leanserve/v1;leanservev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n leanserve/v1/model_service.proto\x12\x0cleanserve.v1\x1a\x19leanserve/v1/tensor.proto\"\x80\x01\n\x0cUploadHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x19.leanserve.v1.ModelFormat\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\"[\n\x12UploadModelRequest\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.leanserve.v1.UploadHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"=\n\x13UploadModelResponse\x12&\n\x05model\x18\x01 \x01(\x0b\x32\x17.leanserve.v1.ModelInfo\"\x13\n\x11ListModelsRequest\"@\n\x12ListModelsResponse\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.leanserve.v1.ModelSummary\"_\n\x0cModelSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\x03\x12\x16\n\x0elatest_version\x18\x03 \x01(\x03\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x04 \x01(\x03\"0\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"C\n\x0c\x46ormatTiming\x12\x0e\n\x06\x66ormat\x18\x01 \x01(\t\x12\x12\n\nbatch_size\x18\x02 \x01(\x03\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\"\xd1\x01\n\tLayerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12\x13\n\x0bin_features\x18\x03 \x01(\x03\x12\x14\n\x0cout_features\x18\x04 \x01(\x03\x12\x12\n\nactivation\x18\x05 \x01(\t\x12\x10\n\x08sparsity\x18\x06 \x01(\x01\x12\x12\n\nsize_bytes\x18\x07 \x01(\x03\x12+\n\x07timings\x18\x08 \x03(\x0b\x32\x1a.leanserve.v1.FormatTiming\x12\x14\n\x0coptions_json\x18\t \x01(\t\"\x8e\x01\n\x0eReferenceCheck\x12\x11\n\treference\x18\x01 \x01(\t\x12\x0f\n\x07samples\x18\x02 \x01(\x03\x12\x15\n\rmax_abs_error\x18\x03 \x01(\x01\x12\x15\n\rmax_rel_error\x18\x04 \x01(\x01\x12\x0c\n\x04\x61tol\x18\x05 \x01(\x01\x12\x0c\n\x04rtol\x18\x06 \x01(\x01\x12\x0e\n\x06passed\x18\x07 \x01(\x08\"\xec\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x10\n\x08versions\x18\x03 \x03(\x03\x12\x0f\n\x07runtime\x18\x04 \x01(\t\x12\x30\n\rsource_format\x18\x05 \x01(\x0e\x32\x19.leanserve.v1.ModelFormat\x12(\n\x06inputs\x18\x06 \x03(\x0b\x32\x18.leanserve.v1.TensorSpec\x12)\n\x07outputs\x18\x07 \x03(\x0b\x32\x18.leanserve.v1.TensorSpec\x12\'\n\x06layers\x18\x08 \x03(\x0b\x32\x17.leanserve.v1.LayerInfo\x12/\n\treference\x18\t \x01(\x0b\x32\x1c.leanserve.v1.ReferenceCheck\x12\x19\n\x11source_size_bytes\x18\n \x01(\x03\x12\x15\n\rsource_sha256\x18\x0b \x01(\t\x12\x12\n\ncreated_at\x18\x0c \x01(\t\x12\x16\n\x0emax_batch_size\x18\r \x01(\x03\x12\x13\n\x0b\x64\x65scription\x18\x0e \x01(\t\x12\x19\n\x11served_size_bytes\x18\x0f \x01(\x03\x12\x15\n\rmetadata_json\x18\x10 \x01(\t\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x11 \x01(\x03\"3\n\x12\x44\x65leteModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"/\n\x13\x44\x65leteModelResponse\x12\x18\n\x10\x64\x65leted_versions\x18\x01 \x03(\x03*M\n\x0bModelFormat\x12\x1c\n\x18MODEL_FORMAT_UNSPECIFIED\x10\x00\x12\t\n\x05KERAS\x10\x01\x12\x06\n\x02H5\x10\x02\x12\r\n\tLEANSERVE\x10\x03\x32\xcd\x02\n\x0cModelService\x12T\n\x0bUploadModel\x12 .leanserve.v1.UploadModelRequest\x1a!.leanserve.v1.UploadModelResponse(\x01\x12O\n\nListModels\x12\x1f.leanserve.v1.ListModelsRequest\x1a .leanserve.v1.ListModelsResponse\x12\x42\n\x08GetModel\x12\x1d.leanserve.v1.GetModelRequest\x1a\x17.leanserve.v1.ModelInfo\x12R\n\x0b\x44\x65leteModel\x12 .leanserve.v1.DeleteModelRequest\x1a!.leanserve.v1.DeleteModelResponseB-\n\x0fio.leanserve.v1P\x01Z\x18leanserve/v1;leanservev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'leanserve.v1.model_service_
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\017io.leanserve.v1P\001Z\030leanserve/v1;leanservev1'
-  _globals['_MODELFORMAT']._serialized_start=1571
-  _globals['_MODELFORMAT']._serialized_end=1648
+  _globals['_MODELFORMAT']._serialized_start=1621
+  _globals['_MODELFORMAT']._serialized_end=1698
   _globals['_UPLOADHEADER']._serialized_start=78
   _globals['_UPLOADHEADER']._serialized_end=206
   _globals['_UPLOADMODELREQUEST']._serialized_start=208
@@ -46,21 +46,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTMODELSRESPONSE']._serialized_start=385
   _globals['_LISTMODELSRESPONSE']._serialized_end=449
   _globals['_MODELSUMMARY']._serialized_start=451
-  _globals['_MODELSUMMARY']._serialized_end=521
-  _globals['_GETMODELREQUEST']._serialized_start=523
-  _globals['_GETMODELREQUEST']._serialized_end=571
-  _globals['_FORMATTIMING']._serialized_start=573
-  _globals['_FORMATTIMING']._serialized_end=640
-  _globals['_LAYERINFO']._serialized_start=643
-  _globals['_LAYERINFO']._serialized_end=852
-  _globals['_REFERENCECHECK']._serialized_start=855
-  _globals['_REFERENCECHECK']._serialized_end=997
-  _globals['_MODELINFO']._serialized_start=1000
-  _globals['_MODELINFO']._serialized_end=1467
-  _globals['_DELETEMODELREQUEST']._serialized_start=1469
-  _globals['_DELETEMODELREQUEST']._serialized_end=1520
-  _globals['_DELETEMODELRESPONSE']._serialized_start=1522
-  _globals['_DELETEMODELRESPONSE']._serialized_end=1569
-  _globals['_MODELSERVICE']._serialized_start=1651
-  _globals['_MODELSERVICE']._serialized_end=1984
+  _globals['_MODELSUMMARY']._serialized_end=546
+  _globals['_GETMODELREQUEST']._serialized_start=548
+  _globals['_GETMODELREQUEST']._serialized_end=596
+  _globals['_FORMATTIMING']._serialized_start=598
+  _globals['_FORMATTIMING']._serialized_end=665
+  _globals['_LAYERINFO']._serialized_start=668
+  _globals['_LAYERINFO']._serialized_end=877
+  _globals['_REFERENCECHECK']._serialized_start=880
+  _globals['_REFERENCECHECK']._serialized_end=1022
+  _globals['_MODELINFO']._serialized_start=1025
+  _globals['_MODELINFO']._serialized_end=1517
+  _globals['_DELETEMODELREQUEST']._serialized_start=1519
+  _globals['_DELETEMODELREQUEST']._serialized_end=1570
+  _globals['_DELETEMODELRESPONSE']._serialized_start=1572
+  _globals['_DELETEMODELRESPONSE']._serialized_end=1619
+  _globals['_MODELSERVICE']._serialized_start=1701
+  _globals['_MODELSERVICE']._serialized_end=2034
 # @@protoc_insertion_point(module_scope)

@@ -58,14 +58,16 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelSummary, _Mapping]]] = ...) -> None: ...
 
 class ModelSummary(_message.Message):
-    __slots__ = ("name", "versions", "latest_version")
+    __slots__ = ("name", "versions", "latest_version", "default_version")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     LATEST_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     versions: _containers.RepeatedScalarFieldContainer[int]
     latest_version: int
-    def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[int]] = ..., latest_version: _Optional[int] = ...) -> None: ...
+    default_version: int
+    def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[int]] = ..., latest_version: _Optional[int] = ..., default_version: _Optional[int] = ...) -> None: ...
 
 class GetModelRequest(_message.Message):
     __slots__ = ("name", "version")
@@ -126,7 +128,7 @@ class ReferenceCheck(_message.Message):
     def __init__(self, reference: _Optional[str] = ..., samples: _Optional[int] = ..., max_abs_error: _Optional[float] = ..., max_rel_error: _Optional[float] = ..., atol: _Optional[float] = ..., rtol: _Optional[float] = ..., passed: _Optional[bool] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "versions", "runtime", "source_format", "inputs", "outputs", "layers", "reference", "source_size_bytes", "source_sha256", "created_at", "max_batch_size", "description", "served_size_bytes", "metadata_json")
+    __slots__ = ("name", "version", "versions", "runtime", "source_format", "inputs", "outputs", "layers", "reference", "source_size_bytes", "source_sha256", "created_at", "max_batch_size", "description", "served_size_bytes", "metadata_json", "default_version")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +145,7 @@ class ModelInfo(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     SERVED_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     versions: _containers.RepeatedScalarFieldContainer[int]
@@ -159,7 +162,8 @@ class ModelInfo(_message.Message):
     description: str
     served_size_bytes: int
     metadata_json: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., versions: _Optional[_Iterable[int]] = ..., runtime: _Optional[str] = ..., source_format: _Optional[_Union[ModelFormat, str]] = ..., inputs: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., reference: _Optional[_Union[ReferenceCheck, _Mapping]] = ..., source_size_bytes: _Optional[int] = ..., source_sha256: _Optional[str] = ..., created_at: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., description: _Optional[str] = ..., served_size_bytes: _Optional[int] = ..., metadata_json: _Optional[str] = ...) -> None: ...
+    default_version: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., versions: _Optional[_Iterable[int]] = ..., runtime: _Optional[str] = ..., source_format: _Optional[_Union[ModelFormat, str]] = ..., inputs: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., reference: _Optional[_Union[ReferenceCheck, _Mapping]] = ..., source_size_bytes: _Optional[int] = ..., source_sha256: _Optional[str] = ..., created_at: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., description: _Optional[str] = ..., served_size_bytes: _Optional[int] = ..., metadata_json: _Optional[str] = ..., default_version: _Optional[int] = ...) -> None: ...
 
 class DeleteModelRequest(_message.Message):
     __slots__ = ("name", "version")
