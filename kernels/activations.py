@@ -72,7 +72,8 @@ def activate_numpy(h: np.ndarray, activation: str) -> np.ndarray:
     if activation == "relu":
         return np.maximum(h, 0)
     if activation == "sigmoid":
-        return 1 / (1 + np.exp(-h))
+        with np.errstate(over="ignore"):  # exp(-h) → inf for very negative h gives the right limit, 0
+            return 1 / (1 + np.exp(-h))
     if activation == "tanh":
         return np.tanh(h)
     if activation == "softmax":
