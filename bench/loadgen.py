@@ -41,6 +41,9 @@ class Load:
     warmup: float = 1.0
     procs: int = 2
     batch: int = 1
+    #: each client thread on its own TCP connection (independent clients), rather than gRPC's default of one
+    #: connection per process shared by all of its channels with the same target and options
+    own_connection: bool = True
 
 
 @dataclass
@@ -53,6 +56,13 @@ class Collected:
 
 
 # -- callers: one per thread, ``call()`` blocks until the answer ------------------------------------------------
+def _channel_options(load: Load) -> list[tuple[str, int]]:
+    opts = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+    if load.own_connection:
+        opts.append(("grpc.use_local_subchannel_pool", 1))
+    return opts
+
+
 def _native_caller(load: Load, x: np.ndarray) -> tuple[Callable[[], None], Callable[[], None]]:
     import grpc
 
@@ -60,8 +70,7 @@ def _native_caller(load: Load, x: np.ndarray) -> tuple[Callable[[], None], Calla
     from leanserve.v1 import inference_service_pb2_grpc as pb_grpc
     from leanserve.v1 import tensor_pb2
 
-    opts = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
-    channel = grpc.insecure_channel(load.target, options=opts)
+    channel = grpc.insecure_channel(load.target, options=_channel_options(load))
     stub = pb_grpc.InferenceServiceStub(channel)
     tensor = tensor_pb2.Tensor(name=load.input_name, dtype=tensor_pb2.FLOAT32, shape=x.shape, data=x.tobytes())
     req = pb.PredictRequest(model_name=load.model, inputs=[tensor])
@@ -101,7 +110,7 @@ def _native_caller(load: Load, x: np.ndarray) -> tuple[Callable[[], None], Calla
 def _v2_caller(load: Load, x: np.ndarray) -> tuple[Callable[[], None], Callable[[], None]]:
     import tritonclient.grpc as tc
 
-    client = tc.InferenceServerClient(load.target)
+    client = tc.InferenceServerClient(load.target, channel_args=_channel_options(load))
     inp = tc.InferInput(load.input_name, list(x.shape), "FP32")
     inp.set_data_from_numpy(x)
     if load.mode == "unary":

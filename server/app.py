@@ -26,6 +26,7 @@ from server.optimize.service import Optimizer
 from server.grpc.v2_servicer import V2Servicer
 from server.metrics import MetricsServer
 from server.registry import ModelRegistry
+from server.repository_poll import RepositoryPoller
 from server.repository import Repository
 from server.settings import Settings
 
@@ -48,6 +49,7 @@ class ServerHandle:
     dataplane: DataPlane
     health: health.HealthServicer
     metrics: MetricsServer | None = None
+    poller: RepositoryPoller | None = None
 
     @property
     def metrics_port(self) -> int | None:
@@ -58,6 +60,8 @@ class ServerHandle:
         """Report NOT_SERVING, let in-flight RPCs finish for ``grace`` seconds, then drain the batchers."""
         self.health.enter_graceful_shutdown()
         self.dataplane.ready = False
+        if self.poller is not None:
+            self.poller.stop()
         self.server.stop(grace).wait()
         self.dataplane.close()
         if self.metrics is not None:
@@ -77,7 +81,8 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
 
 def create_server(settings: Settings) -> ServerHandle:
     """Load the repository, bind ``settings.host:settings.port`` (0 = any free port) and start serving."""
-    repository = Repository(settings.repository)
+    # only the first process sweeps leftovers: the others would delete its uploads in flight
+    repository = Repository(settings.repository, sweep=settings.process_index == 0)
     registry = ModelRegistry()
     dataplane = DataPlane(settings, repository, registry)
     dataplane.load_all()
@@ -92,7 +97,6 @@ def create_server(settings: Settings) -> ServerHandle:
     streams = StreamSlots(settings.max_open_streams)  # shared: both protocols' streams hold the same threads
     inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(dataplane, streams), server)
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(V2Servicer(dataplane, streams), server)
-    # Optimizer() also applies the default versions pinned in the repository
     optimize_service_pb2_grpc.add_OptimizeServiceServicer_to_server(OptimizeServicer(Optimizer(dataplane)), server)
 
     health_servicer = health.HealthServicer()
@@ -113,5 +117,7 @@ def create_server(settings: Settings) -> ServerHandle:
         except OSError as exc:  # metrics are auxiliary: a taken port must not stop inference
             log.error("metrics endpoint off: cannot listen on %s:%d: %s", settings.host, settings.metrics_port, exc)
     server.start()
+    poller = RepositoryPoller(dataplane, settings.poll_seconds) if settings.poll_seconds > 0 else None
     log.info("serving %d model(s) from %s", len(registry.names()), repository.root)
-    return ServerHandle(server=server, port=port, dataplane=dataplane, health=health_servicer, metrics=metrics)
+    return ServerHandle(server=server, port=port, dataplane=dataplane, health=health_servicer, metrics=metrics,
+                        poller=poller)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -16,7 +17,12 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="address to listen on (env LEANSERVE_HOST, default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port; 0 picks a free one (env LEANSERVE_PORT, default 8500)")
     p.add_argument("--repository", type=Path, help="model repository folder (env LEANSERVE_REPOSITORY, default ./models)")
-    p.add_argument("--workers", type=int, dest="worker_threads", help="gRPC worker threads")
+    p.add_argument("--workers", type=int, dest="worker_threads", help="gRPC worker threads per process")
+    p.add_argument("--processes", type=int,
+                   help="server processes sharing the port, e.g. one per core (env LEANSERVE_PROCESSES, default 1)")
+    # set by the first process for the extra ones it starts (server/processes.py)
+    p.add_argument("--supervisor-fd", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ...")
 
 
@@ -49,24 +55,43 @@ def settings_from_args(args: argparse.Namespace):
     """Settings from the environment, overridden by the flags that were given."""
     from server.settings import Settings
 
-    overrides = {k: getattr(args, k) for k in ("host", "port", "repository", "worker_threads", "log_level")
+    overrides = {k: getattr(args, k) for k in ("host", "port", "repository", "worker_threads", "processes", "log_level")
                  if getattr(args, k, None) is not None}
     return Settings(**overrides)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from server.app import create_server
+    from server.processes import READY, ExtraProcesses, watch_first_process
 
     settings = settings_from_args(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handle = create_server(settings)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    print(f"listening on {settings.host}:{handle.port}", flush=True)
+    if args.supervisor_fd is not None:
+        watch_first_process(args.supervisor_fd, stop)
+    handle = create_server(settings)
+    extra = None
+    if settings.processes > 1 and settings.process_index == 0:
+        extra = ExtraProcesses(settings, handle.port)
+        try:
+            extra.start()
+        except RuntimeError:
+            handle.stop(0)
+            raise
+    if args.ready_fd is not None:
+        os.write(args.ready_fd, READY)
+        os.close(args.ready_fd)
+    if settings.process_index == 0:
+        print(f"listening on {settings.host}:{handle.port}", flush=True)
     stop.wait()
     logging.getLogger("leanserve").info("stopping: %.1f s for in-flight requests", settings.shutdown_grace_seconds)
+    if extra is not None:
+        extra.terminate()  # all processes drain at the same time
     handle.stop(settings.shutdown_grace_seconds)
+    if extra is not None:
+        extra.stop(settings.shutdown_grace_seconds)
     return 0
 
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,29 +40,58 @@ class DataPlane:
         self.registry = registry
         # Conversion holds a whole model (and maybe TensorFlow) in memory: one at a time bounds the peak.
         self._ingest_lock = threading.Lock()
-        self._load_lock = threading.Lock()
+        # Serializes changes to what is served: loads, unloads, publishing, deletes and the repository poll.
+        self._load_lock = threading.RLock()
+        #: versions that failed to load; the repository poll does not retry them every time
+        self._failed: set[tuple[str, int]] = set()
         #: False until the repository is loaded and again once shutting down
         self.ready = False
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def load_all(self) -> list[tuple[str, int, str]]:
-        """Load every stored version; a version that fails to load is logged and skipped, not fatal."""
-        failures = []
-        for name, versions in self.repository.models().items():
-            failures += self._load_versions(name, versions)
+        """Load every stored version (except unloaded models) and apply pinned defaults; a version that fails to
+        load is logged and skipped, not fatal."""
+        failures = self.sync()
         self.ready = True
+        return failures
+
+    def sync(self) -> list[tuple[str, int, str]]:
+        """Make what is served match the repository: serve stored versions that are not served (unless the model
+        is marked unloaded), retire served versions that are gone, apply the pinned defaults. This is how server
+        processes sharing a repository follow each other. A version that failed to load is not retried here
+        (``load_model`` retries). Returns the new failures."""
+        with self._load_lock:
+            stored = self.repository.models()  # versions first, pins after: see Optimizer._store
+            failures = []
+            for name in sorted(set(stored) | set(self.registry.names())):
+                failures += self._reconcile(name, stored.get(name, []))
+            return failures
+
+    def _reconcile(self, name: str, stored: list[int]) -> list[tuple[str, int, str]]:
+        """Serve exactly ``stored`` of ``name`` (nothing when unloaded); caller holds the load lock."""
+        wanted = [] if stored and self.repository.is_unloaded(name) else stored
+        served = self.registry.versions(name)
+        gone = [v for v in served if v not in wanted]
+        if gone:
+            self._retire(self.registry.remove(name, gone))
+            log.info("stopped serving %s version(s) %s: no longer in the repository or unloaded", name, gone)
+        new = [v for v in wanted if v not in served and (name, v) not in self._failed]
+        failures = self._load_versions(name, new) if new else []
+        self.registry.set_default(name, self.repository.default_version(name) if wanted else None)
         return failures
 
     def _load_versions(self, name: str, versions: list[int]) -> list[tuple[str, int, str]]:
         failures = []
         for version in versions:
-            path = self.repository.path(name, version)
             try:
+                path = self.repository.path(name, version)
                 manifest = self.repository.manifest(name, version)
                 self.serve(load_version(name, version, path, manifest, self.settings))
+                self._failed.discard((name, version))
                 log.info("loaded %s version %d", name, version)
             except (LeanserveError, OSError, ValueError, KeyError) as exc:
                 log.error("could not load %s version %d: %s", name, version, exc)
+                self._failed.add((name, version))
                 failures.append((name, version, str(exc)))
         return failures
 
@@ -86,21 +116,29 @@ class DataPlane:
         self._retire(self.registry.all())
 
     def load_model(self, name: str) -> list[int]:
-        """Serve the stored versions of ``name`` that are not served (e.g. after ``unload_model``)."""
+        """Serve the stored versions of ``name`` that are not served (e.g. after ``unload_model``); retries versions
+        that failed to load before."""
         with self._load_lock:
+            if self.repository.is_unloaded(name):
+                self.repository.set_unloaded(name, False)
             served = set(self.registry.versions(name))
             todo = [v for v in self.repository.versions(name) if v not in served]
             failures = self._load_versions(name, todo)
+            self.registry.set_default(name, self.repository.default_version(name))
         if failures:
             raise FailedPrecondition(f"model {name!r}: {len(failures)} version(s) failed to load: {failures[0][2]}")
         return todo
 
     def unload_model(self, name: str) -> list[int]:
-        """Stop serving every version of ``name``; the repository keeps them (``load_model`` serves them again)."""
+        """Stop serving every version of ``name``; the repository keeps them, marked unloaded (so other processes
+        and a restart follow) until ``load_model`` serves them again."""
         with self._load_lock:
             versions = self.registry.versions(name)
-            if not versions and not self.repository.versions(name, missing_ok=True):
+            stored = self.repository.versions(name, missing_ok=True)
+            if not versions and not stored:
                 raise NotFound(f"model {name!r} not found")
+            if stored:
+                self.repository.set_unloaded(name, True)
             self._retire(self.registry.remove(name, versions))
         return versions
 
@@ -119,15 +157,28 @@ class DataPlane:
             source = receive(req, chunks, staged / "upload.bin", self.settings.max_upload_bytes)
             with self._ingest_lock:
                 manifest, conv = ingest.build(req, source, staged, self.settings)
-                version = self.repository.commit(req.name, staged)
-        if conv.plan is not None:
-            served = served_from_plan(req.name, version, manifest, conv.plan, self.settings)
-        else:
-            path = self.repository.path(req.name, version)
-            served = load_version(req.name, version, path, manifest, self.settings)
-        self.serve(served)
-        log.info("serving %s version %d (%s runtime)", req.name, version, served.runtime)
+                served = self.publish(req.name, staged, lambda version: self._built(req.name, version, manifest,
+                                                                                     conv.plan))
+        log.info("serving %s version %d (%s runtime)", req.name, served.version, served.runtime)
         return served
+
+    def publish(self, name: str, staged: Path, build: Callable[[int], ServedModel]) -> ServedModel:
+        """Commit ``staged`` as the next version of ``name`` and serve ``build(version)``. Publishing to an unloaded
+        model loads it again. Holds the load lock throughout, so the repository poll never loads the new version
+        a second time."""
+        with self._load_lock:
+            if self.repository.versions(name, missing_ok=True) and self.repository.is_unloaded(name):
+                self.repository.set_unloaded(name, False)
+            version = self.repository.commit(name, staged)
+            served = build(version)
+            self.serve(served)
+            self._reconcile(name, self.repository.versions(name))
+        return served
+
+    def _built(self, name: str, version: int, manifest: dict[str, Any], plan: Any) -> ServedModel:
+        if plan is not None:
+            return served_from_plan(name, version, manifest, plan, self.settings)
+        return load_version(name, version, self.repository.path(name, version), manifest, self.settings)
 
     def list_models(self) -> dict[str, list[int]]:
         """Every served model and its versions."""
@@ -139,10 +190,11 @@ class DataPlane:
 
     def delete_model(self, name: str, version: int | None = None) -> list[int]:
         """Stop serving and delete one version or all; NotFound when unknown."""
-        if version:
-            self.registry.get(name, version)  # NotFound with a good message
-        deleted = self.repository.delete(name, version or None)
-        self._retire(self.registry.remove(name, deleted))
+        with self._load_lock:
+            if version:
+                self.registry.get(name, version)  # NotFound with a good message
+            deleted = self.repository.delete(name, version or None)
+            self._retire(self.registry.remove(name, deleted))
         return deleted
 
     # -- inference -------------------------------------------------------------------------------------------

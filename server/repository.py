@@ -3,11 +3,16 @@
 A version is assembled in ``<root>/.staging/<random>/`` (files written and fsynced), then renamed into place in
 one ``rename``; the parent folder is fsynced so the rename survives a crash. Readers therefore never see a
 half-written version, and leftovers in ``.staging`` (from a crash mid-upload) are swept at startup.
+
+Several server processes may share one repository (``processes`` > 1): version numbers, deletes and pins are
+decided under an exclusive ``flock`` on ``<root>/.lock`` as well as a thread lock, and only the first process
+sweeps (the others would delete its uploads in flight).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -30,6 +35,9 @@ _TRASH = ".trash"
 _COUNTER = ".last_version"
 #: per model: the pinned default version (absent = the latest version is the default)
 _DEFAULT = "default_version"
+#: per model: present while the model is unloaded (RepositoryModelUnload) — kept, but not served
+_UNLOADED = "unloaded"
+_LOCK = ".lock"
 
 
 def validate_name(name: str) -> str:
@@ -66,12 +74,23 @@ def write_json_durably(path: Path, obj: Any) -> None:
 class Repository:
     """Versioned, crash-safe storage of model folders (no knowledge of what is inside them)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, sweep: bool = True) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / _STAGING).mkdir(exist_ok=True)
-        self._lock = threading.Lock()
-        self._sweep()
+        self._thread_lock = threading.Lock()
+        if sweep:
+            self._sweep()
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        """Exclusive against this process's threads and other processes on the same repository."""
+        with self._thread_lock, open(self.root / _LOCK, "a+b") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _sweep(self) -> None:
         for leftover in (_STAGING, _TRASH):
@@ -100,7 +119,7 @@ class Repository:
         for child in staged.iterdir():
             _fsync_file(child)
         fsync_dir(staged)
-        with self._lock:
+        with self._lock():
             model_dir = self.root / name
             model_dir.mkdir(exist_ok=True)
             version = max([self._last_version(model_dir), *self.versions(name, missing_ok=True)]) + 1
@@ -166,7 +185,7 @@ class Repository:
         """Delete one version (or all); each disappears in one rename. Returns the deleted versions."""
         validate_name(name)
         targets = self.versions(name) if version is None else [version]
-        with self._lock:
+        with self._lock():
             for v in targets:
                 src = self.path(name, v)
                 trash = self.root / _TRASH / uuid.uuid4().hex
@@ -187,14 +206,28 @@ class Repository:
 
     def set_default_version(self, name: str, version: int | None) -> None:
         """Pin ``version`` as the default of ``name`` (durably, atomically), or unpin with None."""
+        self._set_flag(name, _DEFAULT, None if version is None else str(int(version)))
+
+    def is_unloaded(self, name: str) -> bool:
+        """True while ``name`` is marked unloaded (stored, not to be served until loaded again)."""
+        return (self.root / validate_name(name) / _UNLOADED).exists()
+
+    def set_unloaded(self, name: str, unloaded: bool) -> None:
+        """Mark ``name`` unloaded or not, durably: every server process on the repository follows the mark."""
+        self._set_flag(name, _UNLOADED, "1" if unloaded else None)
+
+    def _set_flag(self, name: str, flag: str, value: str | None) -> None:
+        """Write (atomically, durably) or remove a small per-model file."""
         model_dir = self.root / validate_name(name)
-        if version is None:
-            (model_dir / _DEFAULT).unlink(missing_ok=True)
-        else:
-            tmp = model_dir / f"{_DEFAULT}.tmp"
-            write_file_durably(tmp, str(int(version)).encode())
-            os.replace(tmp, model_dir / _DEFAULT)
-        fsync_dir(model_dir)
+        with self._lock():
+            if value is None:
+                (model_dir / flag).unlink(missing_ok=True)
+            else:
+                tmp = model_dir / f"{flag}.tmp"
+                write_file_durably(tmp, value.encode())
+                os.replace(tmp, model_dir / flag)
+            if model_dir.is_dir():
+                fsync_dir(model_dir)
 
 
 def _fsync_file(path: Path) -> None:

@@ -30,6 +30,24 @@ class Settings(BaseSettings):
     port: int = Field(8500, ge=0, le=65535, description="Port to listen on; 0 picks a free one.")
     repository: Path = Field(Path("./models"), description="Folder holding the model repository.")
 
+    processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Server processes sharing the port (SO_REUSEPORT; the kernel spreads connections over them). "
+        "Python's GIL holds one process near one core of request handling; N processes use up to N cores. Each "
+        "loads the repository and follows the others' uploads, deletes, pins and unloads by polling it.",
+    )
+    repository_poll_seconds: float | None = Field(
+        None,
+        ge=0,
+        description="How often to re-read the repository and serve what other processes (or people) changed in it; "
+        "0 = never. Default: 1 s when processes > 1, else never.",
+    )
+    process_index: int = Field(
+        0, ge=0, description="Set by the first process for the extra ones it starts (1, 2, ...); not for users."
+    )
+
     worker_threads: int = Field(
         128, ge=2, description="gRPC worker threads: RPCs handled at once (an open stream holds one for its lifetime)."
     )
@@ -83,6 +101,13 @@ class Settings(BaseSettings):
                 f"max_open_streams ({self.max_open_streams}) must be below worker_threads ({self.worker_threads})"
             )
         return self
+
+    @property
+    def poll_seconds(self) -> float:
+        """The effective repository poll interval (0 = no polling)."""
+        if self.repository_poll_seconds is not None:
+            return self.repository_poll_seconds
+        return 1.0 if self.processes > 1 else 0.0
 
     stream_window: int = Field(
         16, ge=1, description="Requests of one stream in flight at once (read ahead, answered in order)."

@@ -103,14 +103,6 @@ class Optimizer:
         self.dp = dataplane
         self.settings = dataplane.settings
         self._slots = threading.BoundedSemaphore(self.settings.optimize_max_jobs)
-        self.restore_defaults()
-
-    def restore_defaults(self) -> None:
-        """Apply the pinned default versions stored in the repository to the registry (at startup)."""
-        for name in self.dp.repository.models():
-            pinned = self.dp.repository.default_version(name)
-            if pinned is not None and pinned in self.dp.registry.versions(name):
-                self.dp.registry.set_default(name, pinned)
 
     def set_default(self, name: str, version: int) -> tuple[int, bool]:
         """Pin ``version`` as ``name``'s default, or unpin with 0. Returns (default version, pinned)."""
@@ -193,9 +185,10 @@ class Optimizer:
                 # pinned before the new version exists, so no request ever sees it as the default
                 self.dp.repository.set_default_version(base.name, previous_default)
                 self.dp.registry.set_default(base.name, previous_default)
-            version = self.dp.repository.commit(base.name, staged)
-        served = served_from_plan(base.name, version, manifest, result.plan, self.settings)
-        self.dp.serve(served)
+            served = self.dp.publish(
+                base.name, staged, lambda v: served_from_plan(base.name, v, manifest, result.plan, self.settings)
+            )
+        version = served.version
         if promote:
             self.dp.repository.set_default_version(base.name, None)
             self.dp.registry.set_default(base.name, None)
