@@ -130,9 +130,10 @@ def main() -> None:
         print(f"{r['model']:<7} {r['config']:<20} {r['metric']:<17} {r['before']:>7.4f} {r['after']:>7.4f} "
               f"{r['size_before'] / 1024:>7.0f}→{r['size_after'] / 1024:<7.0f} "
               f"{lb['1'] * 1e6:>8.1f}→{la['1'] * 1e6:<8.1f} {lb['32'] * 1e6:>8.1f}→{la['32'] * 1e6:<8.1f} "
-              f" {','.join(r['formats'])}")
+              f"{'ok' if r['within_budget'] else 'over':>6}  {','.join(r['formats'])}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"quick": args.quick, "epochs": epochs, "wide_epochs": wide_epochs, "rows": rows}, indent=2))
+    RESULTS.write_text(json.dumps({"quick": args.quick, "epochs": epochs, "wide_epochs": wide_epochs,
+                                   "budget": args.budget, "rows": rows}, indent=2))
     print(f"\nwritten {RESULTS}")
 
 
