@@ -235,6 +235,9 @@ def run(shapes, batches, sparsities, budget: float, log: Callable[[str], None]) 
             k = leanserve_kernel("bsr_int8", {"block": PORTABLE_BSR_BLOCK}, prune_blocks(w, s, PORTABLE_BSR_BLOCK), b)
             k.use_vnni = False
             entries["bsr_int8[8x1,portable]"] = (k, k.nbytes, "leanserve")
+            # int8 blocks along the outputs (inputs pruned one by one), the int8 twin of bsr_f32 (1, 16)
+            k = leanserve_kernel("bsr_int8", {"block": (1, 16)}, prune_blocks(w, s, (1, 16)), b)
+            entries["bsr_int8[1x16]"] = (k, k.nbytes, "leanserve")
             for B in batches:
                 for name, (fn, nbytes, kind) in entries.items():
                     t = median_seconds(lambda: fn(xs[B]), budget)

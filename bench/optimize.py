@@ -42,10 +42,13 @@ CONFIGS: list[tuple[str, dict[str, Any]]] = [
     ("pruned 95%", {"target_sparsity": 0.95}),
     ("int8", {"quantize": "int8"}),
     ("sparse-int8 90%", {"target_sparsity": 0.9, "quantize": "int8"}),
-    # block pruning in the shape the VNNI block-sparse kernel serves fastest
-    ("sparse-int8 90% 32x1", {"target_sparsity": 0.9, "quantize": "int8", "block": (32, 1)}),
+    # blocks of 16 outputs: inputs are still pruned one by one (the synthetic task's informative features are
+    # scattered among 1,000), the int8 kernel broadcasts each input onto 16 output lanes
+    ("sparse-int8 90% 1x16", {"target_sparsity": 0.9, "quantize": "int8", "block": (1, 16)}),
+    # blocks of 16 inputs, the VNNI kernel's fastest shape: inputs are dropped in groups of 16
+    ("sparse-int8 90% 16x1", {"target_sparsity": 0.9, "quantize": "int8", "block": (16, 1)}),
 ]
-QUICK = ("pruned 90%", "int8", "sparse-int8 90%", "sparse-int8 90% 32x1")
+QUICK = ("pruned 90%", "int8", "sparse-int8 90%", "sparse-int8 90% 1x16")
 
 
 def _served(name: str, plan: Any, shape: list[int], settings: Settings, source: dict[str, Any]) -> ServedModel:
@@ -111,7 +114,7 @@ def main() -> None:
                         optimize_tf_threads=os.cpu_count() or 1)
     configs = [(l, o) for l, o in CONFIGS if not args.quick or l in QUICK]
     epochs = 8 if args.quick else 15
-    wide_epochs = 2 if args.quick else 4
+    wide_epochs = 4 if args.quick else 6
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         digits, data = digits_model(settings, Path(tmp), 15)

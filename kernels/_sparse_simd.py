@@ -12,6 +12,8 @@ in elements. Index arrays may be uint16 or uint32.
   ``out[out_off + t*ldo] = sum_p dot(x[t*ldx + idx[p]*L : +L], val[p*L : +L])`` for ``t < mr`` rows.
 * ``bsr_bcast_f32``: blocks of ``r`` inputs x ``L`` outputs (``L`` in 4, 8, 16), lanes = outputs.
   ``out[out_off + t*ldo + j] = sum_p sum_i x[t*ldx + idx[p]*r + i] * val[(p*r + i)*L + j]``.
+* ``bsr_bcast_i8``: ``bsr_bcast_f32`` for int8 weights and int8 activations, exact int32 lanes (sign-extend,
+  multiply, add): int8 blocks along the outputs, which block pruning of a layer fed by sparse features needs.
 * ``bsr_dot_vnni``: int8 ``bsr_dot``: ``L`` (16, 32, 64) consecutive inputs, u8 activations x s8 weights summed
   into int32 with ``vpdpbusd`` (AVX512_VNNI + VL only; see ``has_avx512_vnni``).
 
@@ -29,7 +31,7 @@ from numba.core.extending import intrinsic
 
 from kernels._simd import has_avx512_vnni
 
-__all__ = ["bsr_bcast_f32", "bsr_dot_f32", "bsr_dot_vnni", "csr_lanes_f32", "has_avx512_vnni", "MAX_MR"]
+__all__ = ["bsr_bcast_f32", "bsr_bcast_i8", "bsr_dot_f32", "bsr_dot_vnni", "csr_lanes_f32", "has_avx512_vnni", "MAX_MR"]
 
 MAX_MR = 4  # batch rows per register tile in the block kernels
 F32_WIDTHS = (4, 8, 16)
@@ -208,31 +210,30 @@ bsr_dot_vnni.__doc__ = ("int8 ``width``x1 blocks (width 16/32/64 bytes): u8 ``x`
                         "``out``, ``mr`` (1..4) rows. AVX512_VNNI only.")
 
 
-@intrinsic
-def bsr_bcast_f32(typingctx, idx, val, start, end, x, ldx, mr, r, width, out, out_off, ldo):
-    """fp32 ``r`` x ``width`` blocks (width 4/8/16 output lanes), ``mr`` (1..4) rows; see the module docstring."""
-    sig = types.void(idx, val, types.intp, types.intp, x, types.intp, types.intp, types.intp, types.intp, out,
-                     types.intp, types.intp)
+def _bcast_codegen(elt: ir.Type, acc_elt: ir.Type, madd: Callable):
+    """Codegen of a broadcast block kernel over ``elt`` values/activations accumulating in ``acc_elt`` lanes;
+    ``madd(builder, x_scalar, w_vec, acc_vec)`` is the multiply-add (``x`` and ``w`` as loaded)."""
 
     def codegen(context, builder, signature, args):
         idx_v, val_v, start_v, end_v, x_v, ldx_v, mr_v, r_v, width_v, out_v, off_v, ldo_v = args
-        val_p = _ptr(context, builder, signature.args[1], val_v, _F32)
-        x_p = _ptr(context, builder, signature.args[4], x_v, _F32)
-        out_p = _ptr(context, builder, signature.args[9], out_v, _F32)
+        val_p = _ptr(context, builder, signature.args[1], val_v, elt)
+        x_p = _ptr(context, builder, signature.args[4], x_v, elt)
+        out_p = _ptr(context, builder, signature.args[9], out_v, acc_elt)
 
         def emit(mr: int, width: int) -> None:
-            vec = ir.VectorType(_F32, width)
-            zero = ir.Constant(vec, [0.0] * width)
+            vec = ir.VectorType(acc_elt, width)
+            zero = ir.Constant(vec, [0] * width if isinstance(acc_elt, ir.IntType) else [0.0] * width)
             accs = [cgutils.alloca_once_value(builder, zero) for _ in range(mr)]
             with _for(builder, start_v, end_v) as (p, _):
                 k0 = builder.mul(_index(context, builder, signature.args[0], idx_v, p), r_v)
                 w0 = builder.mul(builder.mul(p, r_v), _c64(width))
                 with _for(builder, _c64(0), r_v) as (i, _):
-                    w = _load_vec(builder, val_p, builder.add(w0, builder.mul(i, _c64(width))), vec)
+                    w = _load_vec(builder, val_p, builder.add(w0, builder.mul(i, _c64(width))),
+                                  ir.VectorType(elt, width))
                     k = builder.add(k0, i)
                     for t in range(mr):
                         xs = builder.load(builder.gep(x_p, [builder.add(k, builder.mul(ldx_v, _c64(t)))]))
-                        builder.store(_fma(builder, _splat(builder, vec, xs), w, builder.load(accs[t])), accs[t])
+                        builder.store(madd(builder, xs, w, builder.load(accs[t])), accs[t])
             for t in range(mr):
                 dst = builder.gep(out_p, [builder.add(off_v, builder.mul(ldo_v, _c64(t)))])
                 builder.store(builder.load(accs[t]), builder.bitcast(dst, vec.as_pointer()), align=4)
@@ -242,4 +243,31 @@ def bsr_bcast_f32(typingctx, idx, val, start, end, x, ldx, mr, r, width, out, ou
                                for m in range(1, MAX_MR + 1) for w in F32_WIDTHS})
         return context.get_dummy_value()
 
-    return sig, codegen
+    return codegen
+
+
+def _madd_f32(builder: ir.IRBuilder, xs: ir.Value, w: ir.Value, acc: ir.Value) -> ir.Value:
+    return _fma(builder, _splat(builder, acc.type, xs), w, acc)
+
+
+def _madd_i8(builder: ir.IRBuilder, xs: ir.Value, w: ir.Value, acc: ir.Value) -> ir.Value:
+    # sign-extended int8 x int8 products summed in int32: exact for any realistic block count
+    wide = builder.sext(w, acc.type)
+    return builder.add(builder.mul(_splat(builder, acc.type, builder.sext(xs, _I32)), wide), acc)
+
+
+def _bcast_sig(idx, val, x, out):
+    return types.void(idx, val, types.intp, types.intp, x, types.intp, types.intp, types.intp, types.intp, out,
+                      types.intp, types.intp)
+
+
+@intrinsic
+def bsr_bcast_f32(typingctx, idx, val, start, end, x, ldx, mr, r, width, out, out_off, ldo):
+    """fp32 ``r`` x ``width`` blocks (width 4/8/16 output lanes), ``mr`` (1..4) rows; see the module docstring."""
+    return _bcast_sig(idx, val, x, out), _bcast_codegen(_F32, _F32, _madd_f32)
+
+
+@intrinsic
+def bsr_bcast_i8(typingctx, idx, val, start, end, x, ldx, mr, r, width, out, out_off, ldo):
+    """int8 ``r`` x ``width`` blocks times int8 activations into exact int32 lanes (``bsr_bcast_f32``'s layout)."""
+    return _bcast_sig(idx, val, x, out), _bcast_codegen(_I8, _I32, _madd_i8)

@@ -5,7 +5,9 @@
 * ``bsr_f32``: ``c == 1`` with ``r`` in 4, 8, 16 (a block is a contiguous slice of ``x`` dotted with ``r``
   weights: ``_sparse_simd.bsr_dot_f32``), or ``c`` in 4, 8, 16 with any ``r`` (each input broadcast onto ``c``
   output lanes: ``bsr_bcast_f32``). Up to 4 batch rows share every weight load.
-* ``bsr_int8``: ``c == 1`` with ``r`` in 4, 8, 16, 32, 64. With AVX512_VNNI, ``r >= 16`` runs ``vpdpbusd`` on u8
+* ``bsr_int8``: ``c`` in 4, 8, 16 with any ``r`` (each int8 activation broadcast onto ``c`` output lanes, exact
+  int32 accumulation: ``bsr_bcast_i8``), or ``c == 1`` with ``r`` in 4, 8, 16, 32, 64. With AVX512_VNNI, ``c == 1``
+  and ``r >= 16`` runs ``vpdpbusd`` on u8
   activations (``q + 128``; the kernel subtracts ``128 * sum(q_w)`` per channel); other shapes and CPUs use the
   portable path (no VNNI): batch 1 runs 4-row block dots with sign-extending int32 multiply-adds
   (``_csr_simd.bsr_dot_i8``), batch >= ``PORTABLE_LANES_MIN_BATCH`` the batch-lane kernel shared with csr_int8
@@ -14,7 +16,9 @@
 Which blocks win (Zen 4, 4096x4096 at 90 % block sparsity, single thread): bsr_int8 ``(16, 1)`` on VNNI is the
 fastest sparse format at every batch (~65 us batch 1, ~1.1 ms batch 32). Portable bsr_int8: ``(16, 1)`` ~= ``(8, 1)``
 (~0.1 ms batch 1, ~2.3 ms batch 32), ``(4, 1)`` ~1.5-2x slower at batch 1; all beat csr_f32 at every batch.
-bsr_f32's default stays ``(1, 16)`` (output lanes, no reduction).
+bsr_f32's default stays ``(1, 16)`` (output lanes, no reduction). bsr_int8 ``(1, 16)`` runs as fast as bsr_f32
+``(1, 16)`` (~0.16 ms batch 1) from a quarter of the bytes; it is the int8 block for layers whose inputs must be
+pruned one by one (e.g. raw features, where ``(16, 1)`` tiles would drop informative inputs in groups).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import numpy as np
 from numba import njit
 
 from kernels._csr_simd import bsr_dot_i8
-from kernels._sparse_simd import MAX_MR, VNNI_WIDTHS, bsr_bcast_f32, bsr_dot_f32, bsr_dot_vnni, has_avx512_vnni
+from kernels._sparse_simd import MAX_MR, VNNI_WIDTHS, bsr_bcast_f32, bsr_bcast_i8, bsr_dot_f32, bsr_dot_vnni, has_avx512_vnni
 from kernels.activations import activation_code
 from kernels.formats import KernelInputError, LayerKernel, check_activation, register
 from kernels.quantize import quantize_rows, quantize_rows_u8, quantize_weights_per_channel
@@ -34,7 +38,7 @@ from kernels.sparse_common import (BlockSparse, check_block_arrays, epilogue_f32
 from kernels.sparse_csr import int_lanes
 
 F32_BLOCKS: tuple[tuple[int, int], ...] = ((4, 1), (8, 1), (16, 1), (1, 4), (1, 8), (1, 16), (4, 4), (4, 16))
-INT8_BLOCKS: tuple[tuple[int, int], ...] = ((4, 1), (8, 1), (16, 1), (32, 1), (64, 1))
+INT8_BLOCKS: tuple[tuple[int, int], ...] = ((4, 1), (8, 1), (16, 1), (32, 1), (64, 1), (1, 8), (1, 16), (2, 16))
 HAS_VNNI: bool = has_avx512_vnni()
 #: portable bsr_int8: batch size from which the batch-lane kernel beats 4-row block dots (measured crossover)
 PORTABLE_LANES_MIN_BATCH = 2
@@ -43,6 +47,11 @@ PORTABLE_LANES_MIN_BATCH = 2
 def f32_block_supported(r: int, c: int) -> bool:
     """Block shapes ``bsr_f32`` has a kernel for (``F32_BLOCKS`` lists the measured ones)."""
     return (c == 1 and r in (4, 8, 16)) or (c in (4, 8, 16) and r >= 1)
+
+
+def int8_block_supported(r: int, c: int) -> bool:
+    """Block shapes ``bsr_int8`` has a kernel for (``INT8_BLOCKS`` lists the measured ones)."""
+    return (c == 1 and r in (4, 8, 16, 32, 64)) or (c in (4, 8, 16) and r >= 1)
 
 
 @njit(nogil=True, cache=True)
@@ -131,14 +140,34 @@ def bsr_int8_accumulate_vnni(indptr: np.ndarray, indices: np.ndarray, values: np
 
 
 @njit(nogil=True, cache=True)
+def bsr_int8_accumulate_lanes(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, xq: np.ndarray, r: int,
+                              c: int) -> np.ndarray:
+    """Exact int32 ``xq[B, Kp] @ W`` ``[B, nbr * c]`` (padded) for int8 ``(r, c)`` blocks, ``c`` in 4/8/16."""
+    B, ldx = xq.shape
+    nbr = indptr.shape[0] - 1
+    acc = np.empty((B, nbr * c), dtype=np.int32)
+    for b in range(0, B, MAX_MR):
+        mr = min(MAX_MR, B - b)
+        xs = xq[b:]
+        for j in range(nbr):
+            bsr_bcast_i8(indices, values, indptr[j], indptr[j + 1], xs, ldx, mr, r, c, acc, b * nbr * c + j * c,
+                         nbr * c)
+    return acc
+
+
+@njit(nogil=True, cache=True)
 def bsr_int8_forward(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, wsum: np.ndarray,
-                     scales: np.ndarray, bias: np.ndarray, code: int, x: np.ndarray, r: int,
+                     scales: np.ndarray, bias: np.ndarray, code: int, x: np.ndarray, r: int, c: int,
                      vnni: bool) -> np.ndarray:
-    """``act(dequant(quant(x) @ Wq) + b)`` for int8 ``(r, 1)`` BSR weights (dynamic per-row activations)."""
+    """``act(dequant(quant(x) @ Wq) + b)`` for int8 ``(r, c)`` BSR weights (dynamic per-row activations)."""
     B, K = x.shape
     kp = (K + r - 1) // r * r
     xs = np.empty(B, dtype=np.float32)
-    if vnni:
+    if c > 1:
+        xq = np.empty((B, kp), dtype=np.int8)
+        quantize_rows(x, xq, xs)
+        acc = bsr_int8_accumulate_lanes(indptr, indices, values, xq, r, c)
+    elif vnni:
         xu8 = np.empty((B, kp), dtype=np.uint8)
         quantize_rows_u8(x, xu8, xs)
         acc = bsr_int8_accumulate_vnni(indptr, indices, values, xu8, r, wsum)
@@ -237,14 +266,14 @@ class BsrF32(_BsrBase):
 
 @register
 class BsrInt8(_BsrBase):
-    """int8 block-sparse layer, ``block=(r, 1)`` (default ``(16, 1)``): per-channel weight scales, dynamic
-    per-row activation quantization, int32 accumulation (VNNI when available)."""
+    """int8 block-sparse layer, ``block=(r, c)`` (default ``(16, 1)``): per-channel weight scales, dynamic
+    per-row activation quantization, int32 accumulation (VNNI for ``(r, 1)`` blocks when available)."""
 
     format = "bsr_int8"
 
     def __init__(self, bs: BlockSparse, scales: np.ndarray, bias: np.ndarray, activation: str,
                  in_features: int) -> None:
-        if bs.values.shape[1:] not in [(r, c) for r, c in INT8_BLOCKS]:
+        if not int8_block_supported(*bs.values.shape[1:]):
             raise KernelInputError(f"bsr_int8 has no kernel for block {bs.values.shape[1:]}; use one of "
                                    f"{INT8_BLOCKS}")
         super().__init__(BlockSparse(bs.indptr, bs.indices, bs.values.astype(np.int8)), bias, activation,
@@ -254,7 +283,7 @@ class BsrInt8(_BsrBase):
         rows = np.repeat(np.arange(nbr), np.diff(self.indptr))
         self.wsum = np.bincount(rows, weights=self.values.sum(axis=(1, 2), dtype=np.int64),
                                 minlength=nbr).astype(np.int32)
-        self.use_vnni = HAS_VNNI and self.r in VNNI_WIDTHS
+        self.use_vnni = HAS_VNNI and self.c == 1 and self.r in VNNI_WIDTHS
 
     @classmethod
     def from_dense(cls, weights: np.ndarray, bias: np.ndarray, activation: str, **options: Any) -> "BsrInt8":
@@ -263,16 +292,16 @@ class BsrInt8(_BsrBase):
         r, c = _block_option(options.pop("block", (16, 1)))
         if options:
             raise TypeError(f"bsr_int8 got unknown options {sorted(options)}")
-        if (r, c) not in INT8_BLOCKS:
+        if not int8_block_supported(r, c):
             raise KernelInputError(f"bsr_int8 has no kernel for block ({r}, {c}); use one of {INT8_BLOCKS}")
         w = np.asarray(weights, dtype=np.float32)
         q, scales = quantize_weights_per_channel(w)
         pattern = pack_blocks(w, r, c)
-        kb = -(-w.shape[0] // r)
-        padded = np.zeros((kb * r, w.shape[1]), dtype=np.int8)
-        padded[: w.shape[0]] = q
-        rows = np.repeat(np.arange(w.shape[1]), np.diff(pattern.indptr))
-        values = padded.reshape(kb, r, w.shape[1])[pattern.indices.astype(np.int64), :, rows][:, :, None]
+        kb, nb = -(-w.shape[0] // r), -(-w.shape[1] // c)
+        padded = np.zeros((kb * r, nb * c), dtype=np.int8)
+        padded[: w.shape[0], : w.shape[1]] = q
+        rows = np.repeat(np.arange(nb), np.diff(pattern.indptr))
+        values = padded.reshape(kb, r, nb, c)[pattern.indices.astype(np.int64), :, rows, :]
         bs = BlockSparse(pattern.indptr, pattern.indices, np.ascontiguousarray(values))
         return cls(bs, scales, np.asarray(bias, np.float32), activation, w.shape[0])
 
@@ -299,6 +328,9 @@ class BsrInt8(_BsrBase):
         vnni = self.use_vnni if vnni is None else (vnni and self.use_vnni)
         kp = -(-self.in_features // self.r) * self.r
         xq = pad_columns(np.ascontiguousarray(xq, dtype=np.int8), kp)
+        if self.c > 1:
+            acc = bsr_int8_accumulate_lanes(self.indptr, self.indices, self._flat, xq, self.r, self.c)
+            return np.ascontiguousarray(acc[:, : self.out_features])
         if vnni:
             xu8 = (xq.astype(np.int16) + 128).astype(np.uint8)
             return bsr_int8_accumulate_vnni(self.indptr, self.indices, self._flat, xu8, self.r, self.wsum)
@@ -307,4 +339,4 @@ class BsrInt8(_BsrBase):
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return bsr_int8_forward(self.indptr, self.indices, self._flat, self.wsum, self.scales, self.bias,
-                                self._code, x, self.r, self.use_vnni)
+                                self._code, x, self.r, self.c, self.use_vnni)

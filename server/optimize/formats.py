@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from kernels.formats import get_format
-from kernels.sparse_bsr import INT8_BLOCKS, f32_block_supported
+from kernels.sparse_bsr import f32_block_supported, int8_block_supported
 from server.optimize.prune import measured_sparsity
 from server.runtime.plan import LayerSpec, Plan
 from server.runtime.tuning import MIN_SPARSITY_FOR_SPARSE, candidates_for
@@ -19,7 +19,7 @@ def initial_format(sparsity: float, int8: bool, block: tuple[int, int] | None) -
     if sparsity < MIN_SPARSITY_FOR_SPARSE:
         return ("int8" if int8 else "dense_f32"), {}
     if int8:
-        return ("bsr_int8", {"block": block}) if block in INT8_BLOCKS else ("csr_int8", {})
+        return ("bsr_int8", {"block": block}) if block and int8_block_supported(*block) else ("csr_int8", {})
     if block is not None and f32_block_supported(*block):
         return "bsr_f32", {"block": block}
     return "csr_f32", {}

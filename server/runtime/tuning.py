@@ -20,10 +20,11 @@ log = logging.getLogger(__name__)
 FP32_FAMILY = ("dense_f32", "csr_f32", "bsr_f32")
 INT8_FAMILY = ("int8", "csr_int8", "bsr_int8")
 #: BSR block shapes tried by the tuner (rows along K x columns along N): the ones that won the kernel
-#: measurements (16x1/8x1 at batch 1, 4x16/1x16 at batch >= 16; int8 blocks are r x 1 for the VNNI kernel).
+#: measurements (16x1/8x1 at batch 1, 4x16/1x16 at batch >= 16; int8: r x 1 for the VNNI kernel, 1 x 16 for
+#: output-lane blocks).
 BSR_BLOCKS: dict[str, tuple[tuple[int, int], ...]] = {
     "bsr_f32": ((8, 1), (16, 1), (1, 16), (4, 16)),
-    "bsr_int8": ((16, 1), (32, 1)),
+    "bsr_int8": ((16, 1), (32, 1), (1, 16)),
 }
 #: below this fraction of zeros a sparse format cannot win; skip measuring it
 MIN_SPARSITY_FOR_SPARSE = 0.3

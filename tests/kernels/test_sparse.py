@@ -179,7 +179,7 @@ def test_corrupt_arrays_and_bad_options_are_refused(rng: np.random.Generator) ->
     with pytest.raises(KernelInputError):
         BsrF32.from_dense(w, b, "linear", block=(2, 2))
     with pytest.raises(KernelInputError):
-        BsrInt8.from_dense(w, b, "linear", block=(1, 16))
+        BsrInt8.from_dense(w, b, "linear", block=(2, 2))
     with pytest.raises(TypeError):
         CsrInt8.from_dense(w, b, "linear", block=(4, 1))
     with pytest.raises(KernelInputError):
