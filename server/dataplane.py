@@ -117,17 +117,20 @@ class DataPlane:
 
     def load_model(self, name: str) -> list[int]:
         """Serve the stored versions of ``name`` that are not served (e.g. after ``unload_model``); retries versions
-        that failed to load before."""
+        that failed to load before. Returns the versions it loaded."""
         with self._load_lock:
-            if self.repository.is_unloaded(name):
-                self.repository.set_unloaded(name, False)
-            served = set(self.registry.versions(name))
-            todo = [v for v in self.repository.versions(name) if v not in served]
-            failures = self._load_versions(name, todo)
-            self.registry.set_default(name, self.repository.default_version(name))
+            stored = self.repository.versions(name)  # NotFound for an unknown model
+            self._clear_unloaded(name)
+            self._failed -= {(name, v) for v in stored}
+            before = set(self.registry.versions(name))
+            failures = self._reconcile(name, stored)
         if failures:
             raise FailedPrecondition(f"model {name!r}: {len(failures)} version(s) failed to load: {failures[0][2]}")
-        return todo
+        return [v for v in stored if v not in before]
+
+    def _clear_unloaded(self, name: str) -> None:
+        if self.repository.is_unloaded(name):
+            self.repository.set_unloaded(name, False)
 
     def unload_model(self, name: str) -> list[int]:
         """Stop serving every version of ``name``; the repository keeps them, marked unloaded (so other processes
@@ -167,8 +170,7 @@ class DataPlane:
         model loads it again. Holds the load lock throughout, so the repository poll never loads the new version
         a second time."""
         with self._load_lock:
-            if self.repository.versions(name, missing_ok=True) and self.repository.is_unloaded(name):
-                self.repository.set_unloaded(name, False)
+            self._clear_unloaded(name)
             version = self.repository.commit(name, staged)
             served = build(version)
             self.serve(served)
