@@ -246,8 +246,8 @@ def save_seed_model(directory: Path, seed: int = 0) -> tuple[Path, Path]:
     The .npz holds w0, b0, w1, b1, w2, b2 ([in, out] float32) for the peers that compute it in numpy.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from server.convert.keras_loader import import_keras
-    from server.training import build_mlp
+    from leanserve.server.ingest.keras_loader import import_keras
+    from leanserve.server.tools.training import build_mlp
 
     keras = import_keras()
     keras.utils.set_random_seed(seed)
@@ -282,7 +282,7 @@ def numpy_mlp(npz: Path) -> Any:
 
 def upload_seed(target: str, h5: Path) -> str:
     """Upload the .h5 as model ``seed`` over the native API; returns the served input name."""
-    from client.client import Client
+    from leanserve.client.client import Client
 
     with Client(target, timeout=300) as c:
         c.wait_ready(60)

@@ -161,7 +161,7 @@ def wait_all_processes(target: str, timeout: float = 60.0) -> None:
     """Until the uploaded model answers on fresh connections (extra processes pick it up by polling)."""
     import grpc
 
-    from client.client import Client
+    from leanserve.client.client import Client
 
     x = np.zeros((1, common.IN_FEATURES), np.float32)
     end = time.monotonic() + timeout

@@ -25,14 +25,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-from server.datasets import load_dataset  # noqa: E402
-from server.loading import served_from_plan  # noqa: E402
-from server.models import ServedModel  # noqa: E402
-from server.optimize import pipeline  # noqa: E402
-from server.optimize.data import OptimizeData  # noqa: E402
-from server.optimize.options import OptimizeOptions  # noqa: E402
-from server.runtime.plan import build_plan  # noqa: E402
-from server.settings import Settings  # noqa: E402
+from leanserve.server.tools.datasets import load_dataset  # noqa: E402
+from leanserve.server.repository.loading import served_from_plan  # noqa: E402
+from leanserve.server.serving.model import ServedModel  # noqa: E402
+from leanserve.server.optimize import pipeline  # noqa: E402
+from leanserve.server.optimize.data import OptimizeData  # noqa: E402
+from leanserve.server.optimize.options import OptimizeOptions  # noqa: E402
+from leanserve.server.runtime.plan import build_plan  # noqa: E402
+from leanserve.server.settings import Settings  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "optimize.json"
 CONFIGS: list[tuple[str, dict[str, Any]]] = [
@@ -58,8 +58,8 @@ def _served(name: str, plan: Any, shape: list[int], settings: Settings, source: 
 
 
 def digits_model(settings: Settings, workdir: Path, epochs: int) -> tuple[ServedModel, OptimizeData]:
-    from server.convert.keras_to_plan import keras_to_specs
-    from server.training import train_mlp
+    from leanserve.server.ingest.keras_to_plan import keras_to_specs
+    from leanserve.server.tools.training import train_mlp
 
     res = train_mlp("digits", epochs, out=workdir / "digits.keras", seed=0)
     shape, specs = keras_to_specs(res.model)
@@ -71,8 +71,8 @@ def digits_model(settings: Settings, workdir: Path, epochs: int) -> tuple[Served
 def wide_model(settings: Settings, workdir: Path, epochs: int) -> tuple[ServedModel, OptimizeData]:
     """1000→4096→4096→10 trained (Adam, batch 32) on the synthetic task: a 4096-wide model whose accuracy means
     something, so "within budget" does too."""
-    from server.convert.keras_loader import import_keras
-    from server.convert.keras_to_plan import keras_to_specs
+    from leanserve.server.ingest.keras_loader import import_keras
+    from leanserve.server.ingest.keras_to_plan import keras_to_specs
 
     keras = import_keras()
     keras.utils.set_random_seed(0)

@@ -52,7 +52,7 @@ def build_seed_model(path: Path):
 
 
 def start_server(repo: Path) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", "0", "--repository", str(repo),
+    proc = subprocess.Popen([sys.executable, "-m", "leanserve.server.cli", "serve", "--port", "0", "--repository", str(repo),
                              "--log-level", "WARNING"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             cwd=ROOT)
     line = proc.stdout.readline()
@@ -72,9 +72,9 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from client import Client
-    from server.artifacts import plan_from_files
-    from server.repository import Repository
+    from leanserve.client import Client
+    from leanserve.server.repository.artifacts import plan_from_files
+    from leanserve.server.repository.store import Repository
 
     records = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -25,8 +25,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "protos")]
 
 import grpc  # noqa: E402
 
-from inference import grpc_service_pb2 as pb  # noqa: E402
-from inference import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
+from leanserve.v2 import grpc_service_pb2 as pb  # noqa: E402
+from leanserve.v2 import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
 
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 

@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_native(target: str, input_name: str, oracle: Any) -> float:
     """One native request, compared with the numpy oracle: the max abs error (the server must serve this model)."""
-    from client.client import Client
+    from leanserve.client.client import Client
 
     x = np.random.default_rng(7).random((4, common.IN_FEATURES), dtype=np.float32)
     with Client(target, timeout=30) as c:
@@ -68,7 +68,7 @@ def check_native(target: str, input_name: str, oracle: Any) -> float:
 
 def stream_throughput(target: str, rows: int, batch: int, plan: Any) -> dict[str, Any]:
     """Rows/s through one native PredictStream vs the same batches through the Plan in this process."""
-    from client.client import Client
+    from leanserve.client.client import Client
 
     pool = [np.random.default_rng(i).random((batch, common.IN_FEATURES), dtype=np.float32) for i in range(16)]
     n_batches = max(1, rows // batch)
@@ -93,7 +93,7 @@ def stream_throughput(target: str, rows: int, batch: int, plan: Any) -> dict[str
 
 def load_plan(repository: Path | None, h5: Path) -> tuple[Any, str]:
     """The Plan the server serves (from its repository), or a fresh conversion of the same file with --target."""
-    from server import artifacts
+    from leanserve.server.repository import artifacts
 
     if repository is not None:
         versions = sorted((repository / common.MODEL_NAME).glob("*/" + artifacts.MANIFEST))
@@ -104,8 +104,8 @@ def load_plan(repository: Path | None, h5: Path) -> tuple[Any, str]:
             if manifest.get("runtime") == "plan":
                 blob = (versions[-1].parent / artifacts.WEIGHTS).read_bytes()
                 return artifacts.plan_from_files(manifest, blob), "repository"
-    from server import ingest
-    from server.settings import Settings
+    from leanserve.server.ingest import build as ingest
+    from leanserve.server.settings import Settings
 
     conv = ingest.convert("h5", h5, Settings())
     return conv.plan, "converted in-process"

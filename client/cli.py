@@ -20,8 +20,8 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from client import common
-from client.client import Client
+from leanserve.client import common
+from leanserve.client.client import Client
 
 console = Console(stderr=True)
 
@@ -66,7 +66,7 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--version", type=int, default=0, help="0 = every version")
     p.set_defaults(func=cmd_delete)
 
-    from client.optimize_cli import add_optimize_commands
+    from leanserve.client.optimize_cli import add_optimize_commands
 
     add_optimize_commands(sub, common_args)
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from client import common
-from client import optimize as opt
+from leanserve.client import common
+from leanserve.client import optimize as opt
 from leanserve.v1 import inference_service_pb2_grpc as inf_grpc
 from leanserve.v1 import model_service_pb2 as model_pb
 from leanserve.v1 import model_service_pb2_grpc as model_grpc

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from client.client import Client
+from leanserve.client.client import Client
 
 
 def add_optimize_commands(sub: argparse._SubParsersAction,
@@ -39,7 +39,7 @@ def add_optimize_commands(sub: argparse._SubParsersAction,
 
 
 def cmd_optimize(client: Client, args: argparse.Namespace) -> Any:
-    from client.cli import _emit, console
+    from leanserve.client.cli import _emit, console
 
     columns = (TextColumn("{task.fields[stage]:<9}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                TimeElapsedColumn(), TextColumn("{task.description}"))
@@ -77,7 +77,7 @@ def report_table(r: dict[str, Any]) -> Table:
 
 
 def cmd_set_default(client: Client, args: argparse.Namespace) -> Any:
-    from client.cli import _emit
+    from leanserve.client.cli import _emit
 
     default = client.set_default(args.name, args.version)
     _emit(args, {"name": args.name, "default_version": default}, f"{args.name}: default version {default}")

@@ -24,7 +24,7 @@ from numba import types
 from numba.core import cgutils
 from numba.core.extending import intrinsic
 
-from kernels._sparse_simd import (MAX_MR, _F32, _I32, _I64, _block_dot, _c64, _for, _hsum, _index, _load_vec,
+from leanserve.kernels._sparse_simd import (MAX_MR, _F32, _I32, _I64, _block_dot, _c64, _for, _hsum, _index, _load_vec,
                                   _ptr, _splat, _switch)
 
 __all__ = ["bsr_dot_i8", "csr_gather_dot", "lanes_i32", "INT8_DOT_WIDTHS"]

@@ -29,7 +29,7 @@ from numba import types
 from numba.core import cgutils
 from numba.core.extending import intrinsic
 
-from kernels._simd import has_avx512_vnni
+from leanserve.kernels._simd import has_avx512_vnni
 
 __all__ = ["bsr_bcast_f32", "bsr_bcast_i8", "bsr_dot_f32", "bsr_dot_vnni", "csr_lanes_f32", "has_avx512_vnni", "MAX_MR"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from kernels.formats import ACTIVATIONS, check_activation
+from leanserve.kernels.formats import ACTIVATIONS, check_activation
 
 #: activation name -> code passed to the Numba helpers (stable; other kernel modules rely on these values)
 ACTIVATION_CODES: dict[str, int] = {name: code for code, name in enumerate(ACTIVATIONS)}

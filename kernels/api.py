@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from kernels.formats import (
+from leanserve.kernels.formats import (
     ACTIVATIONS,
     KernelInputError,
     LayerKernel,

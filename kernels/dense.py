@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-from kernels._simd import LANES, MAX_MR, PANEL, f32_tile, pack_panels, unpack_panels
-from kernels.activations import activate_row, activation_code, bias_activate_rows
-from kernels.formats import LayerKernel, KernelInputError, check_activation, register
+from leanserve.kernels._simd import LANES, MAX_MR, PANEL, f32_tile, pack_panels, unpack_panels
+from leanserve.kernels.activations import activate_row, activation_code, bias_activate_rows
+from leanserve.kernels.formats import LayerKernel, KernelInputError, check_activation, register
 
 DEFAULT_NUMPY_MIN_BATCH = 1 << 62  # i.e. never: see the module docstring
 

@@ -133,9 +133,9 @@ def available_formats() -> list[str]:
 
 def _load_builtin_formats() -> None:
     # Importing the modules registers their classes; done lazily so importing this contract is cheap.
-    from kernels import dense  # noqa: F401
+    from leanserve.kernels import dense  # noqa: F401
 
-    for optional in ("kernels.int8", "kernels.sparse"):
+    for optional in ("leanserve.kernels.int8", "leanserve.kernels.sparse"):
         try:
             __import__(optional)
         except ModuleNotFoundError as exc:

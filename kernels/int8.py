@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-from kernels._simd import LANES, MAX_MR, PANEL, has_avx512_vnni, pack_panels, vnni_tile
-from kernels.activations import activate_row, activation_code
-from kernels.formats import KernelInputError, LayerKernel, check_activation, register
-from kernels.quantize import quantize_rows, quantize_rows_u8, quantize_weights_per_channel
+from leanserve.kernels._simd import LANES, MAX_MR, PANEL, has_avx512_vnni, pack_panels, vnni_tile
+from leanserve.kernels.activations import activate_row, activation_code
+from leanserve.kernels.formats import KernelInputError, LayerKernel, check_activation, register
+from leanserve.kernels.quantize import quantize_rows, quantize_rows_u8, quantize_weights_per_channel
 
 PATHS = ("auto", "vnni", "portable")
 _default_path = "auto"

@@ -5,7 +5,7 @@ Layouts, block axes and kernel choices are documented in ``sparse_common``, ``sp
 
 from __future__ import annotations
 
-from kernels.sparse_bsr import BsrF32, BsrInt8
-from kernels.sparse_csr import CsrF32, CsrInt8
+from leanserve.kernels.sparse_bsr import BsrF32, BsrInt8
+from leanserve.kernels.sparse_csr import CsrF32, CsrInt8
 
 __all__ = ["BsrF32", "BsrInt8", "CsrF32", "CsrInt8"]

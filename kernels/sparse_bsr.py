@@ -28,14 +28,14 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-from kernels._csr_simd import bsr_dot_i8
-from kernels._sparse_simd import MAX_MR, VNNI_WIDTHS, bsr_bcast_f32, bsr_bcast_i8, bsr_dot_f32, bsr_dot_vnni, has_avx512_vnni
-from kernels.activations import activation_code
-from kernels.formats import KernelInputError, LayerKernel, check_activation, register
-from kernels.quantize import quantize_rows, quantize_rows_u8, quantize_weights_per_channel
-from kernels.sparse_common import (BlockSparse, check_block_arrays, epilogue_f32, epilogue_int, index_dtype,
+from leanserve.kernels._csr_simd import bsr_dot_i8
+from leanserve.kernels._sparse_simd import MAX_MR, VNNI_WIDTHS, bsr_bcast_f32, bsr_bcast_i8, bsr_dot_f32, bsr_dot_vnni, has_avx512_vnni
+from leanserve.kernels.activations import activation_code
+from leanserve.kernels.formats import KernelInputError, LayerKernel, check_activation, register
+from leanserve.kernels.quantize import quantize_rows, quantize_rows_u8, quantize_weights_per_channel
+from leanserve.kernels.sparse_common import (BlockSparse, check_block_arrays, epilogue_f32, epilogue_int, index_dtype,
                                    pack_blocks, unpack_blocks)
-from kernels.sparse_csr import int_lanes
+from leanserve.kernels.sparse_csr import int_lanes
 
 F32_BLOCKS: tuple[tuple[int, int], ...] = ((4, 1), (8, 1), (16, 1), (1, 4), (1, 8), (1, 16), (4, 4), (4, 16))
 INT8_BLOCKS: tuple[tuple[int, int], ...] = ((4, 1), (8, 1), (16, 1), (32, 1), (64, 1), (1, 8), (1, 16), (2, 16))
@@ -156,25 +156,36 @@ def bsr_int8_accumulate_lanes(indptr: np.ndarray, indices: np.ndarray, values: n
 
 
 @njit(nogil=True, cache=True)
-def bsr_int8_forward(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, wsum: np.ndarray,
-                     scales: np.ndarray, bias: np.ndarray, code: int, x: np.ndarray, r: int, c: int,
-                     vnni: bool) -> np.ndarray:
-    """``act(dequant(quant(x) @ Wq) + b)`` for int8 ``(r, c)`` BSR weights (dynamic per-row activations)."""
+def bsr_int8_forward(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, scales: np.ndarray,
+                     bias: np.ndarray, code: int, x: np.ndarray, r: int, c: int) -> np.ndarray:
+    """``act(dequant(quant(x) @ Wq) + b)`` for int8 ``(r, c)`` BSR weights (dynamic per-row activations),
+    portable path (no VNNI)."""
     B, K = x.shape
     kp = (K + r - 1) // r * r
     xs = np.empty(B, dtype=np.float32)
+    xq = np.empty((B, kp), dtype=np.int8)
+    quantize_rows(x, xq, xs)
     if c > 1:
-        xq = np.empty((B, kp), dtype=np.int8)
-        quantize_rows(x, xq, xs)
         acc = bsr_int8_accumulate_lanes(indptr, indices, values, xq, r, c)
-    elif vnni:
-        xu8 = np.empty((B, kp), dtype=np.uint8)
-        quantize_rows_u8(x, xu8, xs)
-        acc = bsr_int8_accumulate_vnni(indptr, indices, values, xu8, r, wsum)
     else:
-        xq = np.empty((B, kp), dtype=np.int8)
-        quantize_rows(x, xq, xs)
         acc = bsr_int8_accumulate_portable(indptr, indices, values, xq, r, PORTABLE_LANES_MIN_BATCH)
+    out = np.empty((B, bias.shape[0]), dtype=np.float32)
+    epilogue_int(acc, False, xs, scales, bias, code, out)
+    return out
+
+
+# A separate function, never referenced by the portable one: LLVM cannot lower vpdpbusd on a CPU without
+# AVX512_VNNI, so it must only be compiled where ``HAS_VNNI`` holds.
+@njit(nogil=True, cache=True)
+def bsr_int8_forward_vnni(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, wsum: np.ndarray,
+                          scales: np.ndarray, bias: np.ndarray, code: int, x: np.ndarray, r: int) -> np.ndarray:
+    """``bsr_int8_forward`` for ``(r, 1)`` blocks with ``vpdpbusd`` (AVX512_VNNI only)."""
+    B, K = x.shape
+    kp = (K + r - 1) // r * r
+    xs = np.empty(B, dtype=np.float32)
+    xu8 = np.empty((B, kp), dtype=np.uint8)
+    quantize_rows_u8(x, xu8, xs)
+    acc = bsr_int8_accumulate_vnni(indptr, indices, values, xu8, r, wsum)
     out = np.empty((B, bias.shape[0]), dtype=np.float32)
     epilogue_int(acc, False, xs, scales, bias, code, out)
     return out
@@ -338,5 +349,8 @@ class BsrInt8(_BsrBase):
                                             PORTABLE_LANES_MIN_BATCH)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return bsr_int8_forward(self.indptr, self.indices, self._flat, self.wsum, self.scales, self.bias,
-                                self._code, x, self.r, self.c, self.use_vnni)
+        if self.use_vnni:
+            return bsr_int8_forward_vnni(self.indptr, self.indices, self._flat, self.wsum, self.scales, self.bias,
+                                         self._code, x, self.r)
+        return bsr_int8_forward(self.indptr, self.indices, self._flat, self.scales, self.bias, self._code, x,
+                                self.r, self.c)

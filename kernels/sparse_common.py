@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-from kernels.activations import activate_row
+from leanserve.kernels.activations import activate_row
 
 
 def index_dtype(limit: int) -> np.dtype:

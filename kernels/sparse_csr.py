@@ -22,12 +22,12 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-from kernels._csr_simd import csr_gather_dot, lanes_i32
-from kernels._sparse_simd import csr_lanes_f32
-from kernels.activations import activation_code
-from kernels.formats import LayerKernel, check_activation, register
-from kernels.quantize import quantize_rows, quantize_weights_per_channel
-from kernels.sparse_common import check_block_arrays, epilogue_f32, epilogue_int, index_dtype
+from leanserve.kernels._csr_simd import csr_gather_dot, lanes_i32
+from leanserve.kernels._sparse_simd import csr_lanes_f32
+from leanserve.kernels.activations import activation_code
+from leanserve.kernels.formats import LayerKernel, check_activation, register
+from leanserve.kernels.quantize import quantize_rows, quantize_weights_per_channel
+from leanserve.kernels.sparse_common import check_block_arrays, epilogue_f32, epilogue_int, index_dtype
 
 #: batch size from which csr_f32 switches from per-row gathers to batch-lane SIMD (measured crossover)
 LANES_MIN_BATCH = 2

@@ -13,22 +13,22 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from inference import grpc_service_pb2, grpc_service_pb2_grpc
+from leanserve.v2 import grpc_service_pb2, grpc_service_pb2_grpc
 from leanserve.v1 import inference_service_pb2, inference_service_pb2_grpc, model_service_pb2, model_service_pb2_grpc
-from server.dataplane import DataPlane
-from server.grpc.calls import StreamSlots
-from server.grpc.inference_servicer import InferenceServicer
-from server.grpc.interceptors import ErrorInterceptor
-from server.grpc.model_servicer import ModelServicer
-from server.grpc.optimize_servicer import OptimizeServicer
+from leanserve.server.dataplane import DataPlane
+from leanserve.server.grpc.calls import StreamSlots
+from leanserve.server.grpc.inference_servicer import InferenceServicer
+from leanserve.server.grpc.interceptors import ErrorInterceptor
+from leanserve.server.grpc.model_servicer import ModelServicer
+from leanserve.server.grpc.optimize_servicer import OptimizeServicer
 from leanserve.v1 import optimize_service_pb2, optimize_service_pb2_grpc
-from server.optimize.service import Optimizer
-from server.grpc.v2_servicer import V2Servicer
-from server.metrics import MetricsServer
-from server.registry import ModelRegistry
-from server.repository_poll import RepositoryPoller
-from server.repository import Repository
-from server.settings import Settings
+from leanserve.server.optimize.service import Optimizer
+from leanserve.server.grpc.v2_servicer import V2Servicer
+from leanserve.server.serving.metrics import MetricsServer
+from leanserve.server.serving.registry import ModelRegistry
+from leanserve.server.repository.poll import RepositoryPoller
+from leanserve.server.repository.store import Repository
+from leanserve.server.settings import Settings
 
 log = logging.getLogger(__name__)
 

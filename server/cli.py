@@ -10,7 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
-from client.cli import add_client_commands, run_client_command
+from leanserve.client.cli import add_client_commands, run_client_command
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def settings_from_args(args: argparse.Namespace):
     """Settings from the environment, overridden by the flags that were given."""
-    from server.settings import Settings
+    from leanserve.server.settings import Settings
 
     overrides = {k: getattr(args, k) for k in ("host", "port", "repository", "worker_threads", "processes", "log_level")
                  if getattr(args, k, None) is not None}
@@ -61,8 +61,8 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from server.app import create_server
-    from server.processes import READY, ExtraProcesses, watch_first_process
+    from leanserve.server.app import create_server
+    from leanserve.server.processes import READY, ExtraProcesses, watch_first_process
 
     settings = settings_from_args(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -96,7 +96,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from server.training import train_mlp
+    from leanserve.server.tools.training import train_mlp
 
     result = train_mlp(args.dataset, epochs=args.epochs, batch_size=args.batch_size, out=args.out, seed=args.seed)
     print(f"trained on {args.dataset}: train accuracy {result.train_accuracy:.4f}, "
@@ -105,7 +105,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from server.demo import run_demo
+    from leanserve.server.tools.demo import run_demo
 
     return run_demo(args.workdir, epochs=args.epochs)
 

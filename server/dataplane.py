@@ -16,17 +16,19 @@ from typing import Any
 
 import numpy as np
 
-from server import ingest
-from server.batching import BatchConfig, Batcher
-from server.errors import Cancelled, DeadlineExceeded, FailedPrecondition, LeanserveError, NotFound
-from server.loading import load_version, served_from_plan
-from server.models import NO_CONTEXT, PredictResult, RequestContext, ServedModel, UploadRequest
-from server.postprocess import PostProcess, apply
-from server.registry import ModelRegistry
-from server.repository import Repository, validate_name
-from server.settings import Settings
-from server.uploads import check_header, receive
-from server.validation import select_input, validate_batch
+from leanserve.server.ingest import build as ingest
+from leanserve.server.serving.batching import BatchConfig, Batcher
+from leanserve.server.errors import Cancelled, DeadlineExceeded, FailedPrecondition, LeanserveError, NotFound
+from leanserve.server.repository.loading import load_version, served_from_plan
+from leanserve.server.serving.model import PredictResult, ServedModel
+from leanserve.server.serving.context import NO_CONTEXT, RequestContext
+from leanserve.server.ingest.uploads import UploadRequest
+from leanserve.server.serving.postprocess import PostProcess, apply
+from leanserve.server.serving.registry import ModelRegistry
+from leanserve.server.repository.store import Repository, validate_name
+from leanserve.server.settings import Settings
+from leanserve.server.ingest.uploads import check_header, receive
+from leanserve.server.serving.validation import select_input, validate_batch
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from server.settings import Settings
+from leanserve.server.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class ExtraProcesses:
 
     def _spawn(self, index: int) -> _Child:
         ready_read, ready_write = os.pipe()
-        argv = [sys.executable, "-m", "server.cli", "serve",
+        argv = [sys.executable, "-m", "leanserve.server.cli", "serve",
                 "--supervisor-fd", str(self._alive_read), "--ready-fd", str(ready_write)]
         proc = subprocess.Popen(argv, env=child_env(self.settings, self.port, index),
                                 pass_fds=(self._alive_read, ready_write))

@@ -10,9 +10,9 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from client import Client  # noqa: E402
-from server.app import ServerHandle, create_server  # noqa: E402
-from server.settings import Settings  # noqa: E402
+from leanserve.client import Client  # noqa: E402
+from leanserve.server.app import ServerHandle, create_server  # noqa: E402
+from leanserve.server.settings import Settings  # noqa: E402
 
 
 def make_settings(repository: Path, **overrides: object) -> Settings:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from server.models import ServedModel, TensorSignature
+from leanserve.server.serving.model import ServedModel, TensorSignature
 
 
 class GatedRunner:

@@ -10,8 +10,8 @@ from typing import TypeVar
 
 import grpc
 
-from server.errors import LeanserveError, ResourceExhausted
-from server.models import RequestContext
+from leanserve.server.errors import LeanserveError, ResourceExhausted
+from leanserve.server.serving.context import RequestContext
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")

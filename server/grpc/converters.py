@@ -10,9 +10,10 @@ import numpy as np
 from leanserve.v1 import inference_service_pb2 as inf_pb
 from leanserve.v1 import model_service_pb2 as model_pb
 from leanserve.v1 import tensor_pb2 as tensor_pb
-from server.errors import InvalidArgument
-from server.models import PredictResult, ServedModel, TensorSignature, UploadRequest
-from server.postprocess import PostProcess
+from leanserve.server.errors import InvalidArgument
+from leanserve.server.serving.model import PredictResult, ServedModel, TensorSignature
+from leanserve.server.ingest.uploads import UploadRequest
+from leanserve.server.serving.postprocess import PostProcess
 
 _DTYPES: dict[int, np.dtype] = {
     tensor_pb.FLOAT32: np.dtype("<f4"),

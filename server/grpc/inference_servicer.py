@@ -8,11 +8,11 @@ import grpc
 
 from leanserve.v1 import inference_service_pb2 as pb
 from leanserve.v1 import inference_service_pb2_grpc as pb_grpc
-from server.dataplane import DataPlane
-from server.errors import LeanserveError
-from server.grpc import converters
-from server.grpc.calls import StreamSlots, pipelined, request_context
-from server.models import RequestContext
+from leanserve.server.dataplane import DataPlane
+from leanserve.server.errors import LeanserveError
+from leanserve.server.grpc import converters
+from leanserve.server.grpc.calls import StreamSlots, pipelined, request_context
+from leanserve.server.serving.context import RequestContext
 
 
 class InferenceServicer(pb_grpc.InferenceServiceServicer):

@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 
-from server.errors import LeanserveError
+from leanserve.server.errors import LeanserveError
 
 log = logging.getLogger(__name__)
 

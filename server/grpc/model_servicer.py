@@ -8,9 +8,9 @@ import grpc
 
 from leanserve.v1 import model_service_pb2 as pb
 from leanserve.v1 import model_service_pb2_grpc as pb_grpc
-from server.dataplane import DataPlane
-from server.errors import InvalidArgument
-from server.grpc import converters
+from leanserve.server.dataplane import DataPlane
+from leanserve.server.errors import InvalidArgument
+from leanserve.server.grpc import converters
 
 
 def _chunks(first: pb.UploadModelRequest | None, rest: Iterator[pb.UploadModelRequest]) -> Iterator[bytes]:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 from leanserve.v1 import optimize_service_pb2 as pb
-from server.errors import InvalidArgument
-from server.optimize.options import OptimizeOptions, parse_block
-from server.optimize.service import Progress, Report
+from leanserve.server.errors import InvalidArgument
+from leanserve.server.optimize.options import OptimizeOptions, parse_block
+from leanserve.server.optimize.service import Progress, Report
 
 _GRANULARITY = {pb.PER_LAYER: "per_layer", pb.GLOBAL: "global"}
 _QUANTIZATION = {pb.QUANTIZATION_NONE: "none", pb.INT8_DYNAMIC: "int8"}

@@ -8,9 +8,9 @@ import grpc
 
 from leanserve.v1 import optimize_service_pb2 as pb
 from leanserve.v1 import optimize_service_pb2_grpc as pb_grpc
-from server.errors import Cancelled, InvalidArgument
-from server.grpc import optimize_converters as conv
-from server.optimize.service import Optimizer
+from leanserve.server.errors import Cancelled, InvalidArgument
+from leanserve.server.grpc import optimize_converters as conv
+from leanserve.server.optimize.service import Optimizer
 
 
 def _chunks(rest: Iterator[pb.OptimizeRequest]) -> Iterator[bytes]:

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from inference import grpc_service_pb2 as pb
-from server.errors import InvalidArgument
-from server.models import PredictResult, ServedModel, TensorSignature
-from server.postprocess import PostProcess
-from server.stats import StatsSnapshot
+from leanserve.v2 import grpc_service_pb2 as pb
+from leanserve.server.errors import InvalidArgument
+from leanserve.server.serving.model import PredictResult, ServedModel, TensorSignature
+from leanserve.server.serving.postprocess import PostProcess
+from leanserve.server.serving.stats import StatsSnapshot
 
 DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype("?"),

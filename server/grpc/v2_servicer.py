@@ -7,13 +7,13 @@ from importlib import metadata
 
 import grpc
 
-from inference import grpc_service_pb2 as pb
-from inference import grpc_service_pb2_grpc as pb_grpc
-from server.dataplane import DataPlane
-from server.errors import LeanserveError, NotFound
-from server.grpc import v2_converters as conv
-from server.grpc.calls import StreamSlots, pipelined, request_context
-from server.models import RequestContext
+from leanserve.v2 import grpc_service_pb2 as pb
+from leanserve.v2 import grpc_service_pb2_grpc as pb_grpc
+from leanserve.server.dataplane import DataPlane
+from leanserve.server.errors import LeanserveError, NotFound
+from leanserve.server.grpc import v2_converters as conv
+from leanserve.server.grpc.calls import StreamSlots, pipelined, request_context
+from leanserve.server.serving.context import RequestContext
 
 EXTENSIONS = ("model_repository", "statistics", "parameters")
 

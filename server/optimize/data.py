@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.errors import InvalidArgument, ResourceExhausted
+from leanserve.server.errors import InvalidArgument, ResourceExhausted
 
 _KEYS = frozenset({"x", "y", "x_val", "y_val"})
 

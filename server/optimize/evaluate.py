@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.runtime.plan import Plan
+from leanserve.server.runtime.plan import Plan
 
 EVAL_BATCH = 256
 RANDOM_EVAL_ROWS = 512
@@ -68,8 +68,8 @@ def _once(plan: Plan, x: np.ndarray) -> float:
 def tf_reference_error(plan: Plan, x: np.ndarray) -> dict[str, float]:
     """Max |served - TF| where TF runs a Keras model built from the plan's effective (pruned, dequantized)
     weights: what remains is the kernels' arithmetic, including int8 activation quantization."""
-    from server.convert.reference import keras_reference
-    from server.optimize.keras_model import keras_of_plan
+    from leanserve.server.ingest.reference import keras_reference
+    from leanserve.server.optimize.keras_model import keras_of_plan
 
     ref = keras_reference(keras_of_plan(plan))
     served = run_plan(plan, x).astype(np.float64)

@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from server.errors import Cancelled, FailedPrecondition
-from server.optimize import prune
-from server.optimize.keras_model import dense_layers
+from leanserve.server.errors import Cancelled, FailedPrecondition
+from leanserve.server.optimize import prune
+from leanserve.server.optimize.keras_model import dense_layers
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class FineTuneResult:
 def make_callback(model: Any, *, initial: float, final: float, granularity: str, block: tuple[int, int] | None,
                   total_steps: int, steps_per_epoch: int, cancelled: Callable[[], bool],
                   on_epoch: Callable[[int, float, dict[str, float]], None]) -> Any:
-    from server.convert.keras_loader import import_keras
+    from leanserve.server.ingest.keras_loader import import_keras
 
     keras = import_keras()
     layers = dense_layers(model)
@@ -124,7 +124,7 @@ def fine_tune(model: Any, x: np.ndarray, y: np.ndarray, *, output_activation: st
               on_epoch: Callable[[int, float, dict[str, float]], None]) -> FineTuneResult:
     """Train ``model`` in place on ``(x, y)`` while its Dense kernels are pruned from ``initial`` to ``final``
     sparsity; returns a summary. Raises Cancelled when ``cancelled()`` became true during training."""
-    from server.convert.keras_loader import import_keras
+    from leanserve.server.ingest.keras_loader import import_keras
 
     keras = import_keras()
     if output_activation == "softmax":

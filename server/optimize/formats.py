@@ -7,11 +7,11 @@ from typing import Any
 
 import numpy as np
 
-from kernels.formats import get_format
-from kernels.sparse_bsr import f32_block_supported, int8_block_supported
-from server.optimize.prune import measured_sparsity
-from server.runtime.plan import LayerSpec, Plan
-from server.runtime.tuning import MIN_SPARSITY_FOR_SPARSE, candidates_for
+from leanserve.kernels.formats import get_format
+from leanserve.kernels.sparse_bsr import f32_block_supported, int8_block_supported
+from leanserve.server.optimize.prune import measured_sparsity
+from leanserve.server.runtime.plan import LayerSpec, Plan
+from leanserve.server.runtime.tuning import MIN_SPARSITY_FOR_SPARSE, candidates_for
 
 
 def initial_format(sparsity: float, int8: bool, block: tuple[int, int] | None) -> tuple[str, dict[str, Any]]:
@@ -38,7 +38,7 @@ def build(input_shape: tuple[int, ...], specs: list[LayerSpec], int8: bool, bloc
 def tune(plan: Plan, batch_sizes: tuple[int, ...], block: tuple[int, int] | None) -> Plan:
     """Per layer, time the equivalent formats (the tuner's usual candidates plus the pruned block shape; only
     sparse ones for a pruned layer) and keep the fastest; the record lands in ``plan.tuning`` and so in GetModel's layer timings."""
-    from kernels.autotune import autotune
+    from leanserve.kernels.autotune import autotune
 
     layers, tuning = [], []
     for layer in plan.layers:

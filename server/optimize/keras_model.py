@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from server.runtime.plan import LayerSpec, Plan
-from server.settings import Settings
+from leanserve.server.runtime.plan import LayerSpec, Plan
+from leanserve.server.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ def plan_specs(plan: Plan) -> list[LayerSpec]:
 
 def build_sequential(input_shape: tuple[int, ...], specs: list[LayerSpec]) -> Any:
     """A Keras Sequential computing exactly the specs: [Flatten,] Dense(N, activation) per layer."""
-    from server.convert.keras_loader import import_keras
+    from leanserve.server.ingest.keras_loader import import_keras
 
     keras = import_keras()
     layers: list[Any] = [keras.Input(tuple(input_shape), name="input")]
@@ -54,7 +54,7 @@ def trainable_model(plan: Plan, manifest: dict[str, Any], folder: Path, settings
     The source is used only when its Dense chain matches the plan's layers one to one."""
     source = manifest.get("source") or {}
     if source.get("format") in ("keras", "h5") and (folder / str(source.get("file", ""))).is_file():
-        from server.convert.keras_loader import load_keras
+        from leanserve.server.ingest.keras_loader import load_keras
 
         model = load_keras(folder / source["file"], max_bytes=settings.max_upload_bytes,
                            max_params=settings.max_model_params, max_layers=settings.max_model_layers)
@@ -67,7 +67,7 @@ def trainable_model(plan: Plan, manifest: dict[str, Any], folder: Path, settings
 
 def specs_from_keras(model: Any) -> list[LayerSpec]:
     """Fold the (fine-tuned) Keras model back into specs (BatchNormalization folded, Dropout dropped)."""
-    from server.convert.keras_to_plan import keras_to_specs
+    from leanserve.server.ingest.keras_to_plan import keras_to_specs
 
     return keras_to_specs(model)[1]
 

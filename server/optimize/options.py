@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from server.errors import InvalidArgument
+from leanserve.server.errors import InvalidArgument
 
 MAX_SPARSITY = 0.99
 MAX_BLOCK_SIDE = 64
@@ -60,7 +60,7 @@ def format_block(block: tuple[int, int] | None) -> str:
 
 def validate(opts: OptimizeOptions, *, max_epochs: int, max_data_bytes: int) -> OptimizeOptions:
     """Return ``opts`` or raise InvalidArgument / ResourceExhausted naming the bad option."""
-    from server.errors import ResourceExhausted
+    from leanserve.server.errors import ResourceExhausted
 
     if not opts.model_name:
         raise InvalidArgument("model_name is required")

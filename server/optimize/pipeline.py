@@ -13,17 +13,17 @@ from typing import Any
 
 import numpy as np
 
-from server.errors import Cancelled, FailedPrecondition, InvalidArgument
-from server.models import ServedModel
-from server.optimize import data as data_mod
-from server.optimize import evaluate, formats
-from server.optimize.data import OptimizeData
-from server.optimize.evaluate import EvalSet
-from server.optimize.keras_model import plan_specs
-from server.optimize.options import SEARCH_SPARSITIES, OptimizeOptions
-from server.optimize.prune import prune
-from server.runtime.plan import LayerSpec, Plan
-from server.settings import Settings
+from leanserve.server.errors import Cancelled, FailedPrecondition, InvalidArgument
+from leanserve.server.serving.model import ServedModel
+from leanserve.server.optimize import data as data_mod
+from leanserve.server.optimize import evaluate, formats
+from leanserve.server.optimize.data import OptimizeData
+from leanserve.server.optimize.evaluate import EvalSet
+from leanserve.server.optimize.keras_model import plan_specs
+from leanserve.server.optimize.options import SEARCH_SPARSITIES, OptimizeOptions
+from leanserve.server.optimize.prune import prune
+from leanserve.server.runtime.plan import LayerSpec, Plan
+from leanserve.server.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +111,8 @@ def run(base: ServedModel, folder: Path, opts: OptimizeOptions, data: OptimizeDa
     finetune_info: dict[str, Any] | None = None
     keras_model, keras_origin = None, ""
     if opts.epochs:
-        from server.optimize.finetune import limit_tf_threads
-        from server.optimize.keras_model import trainable_model
+        from leanserve.server.optimize.finetune import limit_tf_threads
+        from leanserve.server.optimize.keras_model import trainable_model
 
         job.progress("load", 0.07, "building the Keras model to fine-tune")
         limit_tf_threads(settings.optimize_tf_threads)
@@ -192,8 +192,8 @@ def _one_shot(specs: list[LayerSpec], level: float, opts: OptimizeOptions) -> li
 def _fine_tune(model: Any, train: tuple[np.ndarray, np.ndarray] | None, base_plan: Plan, opts: OptimizeOptions,
                initial: float, level: float, job: JobControl, lo: float,
                span: float) -> tuple[list[LayerSpec], dict[str, Any]]:
-    from server.optimize.finetune import fine_tune
-    from server.optimize.keras_model import specs_from_keras
+    from leanserve.server.optimize.finetune import fine_tune
+    from leanserve.server.optimize.keras_model import specs_from_keras
 
     assert train is not None  # eval_and_train_sets returns training rows whenever epochs > 0
     x, y = train

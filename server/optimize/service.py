@@ -23,14 +23,14 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from server import artifacts
-from server.dataplane import DataPlane
-from server.errors import LeanserveError, ResourceExhausted
-from server.loading import served_from_plan
-from server.optimize import data as data_mod
-from server.optimize import pipeline
-from server.optimize.options import OptimizeOptions, validate
-from server.repository import validate_name
+from leanserve.server.repository import artifacts
+from leanserve.server.dataplane import DataPlane
+from leanserve.server.errors import LeanserveError, ResourceExhausted
+from leanserve.server.repository.loading import served_from_plan
+from leanserve.server.optimize import data as data_mod
+from leanserve.server.optimize import pipeline
+from leanserve.server.optimize.options import OptimizeOptions, validate
+from leanserve.server.repository.store import validate_name
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from kernels.formats import QUANTIZED_INPUT_FORMATS, LayerKernel, get_format
-from kernels.quantize import quantize_rows
+from leanserve.kernels.formats import QUANTIZED_INPUT_FORMATS, LayerKernel, get_format
+from leanserve.kernels.quantize import quantize_rows
 
 
 @dataclass(frozen=True)

@@ -12,16 +12,16 @@ from typing import Any
 
 import numpy as np
 
-from server.errors import InvalidArgument
+from leanserve.server.errors import InvalidArgument
 
 
 class TFRuntime:
     """A thread-safe ``x -> y`` callable over a single-input, single-output Keras model."""
 
     def __init__(self, model: Any) -> None:
-        from server.convert.keras_loader import import_keras
-        from server.convert.keras_to_plan import model_signature
-        from server.errors import UnsupportedModel
+        from leanserve.server.ingest.keras_loader import import_keras
+        from leanserve.server.ingest.keras_to_plan import model_signature
+        from leanserve.server.errors import UnsupportedModel
 
         import_keras()
         import tensorflow as tf
@@ -44,7 +44,7 @@ class TFRuntime:
     @classmethod
     def from_path(cls, path: Path, *, max_bytes: int, **limits: int) -> "TFRuntime":
         """Load an uploaded ``.keras``/``.h5`` file through the checked loader and wrap it."""
-        from server.convert.keras_loader import load_keras
+        from leanserve.server.ingest.keras_loader import load_keras
 
         return cls(load_keras(path, max_bytes=max_bytes, **limits))
 

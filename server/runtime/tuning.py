@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from kernels.formats import available_formats, get_format
-from server.runtime.plan import Plan
+from leanserve.kernels.formats import available_formats, get_format
+from leanserve.server.runtime.plan import Plan
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def candidates_for(layer_format: str, sparsity: float) -> list[tuple[str, dict[s
 
 def tune_plan(plan: Plan, batch_sizes: tuple[int, ...]) -> Plan:
     """A new Plan whose layers use the fastest equivalent format; the measurements are kept in ``plan.tuning``."""
-    from kernels.autotune import autotune
+    from leanserve.kernels.autotune import autotune
 
     layers, tuning = [], []
     for name, layer in zip(plan.layer_names, plan.layers):

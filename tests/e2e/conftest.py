@@ -11,7 +11,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def keras() -> Any:
-    from server.convert.keras_loader import import_keras
+    from leanserve.server.ingest.keras_loader import import_keras
 
     keras = import_keras()
     keras.utils.set_random_seed(7)

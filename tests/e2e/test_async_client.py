@@ -8,8 +8,8 @@ import grpc
 import numpy as np
 import pytest
 
-from client import AsyncClient
-from server.app import ServerHandle
+from leanserve.client import AsyncClient
+from leanserve.server.app import ServerHandle
 
 
 def test_async_client_round_trip(server: ServerHandle, model_files, keras_predict) -> None:

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from client import Client
-from client import common
-from inference import grpc_service_pb2 as v2
-from inference import grpc_service_pb2_grpc as v2_grpc
-from server.app import ServerHandle, create_server
+from leanserve.client import Client
+from leanserve.client import common
+from leanserve.v2 import grpc_service_pb2 as v2
+from leanserve.v2 import grpc_service_pb2_grpc as v2_grpc
+from leanserve.server.app import ServerHandle, create_server
 from tests.conftest import make_settings
 from tests.toy import GatedRunner, toy_model, wait_until
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-LEANSERVE = [sys.executable, "-m", "server.cli"]
+LEANSERVE = [sys.executable, "-m", "leanserve.server.cli"]
 
 
 def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -9,9 +9,9 @@ import grpc
 import numpy as np
 import pytest
 
-from client import Client
+from leanserve.client import Client
 from leanserve.v1 import model_service_pb2 as pb
-from server.app import create_server
+from leanserve.server.app import create_server
 from tests.conftest import make_settings
 
 

@@ -6,7 +6,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from server.app import ServerHandle
+from leanserve.server.app import ServerHandle
 
 
 def test_health_serving_then_not_serving_on_stop(server: ServerHandle) -> None:

@@ -8,9 +8,9 @@ import grpc
 import numpy as np
 import pytest
 
-from client import Client
-from server import artifacts
-from server.runtime.plan import LayerSpec, build_plan
+from leanserve.client import Client
+from leanserve.server.repository import artifacts
+from leanserve.server.runtime.plan import LayerSpec, build_plan
 
 
 def _zip(tmp_path, plan):

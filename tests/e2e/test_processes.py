@@ -14,14 +14,14 @@ import grpc
 import numpy as np
 import pytest
 
-from client import Client
-from inference import grpc_service_pb2 as pb
-from inference import grpc_service_pb2_grpc as pb_grpc
-from server import artifacts
-from server.runtime.plan import LayerSpec, build_plan
+from leanserve.client import Client
+from leanserve.v2 import grpc_service_pb2 as pb
+from leanserve.v2 import grpc_service_pb2_grpc as pb_grpc
+from leanserve.server.repository import artifacts
+from leanserve.server.runtime.plan import LayerSpec, build_plan
 from tests.toy import wait_until
 
-LEANSERVE = [sys.executable, "-m", "server.cli"]
+LEANSERVE = [sys.executable, "-m", "leanserve.server.cli"]
 
 
 def children(pid: int) -> list[int]:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from client import Client
-from kernels.formats import get_format
-from kernels.prune import prune_magnitude
-from server import artifacts
-from server.runtime.plan import Plan
-from server.runtime.tuning import FP32_FAMILY, INT8_FAMILY
+from leanserve.client import Client
+from leanserve.kernels.formats import get_format
+from leanserve.kernels.prune import prune_magnitude
+from leanserve.server.repository import artifacts
+from leanserve.server.runtime.plan import Plan
+from leanserve.server.runtime.tuning import FP32_FAMILY, INT8_FAMILY
 
 
 def test_sparse_and_int8_layers_are_served_by_their_kernels(client: Client, tmp_path) -> None:

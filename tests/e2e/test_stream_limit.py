@@ -9,9 +9,9 @@ import grpc
 import numpy as np
 import pytest
 
-from client import Client, common
+from leanserve.client import Client, common
 from leanserve.v1 import inference_service_pb2 as pb
-from server.settings import Settings
+from leanserve.server.settings import Settings
 
 
 def test_streams_past_the_limit_are_refused_and_unary_still_served(client: Client, model_files) -> None:

@@ -10,8 +10,8 @@ import grpc
 import numpy as np
 import pytest
 
-from client import Client
-from server.app import create_server
+from leanserve.client import Client
+from leanserve.server.app import create_server
 from tests.conftest import make_settings
 
 

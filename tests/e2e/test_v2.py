@@ -8,10 +8,10 @@ import grpc
 import numpy as np
 import pytest
 
-from client import Client
-from inference import grpc_service_pb2 as pb
-from inference import grpc_service_pb2_grpc as pb_grpc
-from server.app import ServerHandle
+from leanserve.client import Client
+from leanserve.v2 import grpc_service_pb2 as pb
+from leanserve.v2 import grpc_service_pb2_grpc as pb_grpc
+from leanserve.server.app import ServerHandle
 from tests.toy import GatedRunner, toy_model
 
 Tensor = pb.ModelInferRequest.InferInputTensor

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from kernels.activations import activate_numpy
+from leanserve.kernels.activations import activate_numpy
 
 
 def reference(x: np.ndarray, w: np.ndarray, b: np.ndarray, activation: str) -> np.ndarray:

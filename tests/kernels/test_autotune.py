@@ -3,9 +3,9 @@ import time
 import numpy as np
 import pytest
 
-from kernels.autotune import autotune, candidate_key
-from kernels.dense import DenseF32
-from kernels.formats import register
+from leanserve.kernels.autotune import autotune, candidate_key
+from leanserve.kernels.dense import DenseF32
+from leanserve.kernels.formats import register
 
 
 @register

@@ -6,13 +6,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels import api
-from kernels._simd import pack_panels, unpack_panels
-from kernels.activations import ACTIVATION_CODES, activate_numpy, bias_activate_rows
-from kernels.dense import DenseF32
-from kernels.formats import ACTIVATIONS, KernelInputError, available_formats, get_format
+from leanserve.kernels import api
+from leanserve.kernels._simd import pack_panels, unpack_panels
+from leanserve.kernels.activations import ACTIVATION_CODES, activate_numpy, bias_activate_rows
+from leanserve.kernels.dense import DenseF32
+from leanserve.kernels.formats import ACTIVATIONS, KernelInputError, available_formats, get_format
 
-from _kernel_refs import assert_close_f32, reference
+from tests.kernels._kernel_refs import assert_close_f32, reference
 
 SHAPES = [(1, 1), (5, 1), (7, 3), (33, 17), (64, 10), (130, 65), (257, 129), (128, 64)]
 BATCHES = [1, 2, 3, 4, 5, 9, 17]

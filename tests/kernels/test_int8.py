@@ -6,13 +6,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels import int8 as int8_mod
-from kernels._simd import has_avx512_vnni
-from kernels.formats import ACTIVATIONS, KernelInputError
-from kernels.int8 import Int8, resolve_path, set_default_path
-from kernels.quantize import quantize_rows, quantize_rows_u8, quantize_weights_per_channel
+from leanserve.kernels import int8 as int8_mod
+from leanserve.kernels._simd import has_avx512_vnni
+from leanserve.kernels.formats import ACTIVATIONS, KernelInputError
+from leanserve.kernels.int8 import Int8, resolve_path, set_default_path
+from leanserve.kernels.quantize import quantize_rows, quantize_rows_u8, quantize_weights_per_channel
 
-from _kernel_refs import reference
+from tests.kernels._kernel_refs import reference
 
 PATHS = [
     "portable",

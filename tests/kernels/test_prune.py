@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kernels.prune import prune_magnitude
+from leanserve.kernels.prune import prune_magnitude
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])

@@ -11,14 +11,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import load, save
 
-from kernels.activations import activate_numpy
-from kernels.formats import KernelInputError, LayerKernel, available_formats, get_format
-from kernels.prune import prune_magnitude
-from kernels.quantize import quantize_rows
-from kernels.sparse import BsrF32, BsrInt8, CsrF32, CsrInt8
-from kernels.sparse_bsr import F32_BLOCKS, HAS_VNNI, INT8_BLOCKS
+from leanserve.kernels.activations import activate_numpy
+from leanserve.kernels.formats import KernelInputError, LayerKernel, available_formats, get_format
+from leanserve.kernels.prune import prune_magnitude
+from leanserve.kernels.quantize import quantize_rows
+from leanserve.kernels.sparse import BsrF32, BsrInt8, CsrF32, CsrInt8
+from leanserve.kernels.sparse_bsr import F32_BLOCKS, HAS_VNNI, INT8_BLOCKS
 
-from _kernel_refs import assert_close_f32, reference
+from tests.kernels._kernel_refs import assert_close_f32, reference
 
 # (format name, block) — every block shape each format has a kernel for
 CONFIGS = ([("csr_f32", None), ("csr_int8", None)] + [("bsr_f32", b) for b in F32_BLOCKS]

@@ -125,7 +125,7 @@ class ReferenceCheck(_message.Message):
     atol: float
     rtol: float
     passed: bool
-    def __init__(self, reference: _Optional[str] = ..., samples: _Optional[int] = ..., max_abs_error: _Optional[float] = ..., max_rel_error: _Optional[float] = ..., atol: _Optional[float] = ..., rtol: _Optional[float] = ..., passed: _Optional[bool] = ...) -> None: ...
+    def __init__(self, reference: _Optional[str] = ..., samples: _Optional[int] = ..., max_abs_error: _Optional[float] = ..., max_rel_error: _Optional[float] = ..., atol: _Optional[float] = ..., rtol: _Optional[float] = ..., passed: bool = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "version", "versions", "runtime", "source_format", "inputs", "outputs", "layers", "reference", "source_size_bytes", "source_sha256", "created_at", "max_batch_size", "description", "served_size_bytes", "metadata_json", "default_version")

@@ -46,7 +46,7 @@ class OptimizeOptions(_message.Message):
     promote: bool
     data_size_bytes: int
     description: str
-    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ..., target_sparsity: _Optional[float] = ..., block: _Optional[str] = ..., granularity: _Optional[_Union[PruneGranularity, str]] = ..., quantization: _Optional[_Union[Quantization, str]] = ..., max_accuracy_drop: _Optional[float] = ..., epochs: _Optional[int] = ..., search: _Optional[bool] = ..., promote: _Optional[bool] = ..., data_size_bytes: _Optional[int] = ..., description: _Optional[str] = ...) -> None: ...
+    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ..., target_sparsity: _Optional[float] = ..., block: _Optional[str] = ..., granularity: _Optional[_Union[PruneGranularity, str]] = ..., quantization: _Optional[_Union[Quantization, str]] = ..., max_accuracy_drop: _Optional[float] = ..., epochs: _Optional[int] = ..., search: bool = ..., promote: bool = ..., data_size_bytes: _Optional[int] = ..., description: _Optional[str] = ...) -> None: ...
 
 class OptimizeRequest(_message.Message):
     __slots__ = ("options", "data_chunk")
@@ -92,7 +92,7 @@ class OptimizeReport(_message.Message):
     size_bytes_before: int
     size_bytes_after: int
     report_json: str
-    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ..., from_version: _Optional[int] = ..., within_budget: _Optional[bool] = ..., promoted: _Optional[bool] = ..., default_version: _Optional[int] = ..., metric: _Optional[str] = ..., metric_before: _Optional[float] = ..., metric_after: _Optional[float] = ..., size_bytes_before: _Optional[int] = ..., size_bytes_after: _Optional[int] = ..., report_json: _Optional[str] = ...) -> None: ...
+    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ..., from_version: _Optional[int] = ..., within_budget: bool = ..., promoted: bool = ..., default_version: _Optional[int] = ..., metric: _Optional[str] = ..., metric_before: _Optional[float] = ..., metric_after: _Optional[float] = ..., size_bytes_before: _Optional[int] = ..., size_bytes_after: _Optional[int] = ..., report_json: _Optional[str] = ...) -> None: ...
 
 class OptimizeEvent(_message.Message):
     __slots__ = ("progress", "report")
@@ -116,4 +116,4 @@ class SetDefaultVersionResponse(_message.Message):
     PINNED_FIELD_NUMBER: _ClassVar[int]
     default_version: int
     pinned: bool
-    def __init__(self, default_version: _Optional[int] = ..., pinned: _Optional[bool] = ...) -> None: ...
+    def __init__(self, default_version: _Optional[int] = ..., pinned: bool = ...) -> None: ...

@@ -5,7 +5,7 @@ import warnings
 
 from leanserve.v1 import optimize_service_pb2 as leanserve_dot_v1_dot_optimize__service__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.72.2'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in leanserve/v1/optimize_service_pb2_grpc.py depends on'
+        + f' but the generated code in leanserve/v1/optimize_service_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class OptimizeServiceStub:
+class OptimizeServiceStub(object):
     """Optimizes served models and chooses which version is a model's default.
     """
 
@@ -47,7 +47,7 @@ class OptimizeServiceStub:
                 _registered_method=True)
 
 
-class OptimizeServiceServicer:
+class OptimizeServiceServicer(object):
     """Optimizes served models and chooses which version is a model's default.
     """
 
@@ -95,7 +95,7 @@ def add_OptimizeServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class OptimizeService:
+class OptimizeService(object):
     """Optimizes served models and chooses which version is a model's default.
     """
 

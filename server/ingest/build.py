@@ -1,0 +1,206 @@
+"""Turning an uploaded file into a stored, checked version: detect → convert → reference check → tune → files.
+
+TensorFlow is imported only here (lazily, through server/convert and server/runtime/tf_runtime) and only for
+Keras uploads; a server that serves Plans never loads it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from leanserve.server.repository import artifacts
+from leanserve.server.errors import FailedPrecondition, InvalidArgument, UnsupportedModel
+from leanserve.server.serving.model import TensorSignature
+from leanserve.server.ingest.uploads import UploadRequest
+from leanserve.server.runtime.plan import Plan, build_plan
+from leanserve.server.runtime.tuning import tune_plan
+from leanserve.server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("keras", "h5", "leanserve")
+SOURCE_NAMES = {"keras": "source.keras", "h5": "source.h5", "leanserve": "source.leanserve"}
+
+
+@dataclass
+class Converted:
+    """What an upload became, before it is written."""
+
+    runtime: str  # "plan" | "tensorflow"
+    input: TensorSignature
+    output: TensorSignature
+    plan: Plan | None
+    runner: Callable[[np.ndarray], np.ndarray]
+    reference: Callable[[np.ndarray], np.ndarray]
+    reference_name: str
+    output_is_probability: bool
+    conversion_note: str = ""
+
+
+def detect(path: Path, declared: str) -> str:
+    """The file's real format; InvalidArgument when unknown or different from what the header declared."""
+    from leanserve.server.ingest.keras_loader import detect_format
+
+    actual = detect_format(path)
+    if actual not in FORMATS:
+        raise InvalidArgument("unrecognised model file: expected a Keras .keras zip, an HDF5 .h5 file or a leanserve file")
+    if declared and declared != actual:
+        raise InvalidArgument(f"the header declares format {declared!r} but the file is {actual!r}")
+    return actual
+
+
+def convert(fmt: str, path: Path, settings: Settings) -> Converted:
+    """Build the served form of an uploaded file."""
+    if fmt == "leanserve":
+        return _convert_leanserve(path, settings)
+    return _convert_keras(path, settings)
+
+
+def _convert_leanserve(path: Path, settings: Settings) -> Converted:
+    manifest, blob = artifacts.read_zip(path, settings.max_upload_bytes)
+    plan = artifacts.plan_from_files(manifest, blob)
+    in_name = str(manifest.get("input", {}).get("name", "input"))
+    out_name = str(manifest.get("output", {}).get("name", "output"))
+    return Converted(
+        runtime="plan",
+        input=TensorSignature(in_name, "float32", plan.input_shape),
+        output=TensorSignature(out_name, "float32", (plan.out_features,)),
+        plan=plan,
+        runner=plan,
+        reference=plan.reference,
+        reference_name="numpy",
+        output_is_probability=plan.layers[-1].activation == "softmax",
+    )
+
+
+def _convert_keras(path: Path, settings: Settings) -> Converted:
+    from leanserve.server.ingest.keras_loader import load_keras
+    from leanserve.server.ingest.keras_to_plan import keras_to_specs, model_signature
+    from leanserve.server.ingest.reference import keras_reference
+
+    model = load_keras(
+        path,
+        max_bytes=settings.max_upload_bytes,
+        max_params=settings.max_model_params,
+        max_layers=settings.max_model_layers,
+    )
+    sig = model_signature(model)
+    inp = TensorSignature(sig["input"]["name"], sig["input"]["dtype"], tuple(sig["input"]["shape"]))
+    out = TensorSignature(sig["output"]["name"], sig["output"]["dtype"], tuple(sig["output"]["shape"]))
+    reference = keras_reference(model)
+    try:
+        input_shape, specs = keras_to_specs(model)
+    except UnsupportedModel as exc:
+        from leanserve.server.runtime.tf_runtime import TFRuntime
+
+        log.info("model not expressible as a Plan (%s); serving it with TensorFlow", exc.message)
+        runtime = TFRuntime(model)
+        return Converted(
+            runtime="tensorflow",
+            input=inp,
+            output=out,
+            plan=None,
+            runner=runtime,
+            reference=reference,
+            reference_name="keras",
+            output_is_probability=_ends_in_softmax(model),
+            conversion_note=exc.message,
+        )
+    plan = build_plan(input_shape, specs)
+    return Converted(
+        runtime="plan",
+        input=inp,
+        output=out,
+        plan=plan,
+        runner=plan,
+        reference=reference,
+        reference_name="keras",
+        output_is_probability=specs[-1].activation == "softmax",
+    )
+
+
+def _ends_in_softmax(model: Any) -> bool:
+    last = model.layers[-1]
+    activation = getattr(last, "activation", None)
+    return type(last).__name__ == "Softmax" or getattr(activation, "__name__", "") == "softmax"
+
+
+def check_reference(conv: Converted, settings: Settings) -> dict[str, Any]:
+    """Compare served outputs with the reference; FailedPrecondition when outside tolerance."""
+    from leanserve.server.ingest.reference import reference_check
+
+    report = reference_check(
+        conv.runner,
+        conv.reference,
+        conv.input.shape,
+        n=settings.reference_samples,
+        seed=0,
+        atol=settings.reference_atol,
+        rtol=settings.reference_rtol,
+    ).to_dict()
+    report["reference"] = conv.reference_name
+    if not report["within_tolerance"]:
+        raise FailedPrecondition(
+            f"model refused: served outputs differ from the {conv.reference_name} reference beyond tolerance "
+            f"(max abs error {report['max_abs_error']:.3g}, max rel error {report['max_rel_error']:.3g}; "
+            f"allowed atol={settings.reference_atol} rtol={settings.reference_rtol})"
+        )
+    return report
+
+
+def write_version(
+    staged: Path, req: UploadRequest, fmt: str, source: Path, conv: Converted, reference: dict[str, Any]
+) -> dict[str, Any]:
+    """Write the version's files into ``staged`` and return its manifest."""
+    shutil.move(str(source), staged / SOURCE_NAMES[fmt])
+    manifest: dict[str, Any]
+    if conv.plan is not None:
+        manifest, blob = artifacts.plan_to_files(conv.plan, conv.input.name, conv.output.name)
+        with open(staged / artifacts.WEIGHTS, "wb") as f:
+            f.write(blob)
+    else:
+        manifest = {"format": artifacts.FORMAT_NAME, "format_version": artifacts.FORMAT_VERSION}
+    manifest.update(
+        {
+            "name": req.name,
+            "runtime": conv.runtime,
+            "input": conv.input.to_dict(),
+            "output": conv.output.to_dict(),
+            "output_is_probability": conv.output_is_probability,
+            "source": {
+                "format": fmt,
+                "file": SOURCE_NAMES[fmt],
+                "sha256": req.sha256,
+                "size_bytes": req.size_bytes,
+            },
+            "reference": reference,
+            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+            "description": req.description,
+            "conversion_note": conv.conversion_note,
+            "metadata": {},
+        }
+    )
+    with open(staged / artifacts.MANIFEST, "w") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
+    return manifest
+
+
+def build(req: UploadRequest, source: Path, staged: Path, settings: Settings) -> tuple[dict[str, Any], Converted]:
+    """The whole pipeline for one received file; returns the manifest written into ``staged``."""
+    fmt = detect(source, req.format)
+    conv = convert(fmt, source, settings)
+    if conv.plan is not None and settings.autotune:
+        conv.plan = tune_plan(conv.plan, settings.autotune_batch_sizes)
+        conv.runner = conv.plan
+    # checked after tuning: what is compared is exactly what will serve
+    reference = check_reference(conv, settings)
+    manifest = write_version(staged, req, fmt, source, conv, reference)
+    return manifest, conv

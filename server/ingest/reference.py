@@ -1,0 +1,89 @@
+"""Check a served model against a reference on seeded random inputs.
+
+Inputs are standard-normal float32 drawn from ``numpy.random.default_rng(seed)`` (so a report is reproducible),
+fed in a few batches of different sizes (1, 3, then up to 64 rows) so batch-size-dependent bugs show up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from leanserve.server.errors import FailedPrecondition
+
+Predict = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class ReferenceReport:
+    """Outcome of ``reference_check``.
+
+    ``max_rel_error`` is ``max |served - ref| / max(|ref|, atol)``: the ``atol`` floor keeps near-zero reference
+    values (softmax tails) from inflating it. ``within_tolerance`` follows ``numpy.allclose``:
+    ``|served - ref| <= atol + rtol * |ref|`` for every element, and every output finite.
+    """
+
+    n: int
+    max_abs_error: float
+    max_rel_error: float
+    within_tolerance: bool
+    atol: float
+    rtol: float
+    seed: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def reference_check(
+    served: Predict,
+    reference: Predict,
+    input_shape: tuple[int, ...],
+    *,
+    n: int = 256,
+    seed: int = 0,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+) -> ReferenceReport:
+    """Compare ``served(x)`` with ``reference(x)`` on ``n`` seeded standard-normal inputs of ``input_shape``.
+
+    Raises ``FailedPrecondition`` if the two disagree on the output shape.
+    """
+    if n < 1:
+        raise ValueError("n must be at least 1")
+    x = np.random.default_rng(seed).standard_normal((n, *input_shape), dtype=np.float32)
+    max_abs = max_rel = 0.0
+    ok = True
+    for batch in _batches(x):
+        got = np.asarray(served(batch), dtype=np.float64)
+        want = np.asarray(reference(batch), dtype=np.float64)
+        if got.shape != want.shape:
+            raise FailedPrecondition(f"served output shape {list(got.shape)} != reference {list(want.shape)}")
+        if not (np.all(np.isfinite(got)) and np.all(np.isfinite(want))):
+            return ReferenceReport(n, float("inf"), float("inf"), False, atol, rtol, seed)
+        diff = np.abs(got - want)
+        max_abs = max(max_abs, float(diff.max(initial=0.0)))
+        max_rel = max(max_rel, float((diff / np.maximum(np.abs(want), atol)).max(initial=0.0)))
+        ok = ok and bool(np.all(diff <= atol + rtol * np.abs(want)))
+    return ReferenceReport(n, max_abs, max_rel, ok, atol, rtol, seed)
+
+
+def _batches(x: np.ndarray) -> list[np.ndarray]:
+    bounds = [0, 1, 4, *range(4 + 64, len(x), 64), len(x)]
+    bounds = sorted({min(b, len(x)) for b in bounds})
+    return [x[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def keras_reference(model: Any) -> Predict:
+    """A reference callable running ``model(x, training=False)`` in float32 and returning numpy."""
+    from leanserve.server.ingest.keras_loader import import_keras
+
+    keras = import_keras()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        out = model(np.asarray(x, dtype=np.float32), training=False)
+        return np.asarray(keras.ops.convert_to_numpy(out), dtype=np.float32)
+
+    return run

@@ -1,0 +1,239 @@
+"""Dynamic batching: requests to one model version, from any API or stream, run as one kernel call.
+
+Policy (one queue; at most ``workers`` batches of a model version execute at once):
+
+- A request that finds the queue empty and a free execution slot runs at once, in the caller's own thread: no
+  timer, no hand-off to another thread, so latency at concurrency 1 equals an unbatched call.
+- Otherwise it is queued. Under load the queue fills while batches execute, so the next batch is large on its own
+  (self-clocking); ``workers`` threads take everything queued (up to ``max_batch_size`` rows) as soon as a slot is
+  free. A worker that would start a small batch while another batch executes first waits up to
+  ``max_queue_delay_us`` for more rows (0 = never), so slots do not split the load into many small kernel calls.
+- Requests are never split; a request larger than ``max_batch_size`` runs alone. Only requests whose rows have the
+  same shape are concatenated.
+- A request whose deadline passed, or whose caller went away, while queued is dropped without compute.
+- Each kernel call is counted by why it started: "idle" (a free slot and no batch waiting for rows), "full",
+  "timer" (another batch executing and ``max_queue_delay_us`` passed), "inline" (batching off or stopped).
+- ``stop()`` drains the queue and ends the workers; afterwards (and when batching is off) ``submit`` runs the
+  request in the caller's thread, so a request racing an unload or a hot swap is still answered.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+
+from leanserve.server.errors import Cancelled, DeadlineExceeded, InvalidArgument, ResourceExhausted
+from leanserve.server.serving.context import NO_CONTEXT, RequestContext
+from leanserve.server.settings import BatchOverride, Settings
+from leanserve.server.serving.stats import ModelStats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """The batching settings of one model version (server-wide values with per-model overrides applied)."""
+
+    enabled: bool = True
+    max_batch_size: int = 64
+    max_queue_delay_us: int = 500
+    max_queue_size: int = 1024
+    workers: int = 1
+
+    @classmethod
+    def for_model(cls, settings: Settings, name: str, manifest: dict[str, Any] | None = None) -> "BatchConfig":
+        """Server settings, then the manifest's ``"batching"`` object, then ``settings.batch_overrides[name]``."""
+        values: dict[str, Any] = {
+            "enabled": settings.batching,
+            "max_batch_size": settings.batch_max_size,
+            "max_queue_delay_us": settings.batch_max_queue_delay_us,
+            "max_queue_size": settings.batch_max_queue_size,
+            "workers": settings.batch_workers,
+        }
+        layers = []
+        if manifest and manifest.get("batching"):
+            try:
+                layers.append(BatchOverride.model_validate(manifest["batching"]))
+            except ValueError as exc:
+                raise InvalidArgument(f"model {name!r}: bad \"batching\" in manifest: {exc}") from None
+        if name in settings.batch_overrides:
+            layers.append(settings.batch_overrides[name])
+        for layer in layers:
+            values.update(layer.model_dump(exclude_none=True))
+        return cls(**{f.name: values[f.name] for f in fields(cls)})
+
+
+class _Item:
+    """One queued request."""
+
+    __slots__ = ("x", "rows", "future", "ctx", "enqueued")
+
+    def __init__(self, x: np.ndarray, ctx: RequestContext) -> None:
+        self.x = x
+        self.rows = int(x.shape[0])
+        self.future: Future[np.ndarray] = Future()
+        self.ctx = ctx
+        self.enqueued = time.monotonic()
+
+
+def _drop_reason(item: _Item, now: float) -> Exception | None:
+    """Why a queued request must not be computed (None = compute it)."""
+    if item.ctx.deadline is not None and item.ctx.deadline <= now:
+        return DeadlineExceeded("the deadline passed while the request was queued")
+    if item.ctx.is_active is not None and not item.ctx.is_active():
+        return Cancelled("the caller cancelled the request")
+    return None
+
+
+class Batcher:
+    """The queue and worker threads of one model version. Thread-safe."""
+
+    def __init__(self, runner: Callable[[np.ndarray], np.ndarray], config: BatchConfig, stats: ModelStats,
+                 name: str = "model") -> None:
+        self.config = config
+        self._runner = runner
+        self._stats = stats
+        self._name = name
+        self._queue: deque[_Item] = deque()
+        self._queued_rows = 0
+        self._busy = 0  # batches executing right now
+        self._cond = threading.Condition(threading.Lock())
+        self._stopped = not config.enabled
+        self._threads = []
+        if config.enabled:
+            for i in range(config.workers):
+                t = threading.Thread(target=self._work, name=f"batch-{name}-{i}", daemon=True)
+                t.start()
+                self._threads.append(t)
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting (not yet taken into a batch)."""
+        return len(self._queue)
+
+    def submit(self, x: np.ndarray, ctx: RequestContext = NO_CONTEXT) -> Future[np.ndarray]:
+        """Queue one validated request; the future resolves to its output rows.
+
+        Raises ResourceExhausted when ``max_queue_size`` requests are already waiting.
+        """
+        item = _Item(x, ctx)
+        with self._cond:
+            if self._stopped:
+                reason = "inline"
+            elif not self._queue and self._busy < self.config.workers:
+                reason = "idle"
+                self._busy += 1
+            else:
+                if len(self._queue) >= self.config.max_queue_size:
+                    raise ResourceExhausted(
+                        f"model {self._name}: the batch queue is full ({len(self._queue)} requests waiting)"
+                    )
+                self._queue.append(item)
+                self._queued_rows += item.rows
+                self._cond.notify_all()
+                return item.future
+        try:
+            self._execute([item], reason)
+        finally:
+            if reason == "idle":
+                self._release()
+        return item.future
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish what is queued, then end the workers. Idempotent."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(timeout)
+
+    # -- workers ---------------------------------------------------------------------------------------------
+    def _work(self) -> None:
+        cfg = self.config
+        delay = cfg.max_queue_delay_us / 1e6
+        while True:
+            with self._cond:
+                while not (self._queue and self._busy < cfg.workers):
+                    if self._stopped and not self._queue:
+                        return
+                    self._cond.wait()
+                if self._busy and delay > 0 and self._queued_rows < cfg.max_batch_size:
+                    until = self._queue[0].enqueued + delay
+                    while self._busy and self._queued_rows < cfg.max_batch_size and not self._stopped:
+                        remaining = until - time.monotonic()
+                        if remaining <= 0:
+                            break
+                        self._cond.wait(remaining)
+                    if not (self._queue and self._busy < cfg.workers):  # another worker took them
+                        continue
+                if not self._busy:
+                    reason = "idle"
+                elif self._queued_rows >= cfg.max_batch_size:
+                    reason = "full"
+                else:
+                    reason = "timer"
+                batch = self._take()
+                self._busy += 1
+            try:
+                self._execute(batch, reason)
+            except BaseException:  # noqa: BLE001 -- a worker must survive anything; futures already carry it
+                log.exception("batch worker of %s", self._name)
+            finally:
+                self._release()
+
+    def _release(self) -> None:
+        with self._cond:
+            self._busy -= 1
+            self._cond.notify_all()
+
+    def _take(self) -> list[_Item]:
+        """Pop the next batch (caller holds the lock): whole requests, same row shape, up to max rows."""
+        first = self._queue.popleft()
+        batch, rows = [first], first.rows
+        while self._queue:
+            nxt = self._queue[0]
+            if rows + nxt.rows > self.config.max_batch_size or nxt.x.shape[1:] != first.x.shape[1:]:
+                break
+            batch.append(self._queue.popleft())
+            rows += nxt.rows
+        self._queued_rows -= rows
+        return batch
+
+    def _execute(self, batch: list[_Item], reason: str) -> None:
+        """Drop expired/cancelled requests, run the rest as one kernel call, hand each its rows."""
+        start = time.monotonic()
+        live = []
+        for item in batch:
+            if not item.future.set_running_or_notify_cancel():  # the caller gave up waiting
+                continue
+            why = _drop_reason(item, start)
+            if why is not None:
+                item.future.set_exception(why)
+            else:
+                live.append(item)
+        if not live:
+            return
+        x = live[0].x if len(live) == 1 else np.concatenate([item.x for item in live])
+        t0 = time.perf_counter_ns()
+        try:
+            y = self._runner(x)
+        except Exception as exc:
+            for item in live:
+                item.future.set_exception(exc)
+            return
+        compute_ns = time.perf_counter_ns() - t0
+        offset = 0
+        for item in live:
+            item.future.set_result(y[offset:offset + item.rows])
+            offset += item.rows
+        queue_ns = int(sum(start - item.enqueued for item in live) * 1e9)
+        self._stats.record_batch(int(x.shape[0]), len(live), queue_ns, compute_ns, reason)

@@ -1,0 +1,72 @@
+"""A served model version and what a predict call returns (no protobuf, no TensorFlow)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from leanserve.server.runtime.plan import Plan
+from leanserve.server.serving.stats import ModelStats
+
+if TYPE_CHECKING:
+    from leanserve.server.serving.batching import Batcher
+
+
+@dataclass(frozen=True)
+class TensorSignature:
+    """One model input or output: name, numpy dtype name, shape without the batch dimension."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @cached_property
+    def np_dtype(self) -> np.dtype:
+        """The numpy dtype (cached: building it from the name costs microseconds per request)."""
+        return np.dtype(self.dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TensorSignature":
+        return cls(name=str(d["name"]), dtype=str(d["dtype"]), shape=tuple(int(s) for s in d["shape"]))
+
+
+@dataclass
+class ServedModel:
+    """One loaded, ready version: what the registry hands to a request."""
+
+    name: str
+    version: int
+    runtime: str
+    input: TensorSignature
+    output: TensorSignature
+    manifest: dict[str, Any]
+    runner: Callable[[np.ndarray], np.ndarray]
+    #: True when the output already is a probability distribution (the last layer is a softmax)
+    output_is_probability: bool = False
+    plan: Plan | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    stats: ModelStats = field(default_factory=ModelStats)
+    #: set by the dataplane when the version is published; stopped when it stops being served
+    batcher: Batcher | None = None
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        """Run the model on an already validated batch."""
+        return self.runner(x)
+
+
+
+
+@dataclass(frozen=True)
+class PredictResult:
+    """Outputs of one predict call, keyed by output name."""
+
+    model_name: str
+    model_version: int
+    outputs: dict[str, np.ndarray]

@@ -1,0 +1,35 @@
+"""Checking request tensors against a model's signature, with messages naming what was expected and got."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from leanserve.server.errors import InvalidArgument
+from leanserve.server.serving.model import ServedModel
+
+
+def select_input(model: ServedModel, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """The one input tensor for ``model`` from named inputs (a single unnamed tensor is accepted too)."""
+    if len(inputs) != 1:
+        raise InvalidArgument(f"model {model.name!r} takes 1 input ({model.input.name!r}); got {len(inputs)}")
+    (name, x), = inputs.items()
+    if name not in ("", model.input.name):
+        raise InvalidArgument(f"model {model.name!r} has no input {name!r}; its input is {model.input.name!r}")
+    return x
+
+
+def validate_batch(model: ServedModel, x: np.ndarray, max_batch_size: int) -> np.ndarray:
+    """Check dtype, shape and batch size; return a C-contiguous array ready for the runner."""
+    sig = model.input
+    if x.dtype != sig.np_dtype:
+        raise InvalidArgument(f"input {sig.name!r} of model {model.name!r}: expected dtype {sig.dtype}, got {x.dtype}")
+    expected = ["batch", *sig.shape]
+    if x.ndim != len(sig.shape) + 1 or any(e not in (-1, g) for e, g in zip(sig.shape, x.shape[1:])):
+        raise InvalidArgument(
+            f"input {sig.name!r} of model {model.name!r}: expected shape {expected}, got {list(x.shape)}"
+        )
+    if not 1 <= x.shape[0] <= max_batch_size:
+        raise InvalidArgument(
+            f"input {sig.name!r} of model {model.name!r}: batch size must be 1..{max_batch_size}, got {x.shape[0]}"
+        )
+    return np.ascontiguousarray(x)

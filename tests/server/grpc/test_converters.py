@@ -1,0 +1,68 @@
+"""Property tests of the protobuf ↔ numpy boundary and of post-processing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from leanserve.v1 import tensor_pb2
+from leanserve.server.errors import InvalidArgument
+from leanserve.server.grpc.converters import numpy_to_tensor, tensor_to_numpy
+from leanserve.server.serving.postprocess import PostProcess, apply, softmax
+
+DTYPES = ["float32", "float64", "float16", "int8", "int16", "int32", "int64", "uint8", "bool"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(DTYPES).flatmap(lambda dt: hnp.arrays(dt, hnp.array_shapes(min_dims=0, max_dims=4, max_side=6))))
+def test_tensor_round_trip(a: np.ndarray) -> None:
+    t = numpy_to_tensor("x", a)
+    back = tensor_to_numpy(tensor_pb2.Tensor.FromString(t.SerializeToString()))
+    assert back.dtype == a.dtype and back.shape == a.shape
+    np.testing.assert_array_equal(back.tobytes(), np.require(a, requirements="C").tobytes())
+
+
+@given(hnp.arrays(np.float32, st.tuples(st.integers(1, 5), st.integers(1, 5))))
+def test_big_endian_input_is_sent_little_endian(a: np.ndarray) -> None:
+    back = tensor_to_numpy(numpy_to_tensor("x", a.astype(">f4")))
+    np.testing.assert_array_equal(back, a)
+
+
+@pytest.mark.parametrize("delta", [-1, 1])
+def test_byte_count_must_match_shape(delta: int) -> None:
+    t = numpy_to_tensor("x", np.zeros((2, 3), np.float32))
+    t.data = t.data[:-1] if delta < 0 else t.data + b"\0"
+    with pytest.raises(InvalidArgument, match="needs 24 bytes"):
+        tensor_to_numpy(t)
+
+
+def test_unset_dtype_is_refused() -> None:
+    with pytest.raises(InvalidArgument, match="dtype"):
+        tensor_to_numpy(tensor_pb2.Tensor(name="x", shape=[1], data=b"\0\0\0\0"))
+
+
+logits = hnp.arrays(np.float32, st.tuples(st.integers(1, 8), st.integers(1, 12)),
+                    elements=st.floats(-30, 30, width=32))
+
+
+@settings(max_examples=100, deadline=None)
+@given(logits, st.integers(1, 12))
+def test_top_k_is_sorted_prefix_of_probabilities(y: np.ndarray, k: int) -> None:
+    k = min(k, y.shape[1])
+    out = apply(PostProcess.TOP_K, "y", y, is_probability=False, top_k=k)
+    probs = softmax(y)
+    assert out["indices"].shape == (y.shape[0], k)
+    np.testing.assert_allclose(out["scores"], np.take_along_axis(probs, out["indices"], 1), rtol=1e-6)
+    assert np.all(np.diff(out["scores"], axis=1) <= 1e-7)
+    kth_best = np.sort(probs, axis=1)[:, ::-1][:, k - 1]
+    assert np.all(out["scores"][:, -1] >= kth_best - 1e-7)
+
+
+@given(logits)
+def test_argmax_and_probabilities(y: np.ndarray) -> None:
+    np.testing.assert_array_equal(apply(PostProcess.ARGMAX, "y", y, is_probability=False)["class"], y.argmax(1))
+    p = apply(PostProcess.PROBABILITIES, "y", y, is_probability=False)["probabilities"]
+    np.testing.assert_allclose(p.sum(1), 1.0, rtol=1e-5)

@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from leanserve.server.ingest.keras_to_plan import keras_to_specs
+from leanserve.server.errors import InvalidArgument, UnsupportedModel
+from leanserve.server.runtime.tf_runtime import TFRuntime
+
+
+@pytest.fixture
+def layernorm_model(keras: Any) -> Any:
+    L = keras.layers
+    inp = keras.Input((6,), name="x")
+    h = L.Dense(8, activation="gelu")(inp)
+    h = L.LayerNormalization()(h)
+    return keras.Model(inp, L.Dense(3, activation="softmax", name="probs")(h))
+
+
+def test_serves_a_model_the_plan_cannot(layernorm_model: Any, tmp_path: Path) -> None:
+    with pytest.raises(UnsupportedModel):
+        keras_to_specs(layernorm_model)
+    path = tmp_path / "ln.keras"
+    layernorm_model.save(path)
+    runtime = TFRuntime.from_path(path, max_bytes=1 << 20)
+    runtime.warmup()
+    assert runtime.signature["input"] == {"name": "x", "shape": [6], "dtype": "float32"}
+    assert runtime.output_shape == [3]
+    x = np.random.default_rng(0).standard_normal((7, 6)).astype(np.float32)
+    want = np.asarray(layernorm_model(x, training=False))
+    got = runtime(x)
+    assert got.dtype == np.float32 and got.shape == (7, 3)
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-5)
+    np.testing.assert_allclose(runtime(x[:1]), want[:1], atol=1e-6, rtol=1e-5)
+
+
+def test_concurrent_calls_agree(layernorm_model: Any) -> None:
+    runtime = TFRuntime(layernorm_model)
+    rng = np.random.default_rng(1)
+    batches = [rng.standard_normal((b, 6)).astype(np.float32) for b in (1, 2, 5, 9) * 4]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(runtime, batches))
+    for x, y in zip(batches, results):
+        np.testing.assert_allclose(y, np.asarray(layernorm_model(x, training=False)), atol=1e-6, rtol=1e-5)
+
+
+def test_rejects_bad_inputs_and_multi_output(keras: Any, layernorm_model: Any) -> None:
+    runtime = TFRuntime(layernorm_model)
+    with pytest.raises(InvalidArgument, match="float32"):
+        runtime(np.zeros((1, 6), dtype=np.float64))
+    with pytest.raises(InvalidArgument, match="shape"):
+        runtime(np.zeros((1, 5), dtype=np.float32))
+    inp = keras.Input((4,))
+    two = keras.Model(inp, [keras.layers.Dense(2)(inp), keras.layers.Dense(1)(inp)])
+    with pytest.raises(UnsupportedModel):
+        TFRuntime(two)
