@@ -23,7 +23,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-VENV_BIN = ROOT / ".venv" / "bin"
+#: the environment running this script: its `leanserve` and `python` are the ones the benchmarks start
+VENV_BIN = Path(sys.executable).parent
 HOST = "127.0.0.1"
 MODEL_NAME = "seed"
 IN_FEATURES = 1000

@@ -31,8 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 
-from leanserve.kernels.formats import available_formats, get_format  # noqa: E402
-from leanserve.kernels.quantize import quantize_weights_per_channel  # noqa: E402
+from leanserve.kernels import available_formats, get_format  # noqa: E402
+from leanserve.kernels import quantize_weights_per_channel  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 SHAPES = [(1000, 128), (128, 64), (64, 10), (768, 3072), (3072, 768), (4096, 4096)]
@@ -355,12 +355,17 @@ def main(argv: list[str] | None = None) -> None:
     records = run(shapes, batches, sparsities, budget, lambda m: print(f"[{time.perf_counter() - t0:6.1f}s] {m}",
                                                                         file=sys.stderr, flush=True))
     add_ratios(records, info["bandwidth"]["read_GBps"])
-    out = RESULTS / "leanserve.kernels.json"
+    out = RESULTS / "kernels.json"
     out.write_text(json.dumps({"info": info, "records": [asdict(r) for r in records]}, indent=1))
-    print_tables(records, info)
-    for p in plot(records):
-        print(f"wrote {p}")
     print(f"wrote {out}")
+    print_tables(records, info)
+    try:
+        paths = plot(records)
+    except ImportError:
+        print("plots skipped: matplotlib is not installed (pip install 'leanserve[bench]')")
+    else:
+        for p in paths:
+            print(f"wrote {p}")
 
 
 if __name__ == "__main__":

@@ -9,21 +9,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 from google.protobuf.json_format import MessageToDict
-from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
 from leanserve.client import common
+from leanserve.client.cli_output import console, emit
 from leanserve.client.client import Client
-
-console = Console(stderr=True)
+from leanserve.client.optimize_cli import add_optimize_commands
 
 
 def add_client_commands(sub: argparse._SubParsersAction) -> None:
@@ -66,8 +64,6 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--version", type=int, default=0, help="0 = every version")
     p.set_defaults(func=cmd_delete)
 
-    from leanserve.client.optimize_cli import add_optimize_commands
-
     add_optimize_commands(sub, common_args)
 
 
@@ -83,13 +79,6 @@ def run_client_command(args: argparse.Namespace) -> int:
             print(json.dumps({"error": {"code": code, "message": err.details()}}))
         console.print(f"[red]error[/red] {code}: {err.details()}")
         return 1
-
-
-def _emit(args: argparse.Namespace, obj: Any, human: Any) -> None:
-    if args.json:
-        print(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    else:
-        Console().print(human)
 
 
 def _info_dict(info: Any) -> dict[str, Any]:
@@ -121,7 +110,7 @@ def cmd_upload(client: Client, args: argparse.Namespace) -> None:
         task = progress.add_task("upload", total=size)
         info = client.upload(args.file, args.name, format=args.format, description=args.description,
                              progress=lambda n: progress.advance(task, n))
-    _emit(args, _info_dict(info), _info_table(info))
+    emit(args, _info_dict(info), _info_table(info))
 
 
 def cmd_models(client: Client, args: argparse.Namespace) -> None:
@@ -129,17 +118,17 @@ def cmd_models(client: Client, args: argparse.Namespace) -> None:
     t = Table("model", "versions")
     for name, versions in models.items():
         t.add_row(name, ", ".join(map(str, versions)))
-    _emit(args, models, t)
+    emit(args, models, t)
 
 
 def cmd_info(client: Client, args: argparse.Namespace) -> None:
     info = client.info(args.name, args.version)
-    _emit(args, _info_dict(info), _info_table(info))
+    emit(args, _info_dict(info), _info_table(info))
 
 
 def cmd_delete(client: Client, args: argparse.Namespace) -> None:
     deleted = client.delete(args.name, args.version)
-    _emit(args, {"deleted_versions": deleted}, f"deleted {args.name} version(s) {', '.join(map(str, deleted))}")
+    emit(args, {"deleted_versions": deleted}, f"deleted {args.name} version(s) {', '.join(map(str, deleted))}")
 
 
 def cmd_predict(client: Client, args: argparse.Namespace) -> None:
@@ -162,7 +151,7 @@ def cmd_predict(client: Client, args: argparse.Namespace) -> None:
         summary["written"] = str(args.output)
     elif args.json:
         summary["values"] = {k: v.tolist() for k, v in outputs.items()}
-    _emit(args, summary, summary if args.output else {k: v for k, v in outputs.items()})
+    emit(args, summary, summary if args.output else {k: v for k, v in outputs.items()})
 
 
 def _predict_stream(client: Client, args: argparse.Namespace, x: np.ndarray) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from leanserve.client.cli_output import console, emit
 from leanserve.client.client import Client
 
 
@@ -39,8 +40,6 @@ def add_optimize_commands(sub: argparse._SubParsersAction,
 
 
 def cmd_optimize(client: Client, args: argparse.Namespace) -> Any:
-    from leanserve.client.cli import _emit, console
-
     columns = (TextColumn("{task.fields[stage]:<9}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                TimeElapsedColumn(), TextColumn("{task.description}"))
     with Progress(*columns, console=console, disable=args.json, transient=True) as bar:
@@ -53,7 +52,7 @@ def cmd_optimize(client: Client, args: argparse.Namespace) -> Any:
                                  granularity=args.granularity, quantize=args.quantize,
                                  max_accuracy_drop=args.max_accuracy_drop, epochs=args.epochs, search=args.search,
                                  promote=args.promote, description=args.description, progress=progress)
-    _emit(args, report, report_table(report))
+    emit(args, report, report_table(report))
 
 
 def report_table(r: dict[str, Any]) -> Table:
@@ -77,7 +76,5 @@ def report_table(r: dict[str, Any]) -> Table:
 
 
 def cmd_set_default(client: Client, args: argparse.Namespace) -> Any:
-    from leanserve.client.cli import _emit
-
     default = client.set_default(args.name, args.version)
-    _emit(args, {"name": args.name, "default_version": default}, f"{args.name}: default version {default}")
+    emit(args, {"name": args.name, "default_version": default}, f"{args.name}: default version {default}")

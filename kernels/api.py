@@ -10,30 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from leanserve.kernels.formats import (
-    ACTIVATIONS,
-    KernelInputError,
-    LayerKernel,
-    available_formats,
-    check_activation,
-    check_input,
-    get_format,
-    register,
-)
-
-__all__ = [
-    "ACTIVATIONS",
-    "KernelInputError",
-    "LayerKernel",
-    "available_formats",
-    "check_activation",
-    "check_input",
-    "check_layer",
-    "dense",
-    "get_format",
-    "prepare",
-    "register",
-]
+from leanserve.kernels.formats import KernelInputError, LayerKernel, check_activation
+from leanserve.kernels.registry import get_format
 
 
 def check_layer(weights: Any, bias: Any) -> tuple[np.ndarray, np.ndarray]:

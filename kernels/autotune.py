@@ -7,7 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from leanserve.kernels.formats import LayerKernel, get_format
+from leanserve.kernels.formats import LayerKernel
+from leanserve.kernels.registry import get_format
 
 #: each timed sample runs the kernel enough times to last at least this long (timer resolution, call overhead)
 MIN_SAMPLE_SECONDS = 50e-6

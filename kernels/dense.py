@@ -20,7 +20,8 @@ from numba import njit
 
 from leanserve.kernels._simd import LANES, MAX_MR, PANEL, f32_tile, pack_panels, unpack_panels
 from leanserve.kernels.activations import activate_row, activation_code, bias_activate_rows
-from leanserve.kernels.formats import LayerKernel, KernelInputError, check_activation, register
+from leanserve.kernels.formats import (KernelInputError, LayerKernel, check_activation, meta_activation, meta_int,
+                                       stored_array)
 
 DEFAULT_NUMPY_MIN_BATCH = 1 << 62  # i.e. never: see the module docstring
 
@@ -47,7 +48,6 @@ def dense_f32_forward(x: np.ndarray, wp: np.ndarray, bias: np.ndarray, code: int
             activate_row(out[r], code)
 
 
-@register
 class DenseF32(LayerKernel):
     """fp32 dense layer (Numba panel kernel for small batches, OpenBLAS GEMM + Numba epilogue for large)."""
 
@@ -73,7 +73,13 @@ class DenseF32(LayerKernel):
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> "DenseF32":
-        return cls(arrays["weights"], arrays["bias"], meta["activation"], meta.get("numpy_min_batch"))
+        k, n = meta_int(meta, "in_features"), meta_int(meta, "out_features")
+        min_batch = meta.get("numpy_min_batch")
+        if min_batch is not None:
+            min_batch = meta_int(meta, "numpy_min_batch", 1, DEFAULT_NUMPY_MIN_BATCH)
+        weights = stored_array(arrays, "weights", (np.float32,), (k, n))
+        bias = stored_array(arrays, "bias", (np.float32,), (n,))
+        return cls(weights, bias, meta_activation(meta), min_batch)
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"weights": self.dense_weights(), "bias": self._bias}

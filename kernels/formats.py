@@ -1,8 +1,8 @@
 """The contract between the runtime and the kernels: one ``LayerKernel`` per weight format.
 
 A dense layer ``y = act(x @ W + b)`` (``W`` is ``[K, N]``, Keras' kernel layout) can be served in several
-formats (dense fp32, int8, CSR, BSR, sparse-int8). Each format is a ``LayerKernel`` subclass registered here
-under its name; the runtime only ever talks to this interface, so it never needs to know how a format packs
+formats (dense fp32, int8, CSR, BSR, sparse-int8). Each format is a ``LayerKernel`` subclass, registered by name in
+``kernels.registry``; the runtime only ever talks to this interface, so it never needs to know how a format packs
 its weights. Everything here is plain numpy: nothing imports from ``server/``.
 """
 
@@ -107,37 +107,53 @@ def check_activation(activation: str) -> str:
     return activation
 
 
-_REGISTRY: dict[str, type[LayerKernel]] = {}
+#: Largest ``in_features`` / ``out_features`` a stored layer may declare: indices and offsets are 32-bit.
+MAX_FEATURES = 2**31 - 1
 
 
-def register(cls: type[LayerKernel]) -> type[LayerKernel]:
-    """Class decorator: make a format available by its ``format`` name."""
-    _REGISTRY[cls.format] = cls
-    return cls
+def stored_array(arrays: Any, key: str, dtypes: tuple[Any, ...], shape: tuple[int | None, ...]) -> np.ndarray:
+    """``arrays[key]`` checked as loaded from a file: a C-contiguous numpy array of exactly one of ``dtypes`` and of
+    ``shape`` (``None`` = any length on that axis). Raises ``KernelInputError`` naming what is wrong.
+
+    Every ``from_arrays`` runs its arrays through this (and the format's own index checks) so that no caller can
+    hand a kernel arrays it would read out of bounds (the kernels are compiled without bounds checks)."""
+    if not isinstance(arrays, dict):
+        raise KernelInputError(f"layer arrays must be a dict, got {type(arrays).__name__}")
+    if key not in arrays:
+        raise KernelInputError(f"layer arrays lack {key!r} (have {sorted(map(str, arrays))})")
+    a = arrays[key]
+    if not isinstance(a, np.ndarray):
+        raise KernelInputError(f"array {key!r} must be a numpy array, got {type(a).__name__}")
+    if a.dtype not in tuple(np.dtype(d) for d in dtypes):
+        raise KernelInputError(f"array {key!r} has dtype {a.dtype}; expected {' or '.join(str(np.dtype(d)) for d in dtypes)}")
+    if a.ndim != len(shape) or any(want is not None and got != want for got, want in zip(a.shape, shape)):
+        expected = ["*" if d is None else d for d in shape]
+        raise KernelInputError(f"array {key!r} has shape {list(a.shape)}; expected {expected}")
+    if not a.flags.c_contiguous:
+        raise KernelInputError(f"array {key!r} is not C-contiguous")
+    return a
 
 
-def get_format(name: str) -> type[LayerKernel]:
-    """The ``LayerKernel`` class registered under ``name``."""
-    _load_builtin_formats()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise KernelInputError(f"unknown layer format {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+def meta_int(meta: Any, key: str, low: int = 1, high: int = MAX_FEATURES) -> int:
+    """``meta[key]`` as an int in ``[low, high]`` (a bool is not an int here); ``KernelInputError`` otherwise."""
+    value = meta_value(meta, key)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= int(value) <= high:
+        raise KernelInputError(f"layer meta {key!r} must be an integer in [{low}, {high}], got {value!r}")
+    return int(value)
 
 
-def available_formats() -> list[str]:
-    """Names of every registered format."""
-    _load_builtin_formats()
-    return sorted(_REGISTRY)
+def meta_value(meta: Any, key: str) -> Any:
+    """``meta[key]``; ``KernelInputError`` when ``meta`` is not a dict or lacks ``key``."""
+    if not isinstance(meta, dict):
+        raise KernelInputError(f"layer meta must be a dict, got {type(meta).__name__}")
+    if key not in meta:
+        raise KernelInputError(f"layer meta lacks {key!r}")
+    return meta[key]
 
 
-def _load_builtin_formats() -> None:
-    # Importing the modules registers their classes; done lazily so importing this contract is cheap.
-    from leanserve.kernels import dense  # noqa: F401
-
-    for optional in ("leanserve.kernels.int8", "leanserve.kernels.sparse"):
-        try:
-            __import__(optional)
-        except ModuleNotFoundError as exc:
-            if exc.name != optional:
-                raise
+def meta_activation(meta: Any) -> str:
+    """``meta["activation"]`` checked against the fused activations."""
+    activation = meta_value(meta, "activation")
+    if not isinstance(activation, str):
+        raise KernelInputError(f"layer meta 'activation' must be a string, got {activation!r}")
+    return check_activation(activation)

@@ -23,7 +23,8 @@ from numba import njit
 
 from leanserve.kernels._simd import LANES, MAX_MR, PANEL, has_avx512_vnni, pack_panels, vnni_tile
 from leanserve.kernels.activations import activate_row, activation_code
-from leanserve.kernels.formats import KernelInputError, LayerKernel, check_activation, register
+from leanserve.kernels.formats import (KernelInputError, LayerKernel, check_activation, meta_activation, meta_int,
+                                       stored_array)
 from leanserve.kernels.quantize import quantize_rows, quantize_rows_u8, quantize_weights_per_channel
 
 PATHS = ("auto", "vnni", "portable")
@@ -156,7 +157,6 @@ def portable_forward(x, qt, wscale, bias, code):  # type: ignore[no-untyped-def]
     return out
 
 
-@register
 class Int8(LayerKernel):
     """int8 dense layer: per-channel weight scales, per-row dynamic activation scales, int32 accumulation."""
 
@@ -191,7 +191,14 @@ class Int8(LayerKernel):
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> "Int8":
-        return cls(arrays["q"], arrays["scales"], arrays["bias"], meta["activation"], meta.get("path", "auto"))
+        k, n = meta_int(meta, "in_features"), meta_int(meta, "out_features")
+        path = meta.get("path", "auto")
+        if not isinstance(path, str):
+            raise KernelInputError(f"layer meta 'path' must be one of {PATHS}, got {path!r}")
+        q = stored_array(arrays, "q", (np.int8,), (k, n))
+        scales = stored_array(arrays, "scales", (np.float32,), (n,))
+        bias = stored_array(arrays, "bias", (np.float32,), (n,))
+        return cls(q, scales, bias, meta_activation(meta), path)
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"q": self._q, "scales": self._scales, "bias": self._bias}

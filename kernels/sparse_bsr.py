@@ -31,10 +31,11 @@ from numba import njit
 from leanserve.kernels._csr_simd import bsr_dot_i8
 from leanserve.kernels._sparse_simd import MAX_MR, VNNI_WIDTHS, bsr_bcast_f32, bsr_bcast_i8, bsr_dot_f32, bsr_dot_vnni, has_avx512_vnni
 from leanserve.kernels.activations import activation_code
-from leanserve.kernels.formats import KernelInputError, LayerKernel, check_activation, register
+from leanserve.kernels.formats import (KernelInputError, LayerKernel, check_activation, meta_activation, meta_int,
+                                       meta_value, stored_array)
 from leanserve.kernels.quantize import quantize_rows, quantize_rows_u8, quantize_weights_per_channel
-from leanserve.kernels.sparse_common import (BlockSparse, check_block_arrays, epilogue_f32, epilogue_int, index_dtype,
-                                   pack_blocks, unpack_blocks)
+from leanserve.kernels.sparse_common import (INDEX_DTYPES, INDPTR_DTYPES, BlockSparse, check_block_arrays, epilogue_f32,
+                                             epilogue_int, index_dtype, pack_blocks, unpack_blocks)
 from leanserve.kernels.sparse_csr import int_lanes
 
 F32_BLOCKS: tuple[tuple[int, int], ...] = ((4, 1), (8, 1), (16, 1), (1, 4), (1, 8), (1, 16), (4, 4), (4, 16))
@@ -199,14 +200,38 @@ def _block_option(block: Any) -> tuple[int, int]:
     return r, c
 
 
+def _stored(arrays: dict[str, np.ndarray], meta: dict[str, Any], value_dtype: type, supported: Any,
+            scaled: bool) -> tuple[Any, ...]:
+    """The checked arrays of a stored BSR layer: (BlockSparse, [scales,] bias, activation, in_features)."""
+    k, n = meta_int(meta, "in_features"), meta_int(meta, "out_features")
+    block = meta_value(meta, "block")
+    if not isinstance(block, (list, tuple)) or len(block) != 2:
+        raise KernelInputError(f"layer meta 'block' must be a pair [r, c], got {block!r}")
+    # r beyond max(K, 64) only pads x further (ceil(K / r) * r columns per row): refused, never allocated
+    r = meta_int({"r": block[0]}, "r", 1, max(k, 64))
+    c = meta_int({"c": block[1]}, "c", 1, 16)
+    if not supported(r, c):
+        raise KernelInputError(f"no kernel for block ({r}, {c})")
+    indptr = stored_array(arrays, "indptr", INDPTR_DTYPES, (-(-n // c) + 1,))
+    indices = stored_array(arrays, "indices", INDEX_DTYPES, (None,))
+    values = stored_array(arrays, "values", (value_dtype,), (None, r, c))
+    check_block_arrays(indptr, indices, -(-n // c), -(-k // r), values)
+    scales = (stored_array(arrays, "scales", (np.float32,), (n,)),) if scaled else ()
+    bias = stored_array(arrays, "bias", (np.float32,), (n,))
+    return (BlockSparse(indptr, indices, values), *scales, bias, meta_activation(meta), k)
+
+
 class _BsrBase(LayerKernel):
     def __init__(self, bs: BlockSparse, bias: np.ndarray, activation: str, in_features: int) -> None:
+        if np.ndim(bias) != 1 or np.ndim(bs.values) != 3:
+            raise KernelInputError(f"bias [N] and values [nblocks, r, c] expected, got shapes {list(np.shape(bias))} "
+                                   f"and {list(np.shape(bs.values))}")
         self.in_features = int(in_features)
         self.out_features = int(bias.shape[0])
         self.activation = check_activation(activation)
         _, self.r, self.c = (int(v) for v in bs.values.shape)
         kb = -(-self.in_features // self.r)
-        check_block_arrays(bs.indptr, bs.indices, -(-self.out_features // self.c), kb)
+        check_block_arrays(bs.indptr, bs.indices, -(-self.out_features // self.c), kb, bs.values)
         self.indptr = np.ascontiguousarray(bs.indptr, dtype=np.int32)
         self.indices = np.ascontiguousarray(bs.indices, dtype=index_dtype(kb))
         self.values = np.ascontiguousarray(bs.values)
@@ -235,7 +260,6 @@ class _BsrBase(LayerKernel):
                 "out_features": self.out_features, "block": [self.r, self.c]}
 
 
-@register
 class BsrF32(_BsrBase):
     """fp32 block-sparse layer; ``block=(r, c)`` = ``r`` inputs x ``c`` outputs (default ``(1, 16)``)."""
 
@@ -260,10 +284,7 @@ class BsrF32(_BsrBase):
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> "BsrF32":
-        r, c = _block_option(meta["block"])
-        values = np.asarray(arrays["values"], dtype=np.float32).reshape(-1, r, c)
-        return cls(BlockSparse(arrays["indptr"], arrays["indices"], values), arrays["bias"], meta["activation"],
-                   meta["in_features"])
+        return cls(*_stored(arrays, meta, np.float32, f32_block_supported, scaled=False))
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"indptr": self.indptr, "indices": self.indices, "values": self.values, "bias": self.bias}
@@ -275,7 +296,6 @@ class BsrF32(_BsrBase):
         return bsr_f32_forward(self.indptr, self.indices, self._flat, self.bias, self._code, x, self.r, self.c)
 
 
-@register
 class BsrInt8(_BsrBase):
     """int8 block-sparse layer, ``block=(r, c)`` (default ``(16, 1)``): per-channel weight scales, dynamic
     per-row activation quantization, int32 accumulation (VNNI for ``(r, 1)`` blocks when available)."""
@@ -290,6 +310,8 @@ class BsrInt8(_BsrBase):
         super().__init__(BlockSparse(bs.indptr, bs.indices, bs.values.astype(np.int8)), bias, activation,
                          in_features)
         self.scales = np.ascontiguousarray(scales, dtype=np.float32)
+        if self.scales.shape != (self.out_features,):
+            raise KernelInputError(f"bsr_int8 needs {self.out_features} scales, got shape {list(self.scales.shape)}")
         nbr = self.indptr.shape[0] - 1
         rows = np.repeat(np.arange(nbr), np.diff(self.indptr))
         self.wsum = np.bincount(rows, weights=self.values.sum(axis=(1, 2), dtype=np.int64),
@@ -318,10 +340,7 @@ class BsrInt8(_BsrBase):
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> "BsrInt8":
-        r, c = _block_option(meta["block"])
-        values = np.asarray(arrays["values"]).reshape(-1, r, c)
-        return cls(BlockSparse(arrays["indptr"], arrays["indices"], values), arrays["scales"], arrays["bias"],
-                   meta["activation"], meta["in_features"])
+        return cls(*_stored(arrays, meta, np.int8, int8_block_supported, scaled=True))
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"indptr": self.indptr, "indices": self.indices, "values": self.values, "scales": self.scales,

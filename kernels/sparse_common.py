@@ -18,6 +18,7 @@ import numpy as np
 from numba import njit
 
 from leanserve.kernels.activations import activate_row
+from leanserve.kernels.formats import KernelInputError
 
 
 def index_dtype(limit: int) -> np.dtype:
@@ -58,14 +59,39 @@ def unpack_blocks(bs: BlockSparse, K: int, N: int) -> np.ndarray:
     return np.ascontiguousarray(blocks.transpose(1, 2, 0, 3).reshape(kb * r, nb * c)[:K, :N])
 
 
-def check_block_arrays(indptr: np.ndarray, indices: np.ndarray, n_rows: int, n_cols: int) -> None:
-    """Validate loaded index arrays so a corrupt file cannot make a kernel read out of bounds."""
-    if indptr.shape != (n_rows + 1,) or indptr[0] != 0 or np.any(np.diff(indptr.astype(np.int64)) < 0):
-        raise ValueError("sparse indptr is malformed")
-    if indptr[-1] != indices.shape[0]:
-        raise ValueError("sparse indptr does not match the number of stored entries")
-    if indices.size and int(indices.max()) >= n_cols:
-        raise ValueError("sparse column index out of range")
+#: dtypes a stored sparse layer's arrays may have (the writers use int32 offsets and uint16/uint32 indices; signed
+#: index arrays are accepted and checked for negative entries)
+INDPTR_DTYPES: tuple[np.dtype, ...] = (np.dtype(np.int32), np.dtype(np.int64))
+INDEX_DTYPES: tuple[np.dtype, ...] = (np.dtype(np.uint16), np.dtype(np.uint32), np.dtype(np.int32), np.dtype(np.int64))
+_MAX_STORED = int(np.iinfo(np.int32).max)
+
+
+def check_block_arrays(indptr: np.ndarray, indices: np.ndarray, n_rows: int, n_cols: int,
+                       values: np.ndarray | None = None) -> int:
+    """Validate index arrays (and the number of stored ``values``) so that a corrupt file cannot make a kernel read
+    out of bounds: ``indptr`` ``[n_rows + 1]`` starts at 0, never decreases and ends at the number of stored
+    entries; every index is in ``[0, n_cols)``; ``values`` holds exactly that many entries along axis 0.
+    Returns the number of stored entries; raises ``KernelInputError``."""
+    for name, a, dtypes in (("indptr", indptr, INDPTR_DTYPES), ("indices", indices, INDEX_DTYPES)):
+        if not isinstance(a, np.ndarray) or a.ndim != 1 or a.dtype not in dtypes:
+            got = f"{a.dtype} {list(a.shape)}" if isinstance(a, np.ndarray) else type(a).__name__
+            raise KernelInputError(f"sparse {name} must be a 1-D array of {', '.join(map(str, dtypes))}; got {got}")
+    if indptr.shape[0] != n_rows + 1:
+        raise KernelInputError(f"sparse indptr has {indptr.shape[0]} entries; expected {n_rows + 1}")
+    offsets = indptr.astype(np.int64)
+    if offsets[0] != 0 or np.any(np.diff(offsets) < 0):
+        raise KernelInputError("sparse indptr is malformed (must start at 0 and never decrease)")
+    nnz = int(offsets[-1])
+    if nnz != indices.shape[0]:
+        raise KernelInputError(f"sparse indptr ends at {nnz} but {indices.shape[0]} indices are stored")
+    if nnz > _MAX_STORED:
+        raise KernelInputError(f"sparse layer stores {nnz} entries; at most {_MAX_STORED} are supported")
+    if nnz and (int(indices.min()) < 0 or int(indices.max()) >= n_cols):
+        raise KernelInputError(f"sparse column index out of range [0, {n_cols})")
+    if values is not None and (not isinstance(values, np.ndarray) or values.ndim < 1 or values.shape[0] != nnz):
+        got = list(values.shape) if isinstance(values, np.ndarray) else type(values).__name__
+        raise KernelInputError(f"sparse layer stores {nnz} entries but its values have shape {got}")
+    return nnz
 
 
 @njit(nogil=True, cache=True)

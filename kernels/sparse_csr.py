@@ -25,9 +25,11 @@ from numba import njit
 from leanserve.kernels._csr_simd import csr_gather_dot, lanes_i32
 from leanserve.kernels._sparse_simd import csr_lanes_f32
 from leanserve.kernels.activations import activation_code
-from leanserve.kernels.formats import LayerKernel, check_activation, register
+from leanserve.kernels.formats import (KernelInputError, LayerKernel, check_activation, meta_activation, meta_int,
+                                       stored_array)
 from leanserve.kernels.quantize import quantize_rows, quantize_weights_per_channel
-from leanserve.kernels.sparse_common import check_block_arrays, epilogue_f32, epilogue_int, index_dtype
+from leanserve.kernels.sparse_common import (INDEX_DTYPES, INDPTR_DTYPES, check_block_arrays, epilogue_f32, epilogue_int,
+                                             index_dtype)
 
 #: batch size from which csr_f32 switches from per-row gathers to batch-lane SIMD (measured crossover)
 LANES_MIN_BATCH = 2
@@ -169,15 +171,30 @@ def csr_int8_forward(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray
 class _CsrBase(LayerKernel):
     def __init__(self, indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, bias: np.ndarray,
                  activation: str, in_features: int) -> None:
+        if np.ndim(bias) != 1:
+            raise KernelInputError(f"bias must be 1-D [N], got shape {list(np.shape(bias))}")
         self.in_features = int(in_features)
         self.out_features = int(bias.shape[0])
         self.activation = check_activation(activation)
-        check_block_arrays(indptr, indices, self.out_features, self.in_features)
+        check_block_arrays(indptr, indices, self.out_features, self.in_features, values)
         self.indptr = np.ascontiguousarray(indptr, dtype=np.int32)
         self.indices = np.ascontiguousarray(indices, dtype=index_dtype(self.in_features))
         self.values = np.ascontiguousarray(values)
         self.bias = np.ascontiguousarray(bias, dtype=np.float32)
         self._code = activation_code(activation)
+
+    @staticmethod
+    def _stored(arrays: dict[str, np.ndarray], meta: dict[str, Any], value_dtype: type,
+                scaled: bool) -> tuple[np.ndarray, ...]:
+        """The checked arrays of a stored layer: (indptr, indices, values, [scales,] bias, activation, in_features)."""
+        k, n = meta_int(meta, "in_features"), meta_int(meta, "out_features")
+        indptr = stored_array(arrays, "indptr", INDPTR_DTYPES, (n + 1,))
+        indices = stored_array(arrays, "indices", INDEX_DTYPES, (None,))
+        values = stored_array(arrays, "values", (value_dtype,), (None,))
+        check_block_arrays(indptr, indices, n, k, values)
+        scales = (stored_array(arrays, "scales", (np.float32,), (n,)),) if scaled else ()
+        bias = stored_array(arrays, "bias", (np.float32,), (n,))
+        return (indptr, indices, values, *scales, bias, meta_activation(meta), k)
 
     @property
     def nnz(self) -> int:
@@ -192,7 +209,6 @@ class _CsrBase(LayerKernel):
                 "out_features": self.out_features}
 
 
-@register
 class CsrF32(_CsrBase):
     """fp32 CSR (of ``W^T``) sparse layer: stores exactly the nonzeros of ``W``."""
 
@@ -209,8 +225,7 @@ class CsrF32(_CsrBase):
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> "CsrF32":
-        return cls(arrays["indptr"], arrays["indices"], arrays["values"].astype(np.float32), arrays["bias"],
-                   meta["activation"], meta["in_features"])
+        return cls(*cls._stored(arrays, meta, np.float32, scaled=False))
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"indptr": self.indptr, "indices": self.indices, "values": self.values, "bias": self.bias}
@@ -222,7 +237,6 @@ class CsrF32(_CsrBase):
         return csr_f32_forward(self.indptr, self.indices, self.values, self.bias, self._code, x, LANES_MIN_BATCH)
 
 
-@register
 class CsrInt8(_CsrBase):
     """int8 CSR sparse layer: per-output-channel weight scales, dynamic per-row activation quantization."""
 
@@ -232,6 +246,8 @@ class CsrInt8(_CsrBase):
                  bias: np.ndarray, activation: str, in_features: int) -> None:
         super().__init__(indptr, indices, values.astype(np.int8), bias, activation, in_features)
         self.scales = np.ascontiguousarray(scales, dtype=np.float32)
+        if self.scales.shape != (self.out_features,):
+            raise KernelInputError(f"csr_int8 needs {self.out_features} scales, got shape {list(self.scales.shape)}")
 
     @classmethod
     def from_dense(cls, weights: np.ndarray, bias: np.ndarray, activation: str, **options: Any) -> "CsrInt8":
@@ -247,8 +263,7 @@ class CsrInt8(_CsrBase):
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> "CsrInt8":
-        return cls(arrays["indptr"], arrays["indices"], arrays["values"], arrays["scales"], arrays["bias"],
-                   meta["activation"], meta["in_features"])
+        return cls(*cls._stored(arrays, meta, np.int8, scaled=True))
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"indptr": self.indptr, "indices": self.indices, "values": self.values, "scales": self.scales,

@@ -110,9 +110,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.workdir, epochs=args.epochs)
 
 
+#: modules of the ``leanserve[server]`` extra each server-side command needs
+SERVER_MODULES = {
+    "serve": ("numba", "pydantic_settings", "safetensors", "grpc_health", "grpc_reflection", "prometheus_client"),
+    "train": ("tensorflow", "sklearn"),
+    "demo": ("numba", "pydantic_settings", "tensorflow", "sklearn"),
+}
+
+
+def missing_server_modules(command: str) -> list[str]:
+    """The modules ``command`` needs that are not installed (``pip install leanserve`` is the client only)."""
+    import importlib.util
+
+    return [m for m in SERVER_MODULES.get(command, ()) if importlib.util.find_spec(m) is None]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("serve", "train", "demo"):
+    if args.command in SERVER_MODULES:
+        missing = missing_server_modules(args.command)
+        if missing:
+            print(f"leanserve {args.command} needs the server extra: pip install 'leanserve[server]' "
+                  f"(missing: {', '.join(missing)})", file=sys.stderr)
+            return 2
         return args.func(args)
     return run_client_command(args)
 

@@ -18,14 +18,16 @@ import numpy as np
 
 from leanserve.server.ingest import build as ingest
 from leanserve.server.serving.batching import BatchConfig, Batcher
-from leanserve.server.errors import Cancelled, DeadlineExceeded, FailedPrecondition, LeanserveError, NotFound
+from leanserve.server.errors import (Cancelled, DeadlineExceeded, FailedPrecondition, LeanserveError, NotFound,
+                                     ResourceExhausted)
+from leanserve.server.repository.audit import AUDIT_FILE, AuditLog
 from leanserve.server.repository.loading import load_version, served_from_plan
 from leanserve.server.serving.model import PredictResult, ServedModel
 from leanserve.server.serving.context import NO_CONTEXT, RequestContext
 from leanserve.server.ingest.uploads import UploadRequest
 from leanserve.server.serving.postprocess import PostProcess, apply
 from leanserve.server.serving.registry import ModelRegistry
-from leanserve.server.repository.store import Repository, validate_name
+from leanserve.server.repository.store import Repository, folder_bytes, validate_name
 from leanserve.server.settings import Settings
 from leanserve.server.ingest.uploads import check_header, receive
 from leanserve.server.serving.validation import select_input, validate_batch
@@ -48,6 +50,8 @@ class DataPlane:
         self._failed: set[tuple[str, int]] = set()
         #: False until the repository is loaded and again once shutting down
         self.ready = False
+        #: who changed which model, when, with what result (see repository/audit.py)
+        self.audit = AuditLog(repository.root / AUDIT_FILE)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def load_all(self) -> list[tuple[str, int, str]]:
@@ -116,35 +120,42 @@ class DataPlane:
         """Not ready any more; drain and stop every batcher (call after the transport stopped taking calls)."""
         self.ready = False
         self._retire(self.registry.all())
+        self.audit.close()
 
-    def load_model(self, name: str) -> list[int]:
+    def load_model(self, name: str, ctx: RequestContext = NO_CONTEXT) -> list[int]:
         """Serve the stored versions of ``name`` that are not served (e.g. after ``unload_model``); retries versions
         that failed to load before. Returns the versions it loaded."""
-        with self._load_lock:
-            stored = self.repository.versions(name)  # NotFound for an unknown model
-            self._clear_unloaded(name)
-            self._failed -= {(name, v) for v in stored}
-            before = set(self.registry.versions(name))
-            failures = self._reconcile(name, stored)
-        if failures:
-            raise FailedPrecondition(f"model {name!r}: {len(failures)} version(s) failed to load: {failures[0][2]}")
-        return [v for v in stored if v not in before]
+        with self.audit.change(ctx, "load", name) as entry:
+            validate_name(name)  # before touching the disk: the answer must not depend on what exists outside
+            with self._load_lock:
+                stored = self.repository.versions(name)  # NotFound for an unknown model
+                self._clear_unloaded(name)
+                self._failed -= {(name, v) for v in stored}
+                before = set(self.registry.versions(name))
+                failures = self._reconcile(name, stored)
+            if failures:
+                raise FailedPrecondition(
+                    f"model {name!r}: {len(failures)} version(s) failed to load: {failures[0][2]}")
+            entry.version = [v for v in stored if v not in before]
+        return entry.version
 
     def _clear_unloaded(self, name: str) -> None:
         if self.repository.is_unloaded(name):
             self.repository.set_unloaded(name, False)
 
-    def unload_model(self, name: str) -> list[int]:
+    def unload_model(self, name: str, ctx: RequestContext = NO_CONTEXT) -> list[int]:
         """Stop serving every version of ``name``; the repository keeps them, marked unloaded (so other processes
         and a restart follow) until ``load_model`` serves them again."""
-        with self._load_lock:
-            versions = self.registry.versions(name)
-            stored = self.repository.versions(name, missing_ok=True)
-            if not versions and not stored:
-                raise NotFound(f"model {name!r} not found")
-            if stored:
-                self.repository.set_unloaded(name, True)
-            self._retire(self.registry.remove(name, versions))
+        with self.audit.change(ctx, "unload", name) as entry:
+            validate_name(name)
+            with self._load_lock:
+                entry.version = versions = self.registry.versions(name)
+                stored = self.repository.versions(name, missing_ok=True)
+                if not versions and not stored:
+                    raise NotFound(f"model {name!r} not found")
+                if stored:
+                    self.repository.set_unloaded(name, True)
+                self._retire(self.registry.remove(name, versions))
         return versions
 
     def repository_index(self) -> list[tuple[str, int, bool]]:
@@ -154,16 +165,19 @@ class DataPlane:
         return [(n, v, (n, v) in served) for n, v in sorted(stored | served)]
 
     # -- models ----------------------------------------------------------------------------------------------
-    def upload(self, req: UploadRequest, chunks: Iterable[bytes]) -> ServedModel:
+    def upload(self, req: UploadRequest, chunks: Iterable[bytes], ctx: RequestContext = NO_CONTEXT) -> ServedModel:
         """Receive, convert, check, store and serve a new version. Returns it once it is durable and served."""
-        validate_name(req.name)
-        check_header(req, self.settings.max_upload_bytes)
-        with self.repository.staging() as staged:
-            source = receive(req, chunks, staged / "upload.bin", self.settings.max_upload_bytes)
-            with self._ingest_lock:
-                manifest, conv = ingest.build(req, source, staged, self.settings)
-                served = self.publish(req.name, staged, lambda version: self._built(req.name, version, manifest,
-                                                                                     conv.plan))
+        with self.audit.change(ctx, "upload", req.name) as entry:
+            validate_name(req.name)
+            check_header(req, self.settings.max_upload_bytes)
+            self.check_limits(req.name, req.size_bytes)  # early, on the declared size; publish checks what was written
+            with self.repository.staging() as staged:
+                source = receive(req, chunks, staged / "upload.bin", self.settings.max_upload_bytes)
+                with self._ingest_lock:
+                    manifest, conv = ingest.build(req, source, staged, self.settings)
+                    served = self.publish(req.name, staged, lambda version: self._built(req.name, version, manifest,
+                                                                                         conv.plan))
+            entry.version = served.version
         log.info("serving %s version %d (%s runtime)", req.name, served.version, served.runtime)
         return served
 
@@ -172,12 +186,29 @@ class DataPlane:
         model loads it again. Holds the load lock throughout, so the repository poll never loads the new version
         a second time."""
         with self._load_lock:
+            self.check_limits(name, folder_bytes(staged))
             self._clear_unloaded(name)
             version = self.repository.commit(name, staged)
             served = build(version)
             self.serve(served)
             self._reconcile(name, self.repository.versions(name))
         return served
+
+    def check_limits(self, name: str, new_bytes: int = 0) -> None:
+        """ResourceExhausted when one more version of ``name`` (taking ``new_bytes``) would pass max_models,
+        max_versions_per_model or max_repository_bytes."""
+        s = self.settings
+        stored = self.repository.models()
+        if name not in stored and len(stored) >= s.max_models:
+            raise ResourceExhausted(f"the repository holds {len(stored)} models, the limit (max_models); delete one "
+                                    "or add a version to an existing model")
+        if len(stored.get(name, [])) >= s.max_versions_per_model:
+            raise ResourceExhausted(f"model {name!r} has {len(stored[name])} versions, the limit "
+                                    "(max_versions_per_model); delete old versions first")
+        used = self.repository.size_bytes()
+        if used + new_bytes > s.max_repository_bytes:
+            raise ResourceExhausted(f"the repository holds {used} bytes; {new_bytes} more would pass the limit of "
+                                    f"{s.max_repository_bytes} (max_repository_bytes)")
 
     def _built(self, name: str, version: int, manifest: dict[str, Any], plan: Any) -> ServedModel:
         if plan is not None:
@@ -192,12 +223,23 @@ class DataPlane:
         """One served version (latest when ``version`` is falsy)."""
         return self.registry.get(name, version)
 
-    def delete_model(self, name: str, version: int | None = None) -> list[int]:
-        """Stop serving and delete one version or all; NotFound when unknown."""
+    def set_default(self, name: str, version: int | None) -> int:
+        """Pin ``version`` as what version 0 of ``name`` resolves to, or unpin with None (the latest is the default).
+        The pin is persisted in the repository (other processes follow it) before it is served. Returns the default
+        version afterwards; NotFound for an unknown model or version."""
+        validate_name(name)
         with self._load_lock:
+            self.registry.get(name, version or None)  # NotFound for an unknown model or version
+            self.repository.set_default_version(name, version or None)
+            self.registry.set_default(name, version or None)
+            return self.registry.get(name, None).version
+
+    def delete_model(self, name: str, version: int | None = None, ctx: RequestContext = NO_CONTEXT) -> list[int]:
+        """Stop serving and delete one version or all; NotFound when unknown."""
+        with self.audit.change(ctx, "delete", name, version or None) as entry, self._load_lock:
             if version:
                 self.registry.get(name, version)  # NotFound with a good message
-            deleted = self.repository.delete(name, version or None)
+            entry.version = deleted = self.repository.delete(name, version or None)
             self._retire(self.registry.remove(name, deleted))
         return deleted
 

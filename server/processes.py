@@ -90,6 +90,7 @@ class ExtraProcesses:
         readable, _, _ = select.select([child.ready_fd], [], [], remaining)
         line = os.read(child.ready_fd, len(READY)) if readable else b""
         os.close(child.ready_fd)
+        child.ready_fd = -1
         if line != READY:
             code = child.proc.poll()
             why = f"exited with code {code}" if code is not None else "did not get ready in time"
@@ -100,14 +101,30 @@ class ExtraProcesses:
         while not self._stopping.wait(1.0):
             for index, child in list(self._children.items()):
                 code = child.proc.poll()
-                if code is None or self._stopping.is_set():
+                if code is None:
+                    self._note_ready(child)
                     continue
-                if time.monotonic() - child.started < _RESTART_BACKOFF_SECONDS:
+                if self._stopping.is_set() or time.monotonic() - child.started < _RESTART_BACKOFF_SECONDS:
                     continue
                 log.error("server process %d exited with code %s; starting it again", index, code)
-                replacement = self._spawn(index)
-                os.close(replacement.ready_fd)  # it serves when it is ready; nobody waits for it
-                self._children[index] = replacement
+                self._close_ready(child)
+                # the read end stays open until it reports ready: writing to a pipe nobody reads fails (EPIPE)
+                self._children[index] = self._spawn(index)
+
+    @staticmethod
+    def _note_ready(child: _Child) -> None:
+        """Log (once) that a restarted process serves; nobody waits for it."""
+        if child.ready_fd < 0 or not select.select([child.ready_fd], [], [], 0)[0]:
+            return
+        if os.read(child.ready_fd, len(READY)) == READY:
+            log.info("server process %d serves again (pid %d)", child.index, child.proc.pid)
+        ExtraProcesses._close_ready(child)
+
+    @staticmethod
+    def _close_ready(child: _Child) -> None:
+        if child.ready_fd >= 0:
+            os.close(child.ready_fd)
+            child.ready_fd = -1
 
     def terminate(self) -> None:
         """SIGTERM every extra process (each then lets its in-flight calls finish); returns at once."""

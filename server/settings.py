@@ -57,6 +57,39 @@ class Settings(BaseSettings):
         description="Streams (PredictStream, ModelStreamInfer) open at once; more are refused with RESOURCE_EXHAUSTED "
         "so that unary calls always find a worker thread. Must be below worker_threads.",
     )
+    max_open_uploads: int | None = Field(
+        None,
+        ge=1,
+        description="UploadModel calls open at once (each holds a worker thread while it receives); more are refused "
+        "with RESOURCE_EXHAUSTED. Default: 8, or fewer when worker_threads leaves less room. Together with "
+        "max_open_streams and max_open_optimizations it must stay below worker_threads.",
+    )
+    max_open_optimizations: int | None = Field(
+        None,
+        ge=1,
+        description="Optimize calls open at once (receiving data or following a job); more are refused with "
+        "RESOURCE_EXHAUSTED. Default: 2, or 1 when worker_threads leaves less room. Which of them may run a job "
+        "is optimize_max_jobs.",
+    )
+    stream_idle_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="Longest wait for the next message of a client stream (UploadModel, Optimize, PredictStream, "
+        "ModelStreamInfer) while the server has nothing of it in hand; then the call ends with DEADLINE_EXCEEDED "
+        "and its slot is free again.",
+    )
+    max_models: int = Field(
+        1000, ge=1, description="Most models the repository may hold; an upload of a new model past it is refused "
+        "with RESOURCE_EXHAUSTED."
+    )
+    max_versions_per_model: int = Field(
+        100, ge=1, description="Most stored versions of one model; an upload or optimization past it is refused "
+        "with RESOURCE_EXHAUSTED (delete old versions first)."
+    )
+    max_repository_bytes: int = Field(
+        64 * 1024 * MIB, ge=1, description="Most bytes the repository's versions may take on disk; an upload or "
+        "optimization that would pass it is refused with RESOURCE_EXHAUSTED."
+    )
     max_message_bytes: int = Field(
         512 * MIB, ge=4 * MIB, description="Largest gRPC message sent or received (gRPC's own default is 4 MiB)."
     )
@@ -89,6 +122,12 @@ class Settings(BaseSettings):
     batch_workers: int = Field(
         1, ge=1, description="Batches of one model version executing at once (and threads per version running them)."
     )
+    batch_thread_idle_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="A model version's batch threads start with its first queued request and end after this long "
+        "without work, so threads follow the versions in use, not the versions stored.",
+    )
     batch_overrides: dict[str, BatchOverride] = Field(
         default_factory=dict,
         description="Per-model batching settings by model name (JSON in the environment), e.g. "
@@ -96,9 +135,22 @@ class Settings(BaseSettings):
     )
     @model_validator(mode="after")
     def _streams_leave_threads_for_unary(self) -> "Settings":
+        # every slot of a long call holds a worker thread: together they must leave at least one for unary calls
         if self.max_open_streams >= self.worker_threads:
             raise ValueError(
                 f"max_open_streams ({self.max_open_streams}) must be below worker_threads ({self.worker_threads})"
+            )
+        room = self.worker_threads - self.max_open_streams - 1
+        if self.max_open_optimizations is None:
+            self.max_open_optimizations = max(1, min(2, room // 2))
+        if self.max_open_uploads is None:
+            self.max_open_uploads = max(1, min(8, room - self.max_open_optimizations))
+        held = self.max_open_streams + self.max_open_uploads + self.max_open_optimizations
+        if held >= self.worker_threads:
+            raise ValueError(
+                f"max_open_streams + max_open_uploads + max_open_optimizations ({self.max_open_streams} + "
+                f"{self.max_open_uploads} + {self.max_open_optimizations}) must be below worker_threads "
+                f"({self.worker_threads}) so that unary calls always find a thread"
             )
         return self
 

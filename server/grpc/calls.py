@@ -1,23 +1,75 @@
-"""What every servicer needs from a gRPC call: its deadline and liveness, and pipelined streams."""
+"""What every servicer needs from a gRPC call: its deadline and liveness, slots for long calls, client streams read
+with an idle timeout, pipelined predict streams, and the status number of an error answered inside a stream."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 import grpc
 
-from leanserve.server.errors import LeanserveError, ResourceExhausted
+from leanserve.server import errors
+from leanserve.server.errors import Cancelled, DeadlineExceeded, LeanserveError, ResourceExhausted
 from leanserve.server.serving.context import RequestContext
+
+log = logging.getLogger(__name__)
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
+Item = TypeVar("Item")
 
 _END = object()
 _NO_DEADLINE = 1e7  # seconds
+_PUT_POLL_SECONDS = 0.1
+
+#: status of each error class, for when an error carries no grpc.StatusCode (errors are transport-neutral)
+_STATUS_BY_CLASS: tuple[tuple[str, grpc.StatusCode], ...] = (
+    ("UnsupportedModel", grpc.StatusCode.INVALID_ARGUMENT),
+    ("NotFound", grpc.StatusCode.NOT_FOUND),
+    ("InvalidArgument", grpc.StatusCode.INVALID_ARGUMENT),
+    ("FailedPrecondition", grpc.StatusCode.FAILED_PRECONDITION),
+    ("ResourceExhausted", grpc.StatusCode.RESOURCE_EXHAUSTED),
+    ("AlreadyExists", grpc.StatusCode.ALREADY_EXISTS),
+    ("Unauthenticated", grpc.StatusCode.UNAUTHENTICATED),
+    ("PermissionDenied", grpc.StatusCode.PERMISSION_DENIED),
+    ("DeadlineExceeded", grpc.StatusCode.DEADLINE_EXCEEDED),
+    ("Unavailable", grpc.StatusCode.UNAVAILABLE),
+    ("Cancelled", grpc.StatusCode.CANCELLED),
+)
+
+
+def status_code(exc: BaseException) -> grpc.StatusCode:
+    """The gRPC status of an error, whether its ``code`` is a grpc.StatusCode, a name ("not_found") or an enum
+    member named like one; else by its class in server/errors.py; INTERNAL for anything else."""
+    code = getattr(exc, "code", None)
+    if isinstance(code, grpc.StatusCode):
+        return code
+    name = getattr(code, "name", None) if code is not None and not isinstance(code, str) else code
+    if isinstance(name, str) and name.upper() in grpc.StatusCode.__members__:
+        return grpc.StatusCode[name.upper()]
+    value = getattr(code, "value", None)
+    if isinstance(value, str) and value.upper() in grpc.StatusCode.__members__:
+        return grpc.StatusCode[value.upper()]
+    for cls_name, status in _STATUS_BY_CLASS:
+        cls = getattr(errors, cls_name, None)
+        if isinstance(cls, type) and isinstance(exc, cls):
+            return status
+    return grpc.StatusCode.INTERNAL
+
+
+def status_number(exc: BaseException) -> int:
+    """The numeric gRPC status of an error (e.g. 3 for INVALID_ARGUMENT), for error answers inside a stream."""
+    return status_code(exc).value[0]
+
+
+def internal_error() -> LeanserveError:
+    """What a caller is told about a bug while answering one request of a stream (details stay in the log)."""
+    return LeanserveError("internal error while answering this request; see the server log")
 
 
 def request_context(context: grpc.ServicerContext) -> RequestContext:
@@ -29,22 +81,32 @@ def request_context(context: grpc.ServicerContext) -> RequestContext:
 
 
 class StreamSlots:
-    """Bounds the streams open at once. Each open stream holds a worker thread for its whole life in the sync
-    server; past the bound a new stream is refused at once (RESOURCE_EXHAUSTED) rather than left hanging, and
-    unary calls keep finding threads."""
+    """Bounds the long calls of one kind open at once (predict streams, uploads, optimizations).
 
-    def __init__(self, limit: int) -> None:
+    Each open call holds a worker thread of the sync server for its whole life; past the bound a new call is
+    refused at once (RESOURCE_EXHAUSTED) rather than left hanging, and unary calls keep finding threads (the
+    settings keep all bounds together below the worker count).
+    """
+
+    def __init__(self, limit: int, kind: str = "streams") -> None:
         self.limit = limit
+        self.kind = kind
         self._free = threading.BoundedSemaphore(limit)
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Hold a slot for the ``with`` block; ResourceExhausted at once when none is free."""
+        if not self._free.acquire(blocking=False):
+            raise ResourceExhausted(f"too many open {self.kind} (limit {self.limit}); retry later or open fewer")
+        try:
+            yield
+        finally:
+            self._free.release()
 
     def open(self, requests: Iterator[Req], answer: Callable[[Iterator[Req]], Iterator[Resp]]) -> Iterator[Resp]:
         """Yield ``answer(requests)`` while holding a slot."""
-        if not self._free.acquire(blocking=False):
-            raise ResourceExhausted(f"too many open streams (limit {self.limit}); retry later or use fewer streams")
-        try:
+        with self.hold():
             yield from answer(requests)
-        finally:
-            self._free.release()
 
 
 class _Failed:
@@ -52,63 +114,126 @@ class _Failed:
         self.exc = exc
 
 
-def pipelined(
-    requests: Iterator[Req],
-    submit: Callable[[Req], Callable[[], Resp]],
-    on_error: Callable[[Req, LeanserveError], Resp],
-    window: int,
-) -> Iterator[Resp]:
-    """Answer a request stream in order while up to ``window`` requests are in flight.
+class Inbox(Generic[Item]):
+    """A client stream read on a helper thread, so that waiting for the next message can time out.
 
-    A reader thread takes requests off the stream and ``submit``s each (validate + queue for the batcher), which
-    returns a function waiting for its response. This generator yields those responses in request order. The
-    bounded hand-over queue stops the reader when ``window`` answers are pending, so gRPC flow control pushes back
-    on the client instead of the server buffering without bound. A request that fails with a LeanserveError is
-    answered with ``on_error`` and the stream goes on.
+    The sync server's request iterator blocks without a timeout; here a reader thread moves each message
+    (through ``take``, run on the reader thread) into a bounded queue, and iterating waits at most
+    ``idle_timeout`` seconds for the next one: then DeadlineExceeded. A client that went away raises Cancelled.
+    The reader blocks until the call ends, so the handler must end the call (return or raise) after giving up;
+    ``close`` (or leaving the ``with`` block) tells the reader to drop what it still reads.
     """
-    pending: queue.Queue[object] = queue.Queue(maxsize=window)
-    closed = threading.Event()
 
-    def put(entry: object) -> bool:
-        while not closed.is_set():
+    def __init__(
+        self,
+        requests: Iterator[Req],
+        idle_timeout: float,
+        take: Callable[[Req], Item] | None = None,
+        capacity: int = 1,
+    ) -> None:
+        self._requests = requests
+        self._idle = idle_timeout
+        self._take = take if take is not None else (lambda req: req)  # type: ignore[assignment,return-value]
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=capacity)
+        self._closed = threading.Event()
+        self._done = False
+        self._reader = threading.Thread(target=self._read, name="stream-reader", daemon=True)
+        self._reader.start()
+
+    def _put(self, entry: object) -> bool:
+        while not self._closed.is_set():
             try:
-                pending.put(entry, timeout=0.1)
+                self._queue.put(entry, timeout=_PUT_POLL_SECONDS)
                 return True
             except queue.Full:
                 continue
         return False
 
-    def read() -> None:
+    def _read(self) -> None:
         try:
-            for req in requests:
-                try:
-                    entry: object = (req, submit(req), None)
-                except LeanserveError as exc:
-                    entry = (req, None, exc)
-                if not put(entry):
+            for req in self._requests:
+                if not self._put(self._take(req)):
                     return
-        except BaseException as exc:  # noqa: BLE001 -- handed to the answering thread
-            put(_Failed(exc))
+        except BaseException as exc:  # noqa: BLE001 -- handed to the handler's thread
+            self._put(_Failed(exc))
             return
-        put(_END)
+        self._put(_END)
 
-    reader = threading.Thread(target=read, name="stream-reader", daemon=True)
-    reader.start()
-    try:
+    def __iter__(self) -> Inbox[Item]:
+        return self
+
+    def __next__(self) -> Item:
+        if self._done:
+            raise StopIteration
+        try:
+            entry = self._queue.get(timeout=self._idle)
+        except queue.Empty:
+            self.close()
+            raise DeadlineExceeded(
+                f"no message from the client for {self._idle:g} s; the call was idle too long"
+            ) from None
+        if entry is _END:
+            self._done = True
+            raise StopIteration
+        if isinstance(entry, _Failed):
+            self.close()
+            if isinstance(entry.exc, grpc.RpcError):
+                raise Cancelled("the client went away")
+            raise entry.exc
+        return entry  # type: ignore[return-value]
+
+    def close(self) -> None:
+        """Stop handing over messages (the reader drops the rest)."""
+        self._done = True
+        self._closed.set()
+
+    def __enter__(self) -> Inbox[Item]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def pipelined(
+    requests: Iterator[Req],
+    submit: Callable[[Req], Callable[[], Resp]],
+    on_error: Callable[[Req, LeanserveError], Resp],
+    window: int,
+    idle_timeout: float,
+) -> Iterator[Resp]:
+    """Answer a request stream in order while up to ``window`` requests are in flight.
+
+    The Inbox's reader takes requests off the stream and ``submit``s each (validate + queue for the batcher),
+    which returns a function waiting for its response. This generator yields those responses in request order.
+    The bounded hand-over queue stops the reader when ``window`` answers are pending, so gRPC flow control pushes
+    back on the client instead of the server buffering without bound. A request that fails (a LeanserveError, or
+    a bug, answered as INTERNAL) is answered with ``on_error`` and the stream goes on. With nothing pending and
+    no request for ``idle_timeout`` seconds the stream ends with DeadlineExceeded.
+    """
+
+    def take(req: Req) -> tuple[Req, Callable[[], Resp] | None, LeanserveError | None]:
+        try:
+            return req, submit(req), None
+        except LeanserveError as exc:
+            return req, None, exc
+        except Exception:  # a bug in one request's handling: answer it, keep the stream
+            log.exception("unexpected error in a stream request")
+            return req, None, internal_error()
+
+    with Inbox(requests, idle_timeout, take, capacity=window) as inbox:
         while True:
-            entry = pending.get()
-            if entry is _END:
+            try:
+                req, wait, error = next(inbox)
+            except StopIteration:
                 return
-            if isinstance(entry, _Failed):
-                if isinstance(entry.exc, grpc.RpcError):  # the client went away: nobody to answer
-                    return
-                raise entry.exc
-            req, wait, error = entry  # type: ignore[misc]
-            if error is None:
+            except Cancelled:  # the client went away: nobody to answer
+                return
+            if wait is not None:
                 try:
                     response = wait()
                 except LeanserveError as exc:
                     error = exc
+                except Exception:
+                    log.exception("unexpected error in a stream request")
+                    error = internal_error()
             yield response if error is None else on_error(req, error)
-    finally:
-        closed.set()

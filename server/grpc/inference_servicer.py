@@ -11,7 +11,7 @@ from leanserve.v1 import inference_service_pb2_grpc as pb_grpc
 from leanserve.server.dataplane import DataPlane
 from leanserve.server.errors import LeanserveError
 from leanserve.server.grpc import converters
-from leanserve.server.grpc.calls import StreamSlots, pipelined, request_context
+from leanserve.server.grpc.calls import StreamSlots, pipelined, request_context, status_number
 from leanserve.server.serving.context import RequestContext
 
 
@@ -41,10 +41,10 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             return pb.PredictResponse(
                 model_name=request.model_name,
                 request_id=request.request_id,
-                error=pb.Error(code=exc.code.value[0], message=exc.message),
+                error=pb.Error(code=status_number(exc), message=exc.message),
             )
 
-        window = self.dp.settings.stream_window
-        yield from self.streams.open(
-            request_iterator, lambda reqs: pipelined(reqs, lambda r: self._submit(r, ctx), on_error, window)
-        )
+        settings = self.dp.settings
+        with self.streams.hold():
+            yield from pipelined(request_iterator, lambda r: self._submit(r, ctx), on_error, settings.stream_window,
+                                 settings.stream_idle_timeout_seconds)

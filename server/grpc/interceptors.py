@@ -1,28 +1,68 @@
 """Errors → status codes, in one place for every RPC of every service.
 
-A ``LeanserveError`` aborts with its own code and message. Anything else is a bug: INTERNAL with a generic
-message (details stay in the log, with the traceback, never in the answer).
+A ``LeanserveError`` aborts with the grpc.StatusCode of its transport-neutral code and its message; it is a
+client mistake, logged as one line without a traceback, at most ``per_second`` lines per code and second (the
+dropped lines are counted in the next one). Anything else is a bug: INTERNAL with a generic message, the details
+and the traceback in the log only.
+
+Each method's handler is wrapped once, the first time the method is called, and reused: the per-call cost is a
+dict lookup.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
+import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
 
-from leanserve.server.errors import LeanserveError
+from leanserve.server.errors import Code, LeanserveError
 
 log = logging.getLogger(__name__)
 
+#: the gRPC status of each transport-neutral code
+STATUS: dict[Code, grpc.StatusCode] = {code: grpc.StatusCode[code.name] for code in Code}
 
-def _abort(context: grpc.ServicerContext, exc: BaseException, method: str) -> None:
-    if isinstance(exc, LeanserveError):
-        context.abort(exc.code, exc.message)
-    log.exception("unexpected error in %s", method)
-    context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see the server log")
+
+def grpc_status(code: Code) -> grpc.StatusCode:
+    """The grpc.StatusCode a transport-neutral code is answered with."""
+    return STATUS[code]
+
+
+def status_number(code: Code) -> int:
+    """The numeric gRPC status of a code (e.g. 3 for INVALID_ARGUMENT), for error answers inside a stream."""
+    return STATUS[code].value[0]
+
+
+class RateLimitedLog:
+    """One log line per event, at most ``per_second`` per key and second; the next line that gets through says
+    how many were dropped since, so a flood of bad requests costs neither the disk nor the log's reader."""
+
+    def __init__(self, logger: logging.Logger, per_second: int, level: int = logging.INFO) -> None:
+        self._log, self._per_second, self._level = logger, per_second, level
+        self._lock = threading.Lock()
+        self._windows: dict[object, list[int]] = {}  # key -> [second, lines in it, dropped since the last line]
+
+    def __call__(self, key: object, fmt: str, *args: object) -> None:
+        second = int(time.monotonic())
+        with self._lock:
+            window = self._windows.get(key)
+            if window is None:
+                window = self._windows[key] = [second, 0, 0]
+            elif window[0] != second:
+                window[0], window[1] = second, 0
+            if window[1] >= self._per_second:
+                window[2] += 1
+                return
+            window[1] += 1
+            dropped, window[2] = window[2], 0
+        if dropped:
+            fmt += " (%d similar lines dropped before this one)"
+            args = (*args, dropped)
+        self._log.log(self._level, fmt, *args)
 
 
 def _is_abort(exc: BaseException) -> bool:
@@ -30,34 +70,13 @@ def _is_abort(exc: BaseException) -> bool:
     return type(exc) is Exception and not exc.args
 
 
-def _wrap_unary(fn: Callable[..., Any], method: str) -> Callable[..., Any]:
-    @functools.wraps(fn)
-    def wrapper(request: Any, context: grpc.ServicerContext) -> Any:
-        try:
-            return fn(request, context)
-        except Exception as exc:
-            if _is_abort(exc):
-                raise
-            _abort(context, exc, method)
-
-    return wrapper
-
-
-def _wrap_stream(fn: Callable[..., Iterator[Any]], method: str) -> Callable[..., Iterator[Any]]:
-    @functools.wraps(fn)
-    def wrapper(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        try:
-            yield from fn(request, context)
-        except Exception as exc:
-            if _is_abort(exc):
-                raise
-            _abort(context, exc, method)
-
-    return wrapper
-
-
 class ErrorInterceptor(grpc.ServerInterceptor):
     """Maps exceptions raised by any servicer method to gRPC status codes."""
+
+    def __init__(self, client_errors_per_second: int = 10) -> None:
+        self._client_error = RateLimitedLog(log, client_errors_per_second)
+        # method -> (handler as registered, wrapped handler); only methods that exist get an entry
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler], details: grpc.HandlerCallDetails
@@ -65,13 +84,51 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         handler = continuation(details)
         if handler is None:
             return handler
-        method = details.method
+        entry = self._wrapped.get(details.method)
+        if entry is None or entry[0] is not handler:
+            entry = (handler, self._wrap(handler, details.method))
+            self._wrapped[details.method] = entry
+        return entry[1]
+
+    def _abort(self, context: grpc.ServicerContext, exc: BaseException, method: str) -> None:
+        if isinstance(exc, LeanserveError):
+            status = STATUS[exc.code]
+            self._client_error(exc.code, "%s %s: %s", method, status.name, exc.message)
+            context.abort(status, exc.message)
+        log.exception("unexpected error in %s", method)
+        context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see the server log")
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        abort = self._abort
+
+        def unary(fn: Callable[..., Any]) -> Callable[..., Any]:
+            def wrapper(request: Any, context: grpc.ServicerContext) -> Any:
+                try:
+                    return fn(request, context)
+                except Exception as exc:
+                    if _is_abort(exc):
+                        raise
+                    abort(context, exc, method)
+
+            return wrapper
+
+        def stream(fn: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
+            def wrapper(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                try:
+                    yield from fn(request, context)
+                except Exception as exc:
+                    if _is_abort(exc):
+                        raise
+                    abort(context, exc, method)
+
+            return wrapper
+
         if handler.unary_unary:
-            return handler._replace(unary_unary=_wrap_unary(handler.unary_unary, method))
+            return handler._replace(unary_unary=unary(handler.unary_unary))
         if handler.stream_unary:
-            return handler._replace(stream_unary=_wrap_unary(handler.stream_unary, method))
+            return handler._replace(stream_unary=unary(handler.stream_unary))
         if handler.unary_stream:
-            return handler._replace(unary_stream=_wrap_stream(handler.unary_stream, method))
+            return handler._replace(unary_stream=stream(handler.unary_stream))
         if handler.stream_stream:
-            return handler._replace(stream_stream=_wrap_stream(handler.stream_stream, method))
+            return handler._replace(stream_stream=stream(handler.stream_stream))
         return handler

@@ -11,9 +11,11 @@ from leanserve.v1 import model_service_pb2_grpc as pb_grpc
 from leanserve.server.dataplane import DataPlane
 from leanserve.server.errors import InvalidArgument
 from leanserve.server.grpc import converters
+from leanserve.server.grpc.auth import caller_context
+from leanserve.server.grpc.calls import Inbox, StreamSlots
 
 
-def _chunks(first: pb.UploadModelRequest | None, rest: Iterator[pb.UploadModelRequest]) -> Iterator[bytes]:
+def _chunks(rest: Iterator[pb.UploadModelRequest]) -> Iterator[bytes]:
     for msg in rest:
         if msg.WhichOneof("part") != "chunk":
             raise InvalidArgument("after the header an upload carries only chunks")
@@ -23,12 +25,17 @@ def _chunks(first: pb.UploadModelRequest | None, rest: Iterator[pb.UploadModelRe
 class ModelServicer(pb_grpc.ModelServiceServicer):
     def __init__(self, dataplane: DataPlane) -> None:
         self.dp = dataplane
+        assert dataplane.settings.max_open_uploads is not None  # filled in by Settings
+        self.uploads = StreamSlots(dataplane.settings.max_open_uploads, "uploads")
 
     def UploadModel(self, request_iterator: Iterator[pb.UploadModelRequest], context: grpc.ServicerContext):
-        first = next(request_iterator, None)
-        if first is None or first.WhichOneof("part") != "header":
-            raise InvalidArgument("an upload starts with a header message")
-        served = self.dp.upload(converters.upload_header(first.header), _chunks(first, request_iterator))
+        # a slot and an idle timeout: idle uploads must not take every worker thread
+        with self.uploads.hold(), Inbox(request_iterator, self.dp.settings.stream_idle_timeout_seconds) as messages:
+            first = next(messages, None)
+            if first is None or first.WhichOneof("part") != "header":
+                raise InvalidArgument("an upload starts with a header message")
+            served = self.dp.upload(converters.upload_header(first.header), _chunks(messages),
+                                    caller_context(context))
         return pb.UploadModelResponse(model=converters.model_info(self.dp.describe(served), served))
 
     def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:
@@ -45,4 +52,5 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         return converters.model_info(self.dp.describe(served), served)
 
     def DeleteModel(self, request: pb.DeleteModelRequest, context: grpc.ServicerContext) -> pb.DeleteModelResponse:
-        return pb.DeleteModelResponse(deleted_versions=self.dp.delete_model(request.name, request.version))
+        deleted = self.dp.delete_model(request.name, request.version, caller_context(context))
+        return pb.DeleteModelResponse(deleted_versions=deleted)

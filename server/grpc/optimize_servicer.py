@@ -10,6 +10,7 @@ from leanserve.v1 import optimize_service_pb2 as pb
 from leanserve.v1 import optimize_service_pb2_grpc as pb_grpc
 from leanserve.server.errors import Cancelled, InvalidArgument
 from leanserve.server.grpc import optimize_converters as conv
+from leanserve.server.grpc.calls import Inbox, StreamSlots
 from leanserve.server.optimize.service import Optimizer
 
 
@@ -23,18 +24,23 @@ def _chunks(rest: Iterator[pb.OptimizeRequest]) -> Iterator[bytes]:
 class OptimizeServicer(pb_grpc.OptimizeServiceServicer):
     def __init__(self, optimizer: Optimizer) -> None:
         self.optimizer = optimizer
+        assert optimizer.settings.max_open_optimizations is not None  # filled in by Settings
+        self.calls = StreamSlots(optimizer.settings.max_open_optimizations, "Optimize calls")
 
     def Optimize(self, request_iterator: Iterator[pb.OptimizeRequest],
                  context: grpc.ServicerContext) -> Iterator[pb.OptimizeEvent]:
-        first = next(request_iterator, None)
-        if first is None or first.WhichOneof("part") != "options":
-            raise InvalidArgument("an Optimize stream starts with an options message")
-        job = self.optimizer.start(conv.optimize_options(first.options), _chunks(request_iterator))
-        context.add_callback(job.cancel)  # runs when the call ends for any reason, e.g. the client cancelled
-        for event in job.events():
-            yield conv.optimize_event(event)
-        if job.cancelled:
-            raise Cancelled("optimization cancelled")
+        # a slot and an idle timeout: an idle caller holds neither a worker thread nor the job slot for long
+        with self.calls.hold():
+            with Inbox(request_iterator, self.optimizer.settings.stream_idle_timeout_seconds) as messages:
+                first = next(messages, None)
+                if first is None or first.WhichOneof("part") != "options":
+                    raise InvalidArgument("an Optimize stream starts with an options message")
+                job = self.optimizer.start(conv.optimize_options(first.options), _chunks(messages))
+            context.add_callback(job.cancel)  # runs when the call ends for any reason, e.g. the client cancelled
+            for event in job.events():
+                yield conv.optimize_event(event)
+            if job.cancelled:
+                raise Cancelled("optimization cancelled")
 
     def SetDefaultVersion(self, request: pb.SetDefaultVersionRequest,
                           context: grpc.ServicerContext) -> pb.SetDefaultVersionResponse:

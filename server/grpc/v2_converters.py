@@ -17,6 +17,7 @@ from leanserve.server.errors import InvalidArgument
 from leanserve.server.serving.model import PredictResult, ServedModel, TensorSignature
 from leanserve.server.serving.postprocess import PostProcess
 from leanserve.server.serving.stats import StatsSnapshot
+from leanserve.server.serving.validation import tensor_shape
 
 DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype("?"),
@@ -49,6 +50,9 @@ _CONTENTS: dict[str, tuple[str, np.dtype]] = {
     "FP64": ("fp64_contents", np.dtype("f8")),
 }
 _POSTPROCESS = {p.value: p for p in PostProcess}
+#: no tensor larger than the largest message can arrive; the default when a caller names no cap
+_MAX_TENSOR_BYTES = 2**63 - 1
+_ECHO = 64  # characters of a client-sent name echoed in an error message
 
 
 @dataclass(frozen=True)
@@ -68,8 +72,9 @@ def parse_version(version: str) -> int | None:
     """V2 versions are strings: "" = latest, else a positive decimal number."""
     if not version:
         return None
-    if not version.isdigit() or int(version) == 0:
-        raise InvalidArgument(f"model version must be a positive number or empty, got {version!r}")
+    # str.isdigit() also accepts digits such as "²" that int() refuses: only ASCII digits, and at most 18 of them
+    if not (version.isascii() and version.isdigit() and len(version) <= 18) or int(version) == 0:
+        raise InvalidArgument(f"model version must be a positive number or empty, got {version[:_ECHO]!r}")
     return int(version)
 
 
@@ -81,42 +86,42 @@ def v2_datatype(dtype: str | np.dtype) -> str:
     return name
 
 
-def _tensor(t: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> np.ndarray:
+def _tensor(t: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, max_bytes: int) -> np.ndarray:
     dtype = DTYPES.get(t.datatype)
     if dtype is None:
-        raise InvalidArgument(f"input {t.name!r}: unsupported datatype {t.datatype!r}")
-    shape = tuple(int(d) for d in t.shape)
-    if any(d < 0 for d in shape):
-        raise InvalidArgument(f"input {t.name!r}: negative dimension in shape {list(shape)}")
-    count = int(np.prod(shape, dtype=np.int64))
+        raise InvalidArgument(f"input {t.name[:_ECHO]!r}: unsupported datatype {t.datatype[:_ECHO]!r}")
+    shape, count = tensor_shape(t.name[:_ECHO], t.shape, dtype.itemsize, max_bytes)
     if raw is not None:
         if len(raw) != count * dtype.itemsize:
             raise InvalidArgument(
-                f"input {t.name!r}: shape {list(shape)} of {t.datatype} needs {count * dtype.itemsize} bytes, "
+                f"input {t.name[:_ECHO]!r}: shape {list(shape)} of {t.datatype} needs {count * dtype.itemsize} bytes, "
                 f"got {len(raw)}"
             )
         return np.frombuffer(raw, dtype=dtype).reshape(shape)
     if t.datatype not in _CONTENTS:
-        raise InvalidArgument(f"input {t.name!r}: {t.datatype} must be sent in raw_input_contents")
+        raise InvalidArgument(f"input {t.name[:_ECHO]!r}: {t.datatype} must be sent in raw_input_contents")
     field, wire_dtype = _CONTENTS[t.datatype]
     values = getattr(t.contents, field)
     if len(values) != count:
-        raise InvalidArgument(f"input {t.name!r}: shape {list(shape)} needs {count} elements, got {len(values)}")
+        raise InvalidArgument(
+            f"input {t.name[:_ECHO]!r}: shape {list(shape)} needs {count} elements, got {len(values)}"
+        )
     return np.fromiter(values, dtype=wire_dtype, count=count).astype(dtype, copy=False).reshape(shape)
 
 
-def infer_request(req: pb.ModelInferRequest) -> InferCall:
-    """Inputs by name, options from the request parameters, requested output names."""
+def infer_request(req: pb.ModelInferRequest, max_bytes: int = _MAX_TENSOR_BYTES) -> InferCall:
+    """Inputs by name, options from the request parameters, requested output names. No input tensor may describe
+    more than ``max_bytes`` (the largest message)."""
     raws = req.raw_input_contents
     if raws and len(raws) != len(req.inputs):
         raise InvalidArgument(f"raw_input_contents has {len(raws)} entries for {len(req.inputs)} inputs")
     inputs: dict[str, np.ndarray] = {}
     for i, t in enumerate(req.inputs):
         if t.name in inputs:
-            raise InvalidArgument(f"input {t.name!r} given twice")
+            raise InvalidArgument(f"input {t.name[:_ECHO]!r} given twice")
         if raws and t.HasField("contents"):
-            raise InvalidArgument(f"input {t.name!r}: contents and raw_input_contents must not both be used")
-        inputs[t.name] = _tensor(t, raws[i] if raws else None)
+            raise InvalidArgument(f"input {t.name[:_ECHO]!r}: contents and raw_input_contents must not both be used")
+        inputs[t.name] = _tensor(t, raws[i] if raws else None, max_bytes)
     params = req.parameters
     kind = PostProcess.RAW
     if "postprocess" in params:
@@ -139,7 +144,7 @@ def infer_response(result: PredictResult, call: InferCall) -> pb.ModelInferRespo
     for name in names:
         a = result.outputs.get(name)
         if a is None:
-            raise InvalidArgument(f"no output {name!r}; this request produces {', '.join(result.outputs)}")
+            raise InvalidArgument(f"no output {name[:_ECHO]!r}; this request produces {', '.join(result.outputs)}")
         a = np.ascontiguousarray(a)
         if a.dtype.byteorder == ">":
             a = a.astype(a.dtype.newbyteorder("<"))

@@ -12,10 +12,13 @@ from leanserve.v2 import grpc_service_pb2_grpc as pb_grpc
 from leanserve.server.dataplane import DataPlane
 from leanserve.server.errors import LeanserveError, NotFound
 from leanserve.server.grpc import v2_converters as conv
-from leanserve.server.grpc.calls import StreamSlots, pipelined, request_context
+from leanserve.server.grpc.auth import caller_context
+from leanserve.server.grpc.calls import StreamSlots, pipelined, request_context, status_code
 from leanserve.server.serving.context import RequestContext
 
 EXTENSIONS = ("model_repository", "statistics", "parameters")
+#: ServerMetadata's extensions end with this prefix + the answering process's index (0 = the first process)
+PROCESS_EXTENSION = "leanserve_process_index="
 
 
 def _package_version() -> str:
@@ -29,8 +32,10 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, dataplane: DataPlane, streams: StreamSlots) -> None:
         self.dp = dataplane
         self.streams = streams
-        self._metadata = pb.ServerMetadataResponse(name="leanserve", version=_package_version(),
-                                                   extensions=EXTENSIONS)
+        # the last entry names the process that answers (``--processes``: each connection goes to one of them)
+        self._metadata = pb.ServerMetadataResponse(
+            name="leanserve", version=_package_version(),
+            extensions=(*EXTENSIONS, f"{PROCESS_EXTENSION}{dataplane.settings.process_index}"))
 
     # -- health and metadata ---------------------------------------------------------------------------------
     def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.ServicerContext) -> pb.ServerLiveResponse:
@@ -57,7 +62,7 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     def _submit(
         self, request: pb.ModelInferRequest, ctx: RequestContext, context: grpc.ServicerContext | None = None
     ) -> Callable[[], pb.ModelInferResponse]:
-        call = conv.infer_request(request)
+        call = conv.infer_request(request, self.dp.settings.max_message_bytes)
         pending = self.dp.submit(call.model_name, call.version, call.inputs, call.postprocess, call.top_k, ctx)
         if context is not None:
             context.add_callback(pending.cancel)  # a cancelled RPC leaves the queue at once
@@ -77,12 +82,14 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
 
         def on_error(request: pb.ModelInferRequest, exc: LeanserveError) -> pb.ModelStreamInferResponse:
             return pb.ModelStreamInferResponse(
-                error_message=f"{exc.code.name}: {exc.message}",
+                error_message=f"{status_code(exc).name}: {exc.message}",
                 infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),
             )
 
-        window = self.dp.settings.stream_window
-        yield from self.streams.open(request_iterator, lambda reqs: pipelined(reqs, submit, on_error, window))
+        settings = self.dp.settings
+        with self.streams.hold():
+            yield from pipelined(request_iterator, submit, on_error, settings.stream_window,
+                                 settings.stream_idle_timeout_seconds)
 
     def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: grpc.ServicerContext):
         if request.name:
@@ -101,9 +108,9 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         return conv.repository_index(self.dp.repository_index(), request.ready)
 
     def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context: grpc.ServicerContext):
-        self.dp.load_model(request.model_name)
+        self.dp.load_model(request.model_name, caller_context(context))
         return pb.RepositoryModelLoadResponse()
 
     def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest, context: grpc.ServicerContext):
-        self.dp.unload_model(request.model_name)
+        self.dp.unload_model(request.model_name, caller_context(context))
         return pb.RepositoryModelUnloadResponse()

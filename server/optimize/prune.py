@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from leanserve.kernels.prune import prune_magnitude
+from leanserve.kernels import prune_magnitude
 
 
 def _tile_scores(w: np.ndarray, block: tuple[int, int] | None) -> np.ndarray:

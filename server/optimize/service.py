@@ -106,17 +106,14 @@ class Optimizer:
 
     def set_default(self, name: str, version: int) -> tuple[int, bool]:
         """Pin ``version`` as ``name``'s default, or unpin with 0. Returns (default version, pinned)."""
-        validate_name(name)
-        self.dp.registry.get(name, version or None)  # NotFound for an unknown model or version
-        self.dp.repository.set_default_version(name, version or None)
-        self.dp.registry.set_default(name, version or None)
-        return self.dp.registry.get(name, None).version, bool(version)
+        return self.dp.set_default(name, version or None), bool(version)
 
     def start(self, opts: OptimizeOptions, chunks: Iterable[bytes]) -> Job:
         """Check the options, take a slot (ResourceExhausted when busy), receive the data, start the work."""
         validate(opts, max_epochs=self.settings.optimize_max_epochs, max_data_bytes=self.settings.optimize_max_data_bytes)
         validate_name(opts.model_name)
         base = self.dp.registry.get(opts.model_name, opts.version or None)
+        self.dp.check_limits(opts.model_name)  # refuse before minutes of work; publish checks again with the bytes
         if not self._slots.acquire(blocking=False):
             raise ResourceExhausted("another optimization is running; try again when it has finished")
         try:
@@ -183,15 +180,13 @@ class Optimizer:
             (staged / artifacts.MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
             if not promote:
                 # pinned before the new version exists, so no request ever sees it as the default
-                self.dp.repository.set_default_version(base.name, previous_default)
-                self.dp.registry.set_default(base.name, previous_default)
+                self.dp.set_default(base.name, previous_default)
             served = self.dp.publish(
                 base.name, staged, lambda v: served_from_plan(base.name, v, manifest, result.plan, self.settings)
             )
         version = served.version
         if promote:
-            self.dp.repository.set_default_version(base.name, None)
-            self.dp.registry.set_default(base.name, None)
+            self.dp.set_default(base.name, None)
         default = self.dp.registry.get(base.name, None).version
         report = {**report, "version": version, "default_version": default}
         log.info("optimized %s v%d -> v%d (within budget: %s, default v%d)", base.name, base.version, version,

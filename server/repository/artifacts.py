@@ -18,7 +18,7 @@ import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from leanserve.kernels.formats import KernelInputError, get_format
+from leanserve.kernels import KernelInputError, get_format
 from leanserve.server.errors import InvalidArgument
 from leanserve.server.runtime.plan import Plan
 

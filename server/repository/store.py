@@ -149,6 +149,11 @@ class Repository:
                     out[child.name] = versions
         return out
 
+    def size_bytes(self) -> int:
+        """Bytes the stored versions (and per-model files) take, without uploads still being staged."""
+        return sum(folder_bytes(child) for child in self.root.iterdir()
+                   if child.is_dir() and not child.name.startswith("."))
+
     def versions(self, name: str, *, missing_ok: bool = False) -> list[int]:
         """Versions of ``name`` ascending; NotFound when there are none (unless ``missing_ok``)."""
         model_dir = self.root / name
@@ -228,6 +233,18 @@ class Repository:
                 os.replace(tmp, model_dir / flag)
             if model_dir.is_dir():
                 fsync_dir(model_dir)
+
+
+def folder_bytes(path: Path) -> int:
+    """Total size of the regular files under ``path`` (symlinks not followed)."""
+    total = 0
+    for folder, _, files in os.walk(path):
+        for file in files:
+            try:
+                total += os.lstat(os.path.join(folder, file)).st_size
+            except OSError:  # removed meanwhile
+                pass
+    return total
 
 
 def _fsync_file(path: Path) -> None:

@@ -11,8 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from leanserve.kernels.formats import QUANTIZED_INPUT_FORMATS, LayerKernel, get_format
-from leanserve.kernels.quantize import quantize_rows
+from leanserve.kernels import QUANTIZED_INPUT_FORMATS, LayerKernel, activate_numpy, get_format, quantize_rows
 
 
 @dataclass(frozen=True)
@@ -65,7 +64,7 @@ class Plan:
         for layer in self.layers:
             if layer.format in QUANTIZED_INPUT_FORMATS:
                 h = quantize_dequantize_rows(h)
-            h = apply_activation(h @ layer.dense_weights().astype(np.float64) + layer.bias_vector(), layer.activation)
+            h = activate_numpy(h @ layer.dense_weights().astype(np.float64) + layer.bias_vector(), layer.activation)
         return h.astype(np.float32)
 
     @property
@@ -106,19 +105,3 @@ def quantize_dequantize_rows(h: np.ndarray) -> np.ndarray:
     scales = np.empty(x.shape[0], dtype=np.float32)
     quantize_rows(x, q, scales)
     return q.astype(np.float64) * scales.astype(np.float64)[:, None]
-
-
-def apply_activation(h: np.ndarray, activation: str) -> np.ndarray:
-    """Numpy reference of the fused activations (float64 in, float64 out)."""
-    if activation == "linear":
-        return h
-    if activation == "relu":
-        return np.maximum(h, 0.0)
-    if activation == "sigmoid":
-        return 1.0 / (1.0 + np.exp(-h))
-    if activation == "tanh":
-        return np.tanh(h)
-    if activation == "softmax":
-        e = np.exp(h - h.max(axis=1, keepdims=True))
-        return e / e.sum(axis=1, keepdims=True)
-    raise ValueError(f"unknown activation {activation!r}")

@@ -15,6 +15,9 @@ Policy (one queue; at most ``workers`` batches of a model version execute at onc
   "timer" (another batch executing and ``max_queue_delay_us`` passed), "inline" (batching off or stopped).
 - ``stop()`` drains the queue and ends the workers; afterwards (and when batching is off) ``submit`` runs the
   request in the caller's thread, so a request racing an unload or a hot swap is still answered.
+- Worker threads start with the first request that has to queue and end after ``idle_seconds`` without work, so
+  the server's threads follow the versions in use, not the versions stored (a version that only ever sees one
+  request at a time never starts one).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ class BatchConfig:
     max_queue_delay_us: int = 500
     max_queue_size: int = 1024
     workers: int = 1
+    idle_seconds: float = 30.0
 
     @classmethod
     def for_model(cls, settings: Settings, name: str, manifest: dict[str, Any] | None = None) -> "BatchConfig":
@@ -57,6 +61,7 @@ class BatchConfig:
             "max_queue_delay_us": settings.batch_max_queue_delay_us,
             "max_queue_size": settings.batch_max_queue_size,
             "workers": settings.batch_workers,
+            "idle_seconds": settings.batch_thread_idle_seconds,
         }
         layers = []
         if manifest and manifest.get("batching"):
@@ -107,17 +112,18 @@ class Batcher:
         self._busy = 0  # batches executing right now
         self._cond = threading.Condition(threading.Lock())
         self._stopped = not config.enabled
-        self._threads = []
-        if config.enabled:
-            for i in range(config.workers):
-                t = threading.Thread(target=self._work, name=f"batch-{name}-{i}", daemon=True)
-                t.start()
-                self._threads.append(t)
+        self._threads: list[threading.Thread] = []  # alive workers; started on demand, see _ensure_worker
+        self._started = 0  # workers ever started (names them)
 
     @property
     def queued(self) -> int:
         """Requests waiting (not yet taken into a batch)."""
         return len(self._queue)
+
+    @property
+    def threads(self) -> int:
+        """Worker threads alive right now (0 while idle)."""
+        return len(self._threads)
 
     def submit(self, x: np.ndarray, ctx: RequestContext = NO_CONTEXT) -> Future[np.ndarray]:
         """Queue one validated request; the future resolves to its output rows.
@@ -138,6 +144,7 @@ class Batcher:
                     )
                 self._queue.append(item)
                 self._queued_rows += item.rows
+                self._ensure_worker()
                 self._cond.notify_all()
                 return item.future
         try:
@@ -152,20 +159,35 @@ class Batcher:
         with self._cond:
             self._stopped = True
             self._cond.notify_all()
-        for t in self._threads:
+            threads = list(self._threads)
+        for t in threads:
             if t is not threading.current_thread():
                 t.join(timeout)
 
     # -- workers ---------------------------------------------------------------------------------------------
+    def _ensure_worker(self) -> None:
+        """Start a worker if fewer than ``workers`` are alive (caller holds the lock and has just queued)."""
+        if len(self._threads) < self.config.workers:
+            t = threading.Thread(target=self._work, name=f"batch-{self._name}-{self._started}", daemon=True)
+            self._started += 1
+            self._threads.append(t)
+            t.start()
+
     def _work(self) -> None:
         cfg = self.config
         delay = cfg.max_queue_delay_us / 1e6
+        me = threading.current_thread()
         while True:
             with self._cond:
                 while not (self._queue and self._busy < cfg.workers):
+                    # a worker leaves only with an empty queue (stopped, or idle too long): whoever queues next
+                    # starts another
                     if self._stopped and not self._queue:
+                        self._threads.remove(me)
                         return
-                    self._cond.wait()
+                    if not self._cond.wait(cfg.idle_seconds) and not self._queue:
+                        self._threads.remove(me)
+                        return
                 if self._busy and delay > 0 and self._queued_rows < cfg.max_batch_size:
                     until = self._queue[0].enqueued + delay
                     while self._busy and self._queued_rows < cfg.max_batch_size and not self._stopped:

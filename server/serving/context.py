@@ -14,6 +14,11 @@ class RequestContext:
     deadline: float | None = None
     #: False once the caller has gone away (cancelled RPC); None = cannot tell
     is_active: Callable[[], bool] | None = None
+    #: who is calling, as the audit log names it: token label, client certificate CN or "anonymous" (None = not
+    #: known, e.g. a call from inside the server)
+    principal: str | None = None
+    #: where the call comes from, as the transport spells it (e.g. "ipv4:127.0.0.1:53412")
+    peer: str | None = None
 
 
 NO_CONTEXT = RequestContext()

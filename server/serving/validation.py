@@ -2,10 +2,32 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
+
 import numpy as np
 
 from leanserve.server.errors import InvalidArgument
 from leanserve.server.serving.model import ServedModel
+
+
+#: most dimensions a request tensor may have (numpy's own limit is 64)
+MAX_TENSOR_DIMS = 32
+
+
+def tensor_shape(name: str, dims: Iterable[int], itemsize: int, max_bytes: int) -> tuple[tuple[int, ...], int]:
+    """A request tensor's shape and element count, checked before anything is allocated: at most
+    ``MAX_TENSOR_DIMS`` dimensions, none negative, and at most ``max_bytes`` of data (counted in Python integers,
+    so no product wraps around; a 0 dimension counts as 1 here because numpy refuses such shapes past its size
+    limit too)."""
+    shape = tuple(int(d) for d in dims)
+    if len(shape) > MAX_TENSOR_DIMS:
+        raise InvalidArgument(f"tensor {name!r}: {len(shape)} dimensions; at most {MAX_TENSOR_DIMS} are allowed")
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(f"tensor {name!r}: negative dimension in shape {list(shape)}")
+    if math.prod(d or 1 for d in shape) * itemsize > max_bytes:
+        raise InvalidArgument(f"tensor {name!r}: shape {list(shape)} describes more than {max_bytes} bytes")
+    return shape, math.prod(shape)
 
 
 def select_input(model: ServedModel, inputs: dict[str, np.ndarray]) -> np.ndarray:

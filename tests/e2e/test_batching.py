@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from leanserve.client import Client
-from leanserve.client import common
+from leanserve.client import codec, common
 from leanserve.v2 import grpc_service_pb2 as v2
 from leanserve.v2 import grpc_service_pb2_grpc as v2_grpc
 from leanserve.server.app import ServerHandle, create_server
@@ -162,7 +162,7 @@ def test_stream_reads_ahead_batches_and_answers_in_order(toy_server) -> None:
     assert [r.request_id for r in got] == ["0", "1", "2", "bad", "3", "4", "5"]
     assert got[3].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     for x, r in zip(xs, got[:3] + got[4:]):
-        np.testing.assert_array_equal(common.from_tensor(r.outputs[0]), x * 2)
+        np.testing.assert_array_equal(codec.to_numpy(r.outputs[0]), x * 2)
     assert runner.calls == [1, sum(len(x) for x in xs)]  # one stream's requests batched into one kernel call
 
 

@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-LEANSERVE = [sys.executable, "-m", "leanserve.server.cli"]
+from tests.serverproc import LEANSERVE, ServerProcess, server_env
 
 
 def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([*LEANSERVE, *args], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([*LEANSERVE, *args], capture_output=True, text=True, timeout=300, env=server_env(),
+                          stdin=subprocess.DEVNULL)
     if check and proc.returncode != 0:
         raise AssertionError(f"leanserve {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -27,16 +26,8 @@ def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 def served(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen, Path]]:
     """``leanserve serve --port 0`` in a subprocess; yields its address once it printed ``listening on``."""
     repo = tmp_path / "repo"
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", LEANSERVE_SHUTDOWN_GRACE_SECONDS="1")
-    proc = subprocess.Popen([*LEANSERVE, "serve", "--port", "0", "--repository", str(repo)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    line = proc.stdout.readline()
-    assert line.startswith("listening on 127.0.0.1:"), line + proc.stderr.read()
-    address = line.split()[-1]
-    yield address, proc, repo
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    with ServerProcess(repo, log=tmp_path / "server.log") as server:
+        yield server.address, server.proc, repo
 
 
 @pytest.mark.slow
@@ -62,17 +53,12 @@ def test_train_upload_predict_restart_with_the_cli(tmp_path: Path, served, keras
     # graceful stop on SIGTERM, then a new server process on the same repository serves the same model
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    proc2 = subprocess.Popen([*LEANSERVE, "serve", "--port", "0", "--repository", str(repo)],
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
-    try:
-        address2 = proc2.stdout.readline().split()[-1]
+    with ServerProcess(repo, log=tmp_path / "server2.log") as second:
         run_cli("predict", "seed", "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "y2.npy"),
-                "--version", "1", "--server", address2)
+                "--version", "1", "--server", second.address)
         np.testing.assert_array_equal(np.load(tmp_path / "y2.npy"), y)
-    finally:
-        proc2.send_signal(signal.SIGINT)
-        assert proc2.wait(timeout=30) == 0
+        second.proc.send_signal(signal.SIGINT)
+        assert second.proc.wait(timeout=30) == 0
 
 
 def test_failed_calls_exit_non_zero_with_status(served, tmp_path: Path) -> None:

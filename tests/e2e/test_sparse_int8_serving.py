@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from leanserve.client import Client
-from leanserve.kernels.formats import get_format
-from leanserve.kernels.prune import prune_magnitude
+from leanserve.kernels import get_format
+from leanserve.kernels import prune_magnitude
 from leanserve.server.repository import artifacts
 from leanserve.server.runtime.plan import Plan
 from leanserve.server.runtime.tuning import FP32_FAMILY, INT8_FAMILY

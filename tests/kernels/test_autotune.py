@@ -5,7 +5,7 @@ import pytest
 
 from leanserve.kernels.autotune import autotune, candidate_key
 from leanserve.kernels.dense import DenseF32
-from leanserve.kernels.formats import register
+from leanserve.kernels import register
 
 
 @register

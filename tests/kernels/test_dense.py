@@ -10,7 +10,7 @@ from leanserve.kernels import api
 from leanserve.kernels._simd import pack_panels, unpack_panels
 from leanserve.kernels.activations import ACTIVATION_CODES, activate_numpy, bias_activate_rows
 from leanserve.kernels.dense import DenseF32
-from leanserve.kernels.formats import ACTIVATIONS, KernelInputError, available_formats, get_format
+from leanserve.kernels import ACTIVATIONS, KernelInputError, available_formats, get_format
 
 from tests.kernels._kernel_refs import assert_close_f32, reference
 

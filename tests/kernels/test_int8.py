@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from leanserve.kernels import int8 as int8_mod
 from leanserve.kernels._simd import has_avx512_vnni
-from leanserve.kernels.formats import ACTIVATIONS, KernelInputError
+from leanserve.kernels import ACTIVATIONS, KernelInputError
 from leanserve.kernels.int8 import Int8, resolve_path, set_default_path
 from leanserve.kernels.quantize import quantize_rows, quantize_rows_u8, quantize_weights_per_channel
 

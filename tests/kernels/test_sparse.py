@@ -12,10 +12,11 @@ from hypothesis import strategies as st
 from safetensors.numpy import load, save
 
 from leanserve.kernels.activations import activate_numpy
-from leanserve.kernels.formats import KernelInputError, LayerKernel, available_formats, get_format
+from leanserve.kernels import KernelInputError, LayerKernel, available_formats, get_format
 from leanserve.kernels.prune import prune_magnitude
 from leanserve.kernels.quantize import quantize_rows
-from leanserve.kernels.sparse import BsrF32, BsrInt8, CsrF32, CsrInt8
+from leanserve.kernels.sparse_bsr import BsrF32, BsrInt8
+from leanserve.kernels.sparse_csr import CsrF32, CsrInt8
 from leanserve.kernels.sparse_bsr import F32_BLOCKS, HAS_VNNI, INT8_BLOCKS
 
 from tests.kernels._kernel_refs import assert_close_f32, reference

@@ -7,13 +7,14 @@ import pytest
 
 from leanserve.server.ingest.keras_to_plan import keras_to_specs, model_signature
 from leanserve.server.errors import UnsupportedModel
-from leanserve.server.runtime.plan import LayerSpec, apply_activation, build_plan
+from leanserve.kernels import activate_numpy
+from leanserve.server.runtime.plan import LayerSpec, build_plan
 
 
 def specs_forward(x: np.ndarray, specs: list[LayerSpec]) -> np.ndarray:
     h = x.reshape(x.shape[0], -1).astype(np.float64)
     for s in specs:
-        h = apply_activation(h @ s.weights.astype(np.float64) + s.bias, s.activation)
+        h = activate_numpy(h @ s.weights.astype(np.float64) + s.bias, s.activation)
     return h
 
 

@@ -1,0 +1,84 @@
+"""The tensor codec: numpy arrays <-> ``leanserve.v1.Tensor`` messages, shared by the client and the server.
+
+Tensors travel as raw little-endian, row-major bytes. Decoding never trusts the message: the dtype must be known,
+every dimension non-negative, and the byte count exactly what the shape needs (computed with Python integers, so
+a shape whose product overflows int64 is refused instead of wrapping around).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from leanserve.v1 import tensor_pb2 as tensor_pb
+
+#: the wire dtypes and their numpy equivalents (explicitly little-endian)
+DTYPES: dict[int, np.dtype] = {
+    tensor_pb.FLOAT32: np.dtype("<f4"),
+    tensor_pb.FLOAT64: np.dtype("<f8"),
+    tensor_pb.FLOAT16: np.dtype("<f2"),
+    tensor_pb.INT8: np.dtype("i1"),
+    tensor_pb.INT16: np.dtype("<i2"),
+    tensor_pb.INT32: np.dtype("<i4"),
+    tensor_pb.INT64: np.dtype("<i8"),
+    tensor_pb.UINT8: np.dtype("u1"),
+    tensor_pb.BOOL: np.dtype("?"),
+}
+# keyed by the dtype object itself: ``dtype.name`` is built by a slow Python property on every access
+_PB_BY_DTYPE: dict[np.dtype, int] = {v: k for k, v in DTYPES.items()}
+_PB_BY_NAME: dict[str, int] = {v.name: k for k, v in DTYPES.items()}
+
+
+class TensorCodecError(ValueError):
+    """A tensor message that does not describe a valid array, or an array that cannot be sent."""
+
+
+def dtype_to_pb(dtype: str | np.dtype) -> int:
+    """The wire dtype of a numpy dtype (name or object); ``DATA_TYPE_UNSPECIFIED`` when it has none."""
+    return _PB_BY_NAME.get(np.dtype(dtype).name, tensor_pb.DATA_TYPE_UNSPECIFIED)
+
+
+def to_numpy(t: tensor_pb.Tensor, *, max_elements: int | None = None) -> np.ndarray:
+    """A read-only numpy view over the message's bytes (no per-element copy); ``TensorCodecError`` if invalid."""
+    dtype = DTYPES.get(t.dtype)
+    if dtype is None:
+        raise TensorCodecError(f"tensor {t.name[:64]!r}: unsupported or unset dtype ({t.dtype})")
+    shape = tuple(t.shape)
+    if any(d < 0 for d in shape):
+        raise TensorCodecError(f"tensor {t.name[:64]!r}: negative dimension in shape {list(shape)[:8]}")
+    count = math.prod(shape)  # Python ints: no wrap-around
+    if max_elements is not None and count > max_elements:
+        raise TensorCodecError(f"tensor {t.name[:64]!r}: shape {list(shape)[:8]} holds more than {max_elements} "
+                               "elements")
+    data = t.data  # each attribute access copies the bytes out of the message: read it once
+    if len(data) != count * dtype.itemsize:
+        raise TensorCodecError(
+            f"tensor {t.name[:64]!r}: shape {list(shape)[:8]} of {dtype.name} needs {count * dtype.itemsize} bytes, "
+            f"got {len(data)}"
+        )
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def fill(t: tensor_pb.Tensor, a: np.ndarray, name: str = "") -> tensor_pb.Tensor:
+    """Write ``a`` (as little-endian, row-major bytes) into the already attached message ``t``.
+
+    Filling in place (``msg.inputs.add()``) avoids the deep copy a parent's constructor makes of a finished
+    Tensor, which for large arrays costs far more than the byte copy itself.
+    """
+    a = np.require(a, requirements="C")  # unlike ascontiguousarray, keeps 0-d arrays 0-d
+    if a.dtype.byteorder == ">":
+        a = a.astype(a.dtype.newbyteorder("<"))
+    code = _PB_BY_DTYPE.get(a.dtype)
+    if code is None:
+        raise TensorCodecError(f"cannot send dtype {a.dtype} as a tensor")
+    t.name = name
+    t.dtype = code
+    t.shape[:] = a.shape
+    t.data = a.tobytes()
+    return t
+
+
+def from_numpy(a: np.ndarray, name: str = "") -> tensor_pb.Tensor:
+    """A standalone Tensor message holding ``a``'s bytes."""
+    return fill(tensor_pb.Tensor(), a, name)
