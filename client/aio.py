@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 
-import grpc
 import numpy as np
 
 from leanserve.client import common
@@ -18,11 +17,13 @@ from leanserve.v1 import optimize_service_pb2_grpc as optimize_grpc
 
 
 class AsyncClient:
-    """asyncio client; use ``async with AsyncClient(target) as c:``."""
+    """asyncio client; use ``async with AsyncClient(target) as c:``. ``token`` and ``tls*``: as for ``Client``."""
 
-    def __init__(self, target: str = common.DEFAULT_SERVER, *, max_message_bytes: int = common.DEFAULT_MAX_MESSAGE_BYTES,
+    def __init__(self, target: str = common.DEFAULT_SERVER, *, token: str | None = None, tls: bool = False,
+                 tls_ca: str | Path | None = None, tls_cert: str | Path | None = None,
+                 tls_key: str | Path | None = None, max_message_bytes: int = common.DEFAULT_MAX_MESSAGE_BYTES,
                  timeout: float | None = None) -> None:
-        self.channel = grpc.aio.insecure_channel(target, options=common.channel_options(max_message_bytes))
+        self.channel = common.Connection(target, token, tls, tls_ca, tls_cert, tls_key, max_message_bytes).aio_channel()
         self.models_stub = model_grpc.ModelServiceStub(self.channel)
         self.inference_stub = inf_grpc.InferenceServiceStub(self.channel)
         self.optimize_stub = optimize_grpc.OptimizeServiceStub(self.channel)

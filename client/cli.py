@@ -1,6 +1,7 @@
 """Client verbs of the ``leanserve`` command: upload, models, info, predict, delete.
 
-Every verb takes ``--server`` (default: $LEANSERVE_SERVER or 127.0.0.1:8500) and ``--json``; a failed call exits
+Every verb takes ``--server`` (default: $LEANSERVE_SERVER or 127.0.0.1:8500), ``--json``, and the connection flags
+``--token`` (default: $LEANSERVE_TOKEN), ``--tls``, ``--tls-ca``, ``--tls-cert``, ``--tls-key``; a failed call exits
 with status 1 and prints the gRPC status code and the server's message.
 """
 
@@ -31,6 +32,14 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
                        help="host:port of the server (env LEANSERVE_SERVER)")
         p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
         p.add_argument("--timeout", type=float, default=None, help="seconds before giving up")
+        conn = p.add_argument_group("connection")
+        conn.add_argument("--token", default=os.environ.get("LEANSERVE_TOKEN"),
+                          help="token sent as 'authorization: Bearer <token>' (env LEANSERVE_TOKEN; prefer the "
+                          "variable: arguments show in the process list)")
+        conn.add_argument("--tls", action="store_true", help="TLS, checking the server against the system's CAs")
+        conn.add_argument("--tls-ca", type=Path, metavar="FILE", help="TLS, checking the server against this CA")
+        conn.add_argument("--tls-cert", type=Path, metavar="FILE", help="client certificate (mTLS) and TLS")
+        conn.add_argument("--tls-key", type=Path, metavar="FILE", help="private key of --tls-cert")
         return p
 
     p = common_args(sub.add_parser("upload", help="upload a .keras, .h5 or .leanserve model"))
@@ -70,7 +79,8 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
 def run_client_command(args: argparse.Namespace) -> int:
     """Run a client verb, turning gRPC failures into a message and exit status 1."""
     try:
-        with Client(args.server, timeout=args.timeout) as client:
+        with Client(args.server, token=args.token or None, tls=args.tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+                    tls_key=args.tls_key, timeout=args.timeout) as client:
             args.func(client, args)
         return 0
     except grpc.RpcError as err:

@@ -44,17 +44,28 @@ class StreamError(RuntimeError):
 
 
 class Client:
-    """Talks to one leanserve server. Errors surface as ``grpc.RpcError`` with the server's status code."""
+    """Talks to one leanserve server. Errors surface as ``grpc.RpcError`` with the server's status code.
+
+    ``token``: sent as ``authorization: Bearer <token>`` with every call. TLS when ``tls`` or any ``tls_*`` file is
+    given: ``tls_ca`` is the CA the server's certificate must chain to (default: the system's roots),
+    ``tls_cert``/``tls_key`` this client's certificate for servers that require one (mTLS). ``channel``: use this
+    channel as is instead (the other connection arguments are then ignored)."""
 
     def __init__(
         self,
         target: str = common.DEFAULT_SERVER,
         *,
+        token: str | None = None,
+        tls: bool = False,
+        tls_ca: str | Path | None = None,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
         max_message_bytes: int = common.DEFAULT_MAX_MESSAGE_BYTES,
         channel: grpc.Channel | None = None,
         timeout: float | None = None,
     ) -> None:
-        self.channel = channel or grpc.insecure_channel(target, options=common.channel_options(max_message_bytes))
+        self.channel = channel or common.Connection(target, token, tls, tls_ca, tls_cert, tls_key,
+                                                    max_message_bytes).channel()
         self.models_stub = model_grpc.ModelServiceStub(self.channel)
         self.inference_stub = inf_grpc.InferenceServiceStub(self.channel)
         self.optimize_stub = optimize_grpc.OptimizeServiceStub(self.channel)

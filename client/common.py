@@ -1,11 +1,14 @@
-"""What the sync and asyncio clients share: message building, tensor conversion, channel options."""
+"""What the sync and asyncio clients share: message building, tensor conversion, channels (options, TLS, token)."""
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
+import grpc
 import numpy as np
 
 from leanserve.client import codec
@@ -25,6 +28,116 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
     ]
+
+
+@dataclass(frozen=True)
+class Connection:
+    """How to reach a server: plaintext, or TLS when ``tls`` or any ``tls_*`` file is given (``tls_ca`` = the CA
+    the server's certificate must chain to, else the system's roots; ``tls_cert``/``tls_key`` = this client's
+    certificate for mTLS); ``token`` is sent as ``authorization: Bearer <token>`` with every call, streams too."""
+
+    target: str = DEFAULT_SERVER
+    token: str | None = None
+    tls: bool = False
+    tls_ca: str | Path | None = None
+    tls_cert: str | Path | None = None
+    tls_key: str | Path | None = None
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+
+    @property
+    def secure(self) -> bool:
+        return self.tls or any(f is not None for f in (self.tls_ca, self.tls_cert, self.tls_key))
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """TLS channel credentials from the files (read now)."""
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together (the client certificate and its key)")
+
+        def read(path: str | Path | None) -> bytes | None:
+            return Path(path).read_bytes() if path is not None else None
+
+        return grpc.ssl_channel_credentials(read(self.tls_ca), read(self.tls_key), read(self.tls_cert))
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+    def channel(self) -> grpc.Channel:
+        """A blocking-API channel."""
+        options = channel_options(self.max_message_bytes)
+        if self.secure:
+            channel = grpc.secure_channel(self.target, self.credentials(), options=options)
+        else:
+            channel = grpc.insecure_channel(self.target, options=options)
+        return grpc.intercept_channel(channel, _Metadata(self.metadata())) if self.token else channel
+
+    def aio_channel(self) -> grpc.aio.Channel:
+        """An asyncio channel."""
+        options = channel_options(self.max_message_bytes)
+        interceptors = _aio_metadata_interceptors(self.metadata()) if self.token else None
+        if self.secure:
+            return grpc.aio.secure_channel(self.target, self.credentials(), options=options, interceptors=interceptors)
+        return grpc.aio.insecure_channel(self.target, options=options, interceptors=interceptors)
+
+
+class _CallDetails(NamedTuple):
+    method: str
+    timeout: float | None
+    metadata: Any
+    credentials: Any
+    wait_for_ready: bool | None
+    compression: Any
+
+
+class _Metadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds fixed metadata (the token) to every call of a blocking channel."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._metadata = metadata
+
+    def _details(self, d: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        metadata = (*(d.metadata or ()), *self._metadata)
+        details = _CallDetails(d.method, d.timeout, metadata, d.credentials, getattr(d, "wait_for_ready", None),
+                               getattr(d, "compression", None))
+        return details  # type: ignore[return-value]  # duck-typed like grpc's own
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+        return continuation(self._details(client_call_details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        return continuation(self._details(client_call_details), request_iterator)
+
+
+def _aio_metadata_interceptors(metadata: tuple[tuple[str, str], ...]) -> list[grpc.aio.ClientInterceptor]:
+    """asyncio interceptors adding fixed metadata to every call (one class per call kind, as grpc.aio wants)."""
+
+    def details(d: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        merged = grpc.aio.Metadata(*(d.metadata or ()), *metadata)
+        return grpc.aio.ClientCallDetails(d.method, d.timeout, merged, d.credentials, d.wait_for_ready)
+
+    class UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
+        async def intercept_unary_unary(self, continuation, client_call_details, request):
+            return await continuation(details(client_call_details), request)
+
+    class UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
+        async def intercept_unary_stream(self, continuation, client_call_details, request):
+            return await continuation(details(client_call_details), request)
+
+    class StreamUnary(grpc.aio.StreamUnaryClientInterceptor):
+        async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+            return await continuation(details(client_call_details), request_iterator)
+
+    class StreamStream(grpc.aio.StreamStreamClientInterceptor):
+        async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+            return await continuation(details(client_call_details), request_iterator)
+
+    return [UnaryUnary(), UnaryStream(), StreamUnary(), StreamStream()]
 
 
 def predict_request(

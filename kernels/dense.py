@@ -4,9 +4,9 @@ A Numba kernel over weights packed in 64-channel panels (``_simd.pack_panels``):
 weights exactly once, contiguously; larger batches use a 4-row x 64-channel register tile (fp32 FMA), so each
 weight vector loaded serves 4 rows and the tile's 16 accumulators stay in registers.
 
-Measured single-threaded on this machine (Zen 4, bundled OpenBLAS 0.3.31 'SkylakeX' kernels), this kernel beat
-``numpy.dot`` + epilogue at every batch 1..128 on every shape tried (1.1-1.9x at batch 1 on small layers,
-3-6x at batch 4-8, ~1.2x at batch 128 where both run near peak FMA rate), so Numba is the default at every batch.
+Single-threaded, this kernel has beaten ``numpy.dot`` + epilogue at every batch 1..128 on every shape
+``bench/kernels.py`` tries (the gap is largest at small batches, where BLAS call overhead dominates), so Numba is the
+default at every batch.
 ``numpy_min_batch=M`` routes batches of ``M`` rows or more to OpenBLAS GEMM + a Numba epilogue (e.g. for a
 machine where a multithreaded BLAS wins); that keeps a Keras-layout copy of the weights.
 """

@@ -32,7 +32,7 @@ def quantize_weights_per_channel(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 @njit(nogil=True, cache=True)
 def _row_scale(x: np.ndarray, r: int, bits: np.ndarray) -> np.float32:
     # max |x| as an integer max over the sign-cleared IEEE bits (monotonic for non-negative floats): LLVM
-    # vectorizes it, unlike the NaN-aware float max (6x faster). ``bits`` is an int32[1] scratch. A NaN in the
+    # vectorizes it, unlike the NaN-aware float max. ``bits`` is an int32[1] scratch. A NaN in the
     # row wins the max, so the row's scale (and output) is NaN, as it would be in fp32.
     row = x[r].view(np.int32)  # x must be C-contiguous
     m = np.int32(0)

@@ -13,12 +13,12 @@
   (``_csr_simd.bsr_dot_i8``), batch >= ``PORTABLE_LANES_MIN_BATCH`` the batch-lane kernel shared with csr_int8
   (``sparse_csr.int_lanes`` with ``r`` consecutive inputs per stored block).
 
-Which blocks win (Zen 4, 4096x4096 at 90 % block sparsity, single thread): bsr_int8 ``(16, 1)`` on VNNI is the
-fastest sparse format at every batch (~65 us batch 1, ~1.1 ms batch 32). Portable bsr_int8: ``(16, 1)`` ~= ``(8, 1)``
-(~0.1 ms batch 1, ~2.3 ms batch 32), ``(4, 1)`` ~1.5-2x slower at batch 1; all beat csr_f32 at every batch.
-bsr_f32's default stays ``(1, 16)`` (output lanes, no reduction). bsr_int8 ``(1, 16)`` runs as fast as bsr_f32
-``(1, 16)`` (~0.16 ms batch 1) from a quarter of the bytes; it is the int8 block for layers whose inputs must be
-pruned one by one (e.g. raw features, where ``(16, 1)`` tiles would drop informative inputs in groups).
+Which blocks win is measured, not assumed: ``bench/kernels.py`` times every block shape on this machine's CPU, and
+the load-time autotuner (``server/runtime/tuning.py``) picks per layer. In those measurements bsr_int8 ``(r, 1)``
+on VNNI has been the fastest sparse format; without VNNI ``(16, 1)`` and ``(8, 1)`` are close and ``(4, 1)`` lags at
+batch 1. bsr_int8 ``(1, 16)`` matches bsr_f32 ``(1, 16)`` from a quarter of the bytes; it is the int8 block for layers
+whose inputs must be pruned one by one (e.g. raw features, where ``(16, 1)`` tiles would drop informative inputs in
+groups).
 """
 
 from __future__ import annotations

@@ -5,14 +5,12 @@ sum stays in registers and batches vectorise over the batch lanes of a transpose
 
 * Batch 1 (below ``LANES_MIN_BATCH`` / ``INT_LANES_MIN_BATCH``): each sparse row is one ``csr_gather_dot``: 16
   nonzeros per step, ``x`` gathered with one ``vgatherdps`` (fp32) / ``vpgatherdd`` (int8: ``x`` quantized to
-  int16, 8 KB for K = 4096) into 16 partial sums, tree-reduced per row. Measured on Zen 4 (4096x4096, 90 %
-  unstructured) ~1.6x faster than the old two-chain scalar loop for fp32 and ~4x for int8 (whose scalar
-  loop LLVM had turned into 64-bit-index gathers); both are now gather-throughput bound (same time, ~0.6 ms,
-  ~3.5x numpy fp32 dense), not memory bound.
+  int16) into 16 partial sums, tree-reduced per row. Both are gather-throughput bound, not memory bound (a
+  scalar loop was slower: LLVM turned its int8 form into 64-bit-index gathers).
 * Batch >= 2: ``x`` is transposed once into ``[K, Bp]`` (fp32, or int16 for int8) and every stored weight
   feeds 16..64 batch lanes with one FMA (``csr_lanes_f32``) or one sign-extending int32 multiply-add
-  (``lanes_i32``, exact). On large layers csr_int8 is 1.05-2x faster than csr_f32 at batch >= 2 (half the
-  weight bytes, int16 ``x^T``); on small ones (<= 1000x128) its quantize + transpose make it up to ~1.7x slower.
+  (``lanes_i32``, exact). On large layers csr_int8 beats csr_f32 at batch >= 2 (half the weight bytes, int16
+  ``x^T``); on small ones its quantize + transpose can make it slower (``bench/kernels.py`` measures both).
 """
 
 from __future__ import annotations

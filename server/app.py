@@ -5,6 +5,7 @@ Production (``leanserve serve``) and the tests both go through ``create_server``
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from concurrent import futures
 from dataclasses import dataclass
@@ -18,7 +19,9 @@ from leanserve.v1 import inference_service_pb2, inference_service_pb2_grpc, mode
 from leanserve.server.dataplane import DataPlane
 from leanserve.server.grpc.calls import StreamSlots
 from leanserve.server.grpc.inference_servicer import InferenceServicer
+from leanserve.server.grpc.auth import AuthInterceptor, TokenFile
 from leanserve.server.grpc.interceptors import ErrorInterceptor
+from leanserve.server.grpc.tls import ServerCertificates
 from leanserve.server.grpc.model_servicer import ModelServicer
 from leanserve.server.grpc.optimize_servicer import OptimizeServicer
 from leanserve.v1 import optimize_service_pb2, optimize_service_pb2_grpc
@@ -50,6 +53,15 @@ class ServerHandle:
     health: health.HealthServicer
     metrics: MetricsServer | None = None
     poller: RepositoryPoller | None = None
+    certificates: ServerCertificates | None = None
+    tokens: TokenFile | None = None
+
+    def reload_credentials(self) -> None:
+        """Re-read the TLS files (for the next handshake) and the token file now, changed or not (SIGHUP)."""
+        if self.certificates is not None:
+            self.certificates.reload()
+        if self.tokens is not None:
+            self.tokens.reload(force=True)
 
     @property
     def metrics_port(self) -> int | None:
@@ -79,8 +91,44 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
     ]
 
 
+class UnsafeConfiguration(ValueError):
+    """Settings that would expose the server without credentials."""
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable only from this machine: 127.0.0.0/8, ::1 or localhost."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False  # another name, or "" / "0.0.0.0" / "::" (every interface)
+
+
+def check_exposure(settings: Settings) -> None:
+    """UnsafeConfiguration when the server would listen beyond loopback with neither TLS nor tokens and
+    ``insecure`` was not given (like Redis' protected mode)."""
+    if is_loopback(settings.host) or settings.insecure:
+        return
+    if settings.tls_cert_file is None and settings.auth_tokens_file is None:
+        raise UnsafeConfiguration(
+            f"refusing to listen on {settings.host!r} without credentials: anyone who reaches the port could upload, "
+            "delete and predict. Set --tls-cert/--tls-key (LEANSERVE_TLS_CERT_FILE/LEANSERVE_TLS_KEY_FILE) and/or "
+            "--auth-tokens (LEANSERVE_AUTH_TOKENS_FILE), listen on 127.0.0.1, or pass --insecure (LEANSERVE_INSECURE="
+            "true) to run without them on purpose."
+        )
+
+
 def create_server(settings: Settings) -> ServerHandle:
-    """Load the repository, bind ``settings.host:settings.port`` (0 = any free port) and start serving."""
+    """Load the repository, bind ``settings.host:settings.port`` (0 = any free port) and start serving.
+
+    UnsafeConfiguration (before anything is bound) for a non-loopback host without credentials, see
+    ``check_exposure``; ValueError for unreadable TLS or token files."""
+    check_exposure(settings)
+    certificates = None
+    if settings.tls_cert_file is not None and settings.tls_key_file is not None:
+        certificates = ServerCertificates(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+    tokens = TokenFile(settings.auth_tokens_file) if settings.auth_tokens_file is not None else None
     # only the first process sweeps leftovers: the others would delete its uploads in flight
     repository = Repository(settings.repository, sweep=settings.process_index == 0)
     registry = ModelRegistry()
@@ -89,7 +137,9 @@ def create_server(settings: Settings) -> ServerHandle:
 
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.worker_threads, thread_name_prefix="leanserve-rpc"),
-        interceptors=[ErrorInterceptor()],
+        # auth first: a refused call costs no more than the refusal; no token file = no auth interceptor at all
+        interceptors=[*([AuthInterceptor(tokens, settings.client_error_log_per_second)] if tokens else []),
+                      ErrorInterceptor(settings.client_error_log_per_second)],
         options=grpc_options(settings),
         maximum_concurrent_rpcs=None,
     )
@@ -103,21 +153,32 @@ def create_server(settings: Settings) -> ServerHandle:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", *SERVICE_NAMES):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(
-        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
-    )
+    if settings.serves_reflection:
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server,
+        )
 
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    address = f"{settings.host}:{settings.port}"
+    if certificates is not None:
+        port = server.add_secure_port(address, certificates.credentials())
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind {settings.host}:{settings.port}")
     metrics = None
     if settings.metrics:
         try:
-            metrics = MetricsServer(registry.all, settings.host, settings.metrics_port)
+            metrics = MetricsServer(registry.all, settings.host, settings.metrics_port,
+                                    certfile=settings.tls_cert_file, keyfile=settings.tls_key_file,
+                                    client_cafile=settings.tls_client_ca_file)
         except OSError as exc:  # metrics are auxiliary: a taken port must not stop inference
             log.error("metrics endpoint off: cannot listen on %s:%d: %s", settings.host, settings.metrics_port, exc)
     server.start()
     poller = RepositoryPoller(dataplane, settings.poll_seconds) if settings.poll_seconds > 0 else None
     log.info("serving %d model(s) from %s", len(registry.names()), repository.root)
+    log.info("gRPC on %s:%d: %s, %s", settings.host, port,
+             "mTLS" if settings.tls_client_ca_file else "TLS" if certificates else "plaintext",
+             f"tokens from {settings.auth_tokens_file}" if tokens else "no authentication")
     return ServerHandle(server=server, port=port, dataplane=dataplane, health=health_servicer, metrics=metrics,
-                        poller=poller)
+                        poller=poller, certificates=certificates, tokens=tokens)

@@ -24,6 +24,21 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--supervisor-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ...")
+    trust = p.add_argument_group("credentials", "a host other than loopback needs TLS, tokens or --insecure")
+    trust.add_argument("--tls-cert", type=Path, dest="tls_cert_file", metavar="FILE",
+                       help="PEM certificate chain: serve TLS only (env LEANSERVE_TLS_CERT_FILE); re-read when "
+                       "the file changes or on SIGHUP")
+    trust.add_argument("--tls-key", type=Path, dest="tls_key_file", metavar="FILE",
+                       help="PEM private key of --tls-cert (env LEANSERVE_TLS_KEY_FILE)")
+    trust.add_argument("--tls-client-ca", type=Path, dest="tls_client_ca_file", metavar="FILE",
+                       help="require client certificates signed by this CA (mTLS; env LEANSERVE_TLS_CLIENT_CA_FILE)")
+    trust.add_argument("--auth-tokens", type=Path, dest="auth_tokens_file", metavar="FILE",
+                       help="token file, lines '<admin|infer> <sha256 hex of token> [label]' (env "
+                       "LEANSERVE_AUTH_TOKENS_FILE); see `leanserve token`")
+    trust.add_argument("--reflection", action=argparse.BooleanOptionalAction, default=None,
+                       help="serve gRPC reflection (default: on, off with --auth-tokens)")
+    trust.add_argument("--insecure", action="store_true", default=None,
+                       help="allow a non-loopback host with neither TLS nor tokens (env LEANSERVE_INSECURE)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the server")
     _serve_args(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("token", help="make a random token and print its line for the --auth-tokens file")
+    p.add_argument("--role", choices=["admin", "infer"], required=True)
+    p.add_argument("--label", default="", help="name the logs and the audit log use for this token")
+    p.set_defaults(func=cmd_token)
 
     p = sub.add_parser("train", help="train the classic Keras MLP (1000/64 → 128 → 64 → 10)")
     p.add_argument("--dataset", choices=["digits", "synthetic"], default="digits")
@@ -55,23 +75,30 @@ def settings_from_args(args: argparse.Namespace):
     """Settings from the environment, overridden by the flags that were given."""
     from leanserve.server.settings import Settings
 
-    overrides = {k: getattr(args, k) for k in ("host", "port", "repository", "worker_threads", "processes", "log_level")
-                 if getattr(args, k, None) is not None}
+    flags = ("host", "port", "repository", "worker_threads", "processes", "log_level", "tls_cert_file", "tls_key_file",
+             "tls_client_ca_file", "auth_tokens_file", "reflection", "insecure")
+    overrides = {k: getattr(args, k) for k in flags if getattr(args, k, None) is not None}
     return Settings(**overrides)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from leanserve.server.app import create_server
+    from leanserve.server.app import UnsafeConfiguration, check_exposure, create_server
     from leanserve.server.processes import READY, ExtraProcesses, watch_first_process
 
     settings = settings_from_args(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        check_exposure(settings)  # before anything is loaded or bound
+    except UnsafeConfiguration as exc:
+        print(f"leanserve serve: {exc}", file=sys.stderr)
+        return 2
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     if args.supervisor_fd is not None:
         watch_first_process(args.supervisor_fd, stop)
     handle = create_server(settings)
+    signal.signal(signal.SIGHUP, lambda *_: handle.reload_credentials())  # rotate certificates and tokens now
     extra = None
     if settings.processes > 1 and settings.process_index == 0:
         extra = ExtraProcesses(settings, handle.port)
@@ -92,6 +119,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     handle.stop(settings.shutdown_grace_seconds)
     if extra is not None:
         extra.stop(settings.shutdown_grace_seconds)
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    import secrets
+    from hashlib import sha256
+
+    token = secrets.token_urlsafe(32)
+    print(f"{args.role} {sha256(token.encode()).hexdigest()} {args.label}".rstrip())
+    print(f"token (give it to the client, e.g. as LEANSERVE_TOKEN; it is stored nowhere): {token}", file=sys.stderr)
     return 0
 
 
@@ -127,6 +164,8 @@ def missing_server_modules(command: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "token":
+        return args.func(args)
     if args.command in SERVER_MODULES:
         missing = missing_server_modules(args.command)
         if missing:

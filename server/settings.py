@@ -30,6 +30,34 @@ class Settings(BaseSettings):
     port: int = Field(8500, ge=0, le=65535, description="Port to listen on; 0 picks a free one.")
     repository: Path = Field(Path("./models"), description="Folder holding the model repository.")
 
+    tls_cert_file: Path | None = Field(
+        None, description="PEM certificate chain of the gRPC port (and of the metrics endpoint); with tls_key_file "
+        "the port speaks TLS only. Re-read when the file changes or on SIGHUP, for new connections.",
+    )
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file.")
+    tls_client_ca_file: Path | None = Field(
+        None, description="PEM CA certificate(s): clients must present a certificate signed by one (mTLS); its "
+        "common name is who the audit log names when no token is sent. Needs tls_cert_file.",
+    )
+    auth_tokens_file: Path | None = Field(
+        None, description="Token file: one '<role> <sha256 hex of the token> [label]' per line ('#' comments), "
+        "roles 'admin' (everything) and 'infer' (predict and read model metadata). Clients send the metadata "
+        "'authorization: Bearer <token>'. Re-read when it changes. Health checks and ServerLive/ServerReady stay "
+        "open. Unset = no authentication.",
+    )
+    reflection: bool | None = Field(
+        None, description="Serve gRPC reflection (lets grpcurl list the services). Default: on, off when "
+        "auth_tokens_file is set.",
+    )
+    insecure: bool = Field(
+        False, description="Allow listening on a non-loopback host with neither TLS nor tokens (anyone who reaches "
+        "the port may then upload, delete and predict). Without it such a server refuses to start.",
+    )
+    client_error_log_per_second: int = Field(
+        10, ge=1, description="Log lines per second and status code for client mistakes (bad requests, refused "
+        "tokens); more are counted and dropped.",
+    )
+
     processes: int = Field(
         1,
         ge=1,
@@ -94,6 +122,12 @@ class Settings(BaseSettings):
         512 * MIB, ge=4 * MIB, description="Largest gRPC message sent or received (gRPC's own default is 4 MiB)."
     )
     max_upload_bytes: int = Field(1024 * MIB, ge=1, description="Largest model file accepted by UploadModel.")
+    max_unpacked_bytes: int = Field(
+        1024 * MIB,
+        ge=1,
+        description="Most bytes an uploaded archive (.keras or .leanserve zip) may inflate to, counted while inflating "
+        "(the sizes its directory declares are not trusted); past it the upload is refused with RESOURCE_EXHAUSTED.",
+    )
     max_model_params: int = Field(500_000_000, ge=1, description="Largest parameter count of an uploaded model.")
     max_model_layers: int = Field(512, ge=1, description="Largest layer count of an uploaded model.")
     max_batch_size: int = Field(8192, ge=1, description="Largest batch (rows) one predict request may carry.")
@@ -133,6 +167,19 @@ class Settings(BaseSettings):
         description="Per-model batching settings by model name (JSON in the environment), e.g. "
         '{"seed": {"max_batch_size": 256}}. A model\'s manifest may carry a "batching" object too; these win.',
     )
+    @model_validator(mode="after")
+    def _tls_files_go_together(self) -> "Settings":
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mTLS) needs tls_cert_file and tls_key_file")
+        return self
+
+    @property
+    def serves_reflection(self) -> bool:
+        """Whether gRPC reflection is served (default: unless tokens are required)."""
+        return self.reflection if self.reflection is not None else self.auth_tokens_file is None
+
     @model_validator(mode="after")
     def _streams_leave_threads_for_unary(self) -> "Settings":
         # every slot of a long call holds a worker thread: together they must leave at least one for unary calls

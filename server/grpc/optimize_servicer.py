@@ -10,6 +10,7 @@ from leanserve.v1 import optimize_service_pb2 as pb
 from leanserve.v1 import optimize_service_pb2_grpc as pb_grpc
 from leanserve.server.errors import Cancelled, InvalidArgument
 from leanserve.server.grpc import optimize_converters as conv
+from leanserve.server.grpc.auth import caller_context
 from leanserve.server.grpc.calls import Inbox, StreamSlots
 from leanserve.server.optimize.service import Optimizer
 
@@ -35,7 +36,8 @@ class OptimizeServicer(pb_grpc.OptimizeServiceServicer):
                 first = next(messages, None)
                 if first is None or first.WhichOneof("part") != "options":
                     raise InvalidArgument("an Optimize stream starts with an options message")
-                job = self.optimizer.start(conv.optimize_options(first.options), _chunks(messages))
+                job = self.optimizer.start(conv.optimize_options(first.options), _chunks(messages),
+                                           caller_context(context))
             context.add_callback(job.cancel)  # runs when the call ends for any reason, e.g. the client cancelled
             for event in job.events():
                 yield conv.optimize_event(event)
@@ -44,5 +46,5 @@ class OptimizeServicer(pb_grpc.OptimizeServiceServicer):
 
     def SetDefaultVersion(self, request: pb.SetDefaultVersionRequest,
                           context: grpc.ServicerContext) -> pb.SetDefaultVersionResponse:
-        default, pinned = self.optimizer.set_default(request.name, request.version)
+        default, pinned = self.optimizer.set_default(request.name, request.version, caller_context(context))
         return pb.SetDefaultVersionResponse(default_version=default, pinned=pinned)

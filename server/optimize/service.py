@@ -31,6 +31,7 @@ from leanserve.server.optimize import data as data_mod
 from leanserve.server.optimize import pipeline
 from leanserve.server.optimize.options import OptimizeOptions, validate
 from leanserve.server.repository.store import validate_name
+from leanserve.server.serving.context import NO_CONTEXT, RequestContext
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +105,12 @@ class Optimizer:
         self.settings = dataplane.settings
         self._slots = threading.BoundedSemaphore(self.settings.optimize_max_jobs)
 
-    def set_default(self, name: str, version: int) -> tuple[int, bool]:
+    def set_default(self, name: str, version: int, ctx: RequestContext = NO_CONTEXT) -> tuple[int, bool]:
         """Pin ``version`` as ``name``'s default, or unpin with 0. Returns (default version, pinned)."""
-        return self.dp.set_default(name, version or None), bool(version)
+        with self.dp.audit.change(ctx, "set_default", name, version or None):
+            return self.dp.set_default(name, version or None), bool(version)
 
-    def start(self, opts: OptimizeOptions, chunks: Iterable[bytes]) -> Job:
+    def start(self, opts: OptimizeOptions, chunks: Iterable[bytes], ctx: RequestContext = NO_CONTEXT) -> Job:
         """Check the options, take a slot (ResourceExhausted when busy), receive the data, start the work."""
         validate(opts, max_epochs=self.settings.optimize_max_epochs, max_data_bytes=self.settings.optimize_max_data_bytes)
         validate_name(opts.model_name)
@@ -124,7 +126,7 @@ class Optimizer:
                                       base.output.shape[-1] if base.output.shape else 1,
                                       self.settings.optimize_max_data_bytes)
             job = Job()
-            worker = threading.Thread(target=self._work, args=(job, base, opts, data), daemon=True,
+            worker = threading.Thread(target=self._work, args=(job, base, opts, data, ctx), daemon=True,
                                       name=f"leanserve-optimize-{opts.model_name}")
             worker.start()
         except BaseException:
@@ -132,19 +134,23 @@ class Optimizer:
             raise
         return job
 
-    def _work(self, job: Job, base: Any, opts: OptimizeOptions, data: Any) -> None:
+    def _work(self, job: Job, base: Any, opts: OptimizeOptions, data: Any, ctx: RequestContext) -> None:
         control = pipeline.JobControl(lambda s, f, m: job._put(Progress(s, f, m)), lambda: job.cancelled)
         try:
             folder = self.dp.repository.path(base.name, base.version)
             result = pipeline.run(base, folder, opts, data, self.settings, control)
             control.check()
             control.progress("store", 0.97, "writing the new version")
-            job._put(self._store(base, opts, result))
+            report = self._store(base, opts, result)
+            self.dp.audit.record(ctx, "optimize", base.name, report.version, "ok")
+            job._put(report)
         except LeanserveError as exc:
             log.info("optimization of %s stopped: %s", opts.model_name, exc.message)
+            self.dp.audit.record(ctx, "optimize", base.name, None, exc.code.value)
             job._put(exc)
         except Exception as exc:  # a bug: logged with its traceback; the transport answers INTERNAL
             log.exception("optimization of %s failed", opts.model_name)
+            self.dp.audit.record(ctx, "optimize", base.name, None, "internal")
             job._put(exc)
         finally:
             job._put(Job._DONE)

@@ -8,6 +8,7 @@ Triton's ``nv_inference_count`` is scraped as ``nv_inference_count_total``.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -61,11 +62,20 @@ class ModelStatsCollector(Collector):
 class MetricsServer:
     """The /metrics HTTP endpoint of one leanserve server."""
 
-    def __init__(self, models: Callable[[], Iterable[ServedModel]], host: str, port: int) -> None:
+    def __init__(self, models: Callable[[], Iterable[ServedModel]], host: str, port: int, *,
+                 certfile: Path | None = None, keyfile: Path | None = None,
+                 client_cafile: Path | None = None) -> None:
+        """Listen on ``host:port``; HTTPS with ``certfile``/``keyfile`` (read once, at start), and requiring a client
+        certificate signed by ``client_cafile`` when given."""
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(ModelStatsCollector(models))
         self._httpd: WSGIServer
-        self._httpd, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        tls = {}
+        if certfile is not None and keyfile is not None:
+            tls = {"certfile": str(certfile), "keyfile": str(keyfile)}
+            if client_cafile is not None:
+                tls.update(client_cafile=str(client_cafile), client_auth_required=True)
+        self._httpd, self._thread = start_http_server(port, addr=host, registry=self.registry, **tls)
         self.port: int = self._httpd.server_port
 
     def stop(self) -> None:
