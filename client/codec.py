@@ -57,7 +57,10 @@ def to_numpy(t: tensor_pb.Tensor, *, max_elements: int | None = None) -> np.ndar
             f"tensor {t.name[:64]!r}: shape {list(shape)[:8]} of {dtype.name} needs {count * dtype.itemsize} bytes, "
             f"got {len(data)}"
         )
-    return np.frombuffer(data, dtype=dtype).reshape(shape)
+    try:
+        return np.frombuffer(data, dtype=dtype).reshape(shape)
+    except ValueError as exc:  # e.g. a 0 beside dims numpy cannot address, or more than 64 dims
+        raise TensorCodecError(f"tensor {t.name[:64]!r}: shape {list(shape)[:8]} is not a valid array: {exc}") from None
 
 
 def fill(t: tensor_pb.Tensor, a: np.ndarray, name: str = "") -> tensor_pb.Tensor:

@@ -30,7 +30,7 @@ from leanserve.server.grpc.v2_servicer import V2Servicer
 from leanserve.server.serving.metrics import MetricsServer
 from leanserve.server.serving.registry import ModelRegistry
 from leanserve.server.repository.poll import RepositoryPoller
-from leanserve.server.repository.store import Repository
+from leanserve.server.repository.open import open_repository
 from leanserve.server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ def create_server(settings: Settings) -> ServerHandle:
         certificates = ServerCertificates(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
     tokens = TokenFile(settings.auth_tokens_file) if settings.auth_tokens_file is not None else None
     # only the first process sweeps leftovers: the others would delete its uploads in flight
-    repository = Repository(settings.repository, sweep=settings.process_index == 0)
+    repository = open_repository(settings.repository, settings, sweep=settings.process_index == 0)
     registry = ModelRegistry()
     dataplane = DataPlane(settings, repository, registry)
     dataplane.load_all()
@@ -176,7 +176,7 @@ def create_server(settings: Settings) -> ServerHandle:
             log.error("metrics endpoint off: cannot listen on %s:%d: %s", settings.host, settings.metrics_port, exc)
     server.start()
     poller = RepositoryPoller(dataplane, settings.poll_seconds) if settings.poll_seconds > 0 else None
-    log.info("serving %d model(s) from %s", len(registry.names()), repository.root)
+    log.info("serving %d model(s) from %s", len(registry.names()), settings.repository)
     log.info("gRPC on %s:%d: %s, %s", settings.host, port,
              "mTLS" if settings.tls_client_ca_file else "TLS" if certificates else "plaintext",
              f"tokens from {settings.auth_tokens_file}" if tokens else "no authentication")

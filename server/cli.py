@@ -16,7 +16,8 @@ from leanserve.client.cli import add_client_commands, run_client_command
 def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="address to listen on (env LEANSERVE_HOST, default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port; 0 picks a free one (env LEANSERVE_PORT, default 8500)")
-    p.add_argument("--repository", type=Path, help="model repository folder (env LEANSERVE_REPOSITORY, default ./models)")
+    p.add_argument("--repository", help="model repository: a folder or s3://BUCKET/PREFIX (env LEANSERVE_REPOSITORY, "
+                   "default ./models)")
     p.add_argument("--workers", type=int, dest="worker_threads", help="gRPC worker threads per process")
     p.add_argument("--processes", type=int,
                    help="server processes sharing the port, e.g. one per core (env LEANSERVE_PROCESSES, default 1)")
@@ -48,6 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the server")
     _serve_args(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("publish", help="convert, check and store a model file as a new version (no server needed)")
+    p.add_argument("file", type=Path, help="model.keras, model.h5 or a .leanserve file")
+    p.add_argument("--name", required=True, help="model name")
+    p.add_argument("--repository", help="a folder or s3://BUCKET/PREFIX (env LEANSERVE_REPOSITORY, default ./models)")
+    p.add_argument("--description", default="", help="stored in the version's manifest")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ...")
+    p.set_defaults(func=cmd_publish)
 
     p = sub.add_parser("token", help="make a random token and print its line for the --auth-tokens file")
     p.add_argument("--role", choices=["admin", "infer"], required=True)
@@ -122,6 +131,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_publish(args: argparse.Namespace) -> int:
+    """Prints the new version number on stdout (and what it became on stderr); exit 1 with the reason if refused."""
+    from leanserve.server.errors import LeanserveError
+    from leanserve.server.ingest.publish import publish_file
+
+    settings = settings_from_args(args)
+    logging.basicConfig(level=(args.log_level or "WARNING").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        published = publish_file(args.file, args.name, settings, description=args.description)
+    except LeanserveError as exc:
+        print(f"leanserve publish: {exc.code.value}: {exc.message}", file=sys.stderr)
+        return 1
+    print(f"published {published.name} version {published.version} ({published.runtime} runtime) to "
+          f"{settings.repository}", file=sys.stderr)
+    print(published.version, flush=True)
+    return 0
+
+
 def cmd_token(args: argparse.Namespace) -> int:
     import secrets
     from hashlib import sha256
@@ -152,6 +180,7 @@ SERVER_MODULES = {
     "serve": ("numba", "pydantic_settings", "safetensors", "grpc_health", "grpc_reflection", "prometheus_client"),
     "train": ("tensorflow", "sklearn"),
     "demo": ("numba", "pydantic_settings", "tensorflow", "sklearn"),
+    "publish": ("numba", "pydantic_settings", "safetensors"),
 }
 
 

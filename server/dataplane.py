@@ -19,7 +19,7 @@ import numpy as np
 from leanserve.server.ingest import build as ingest
 from leanserve.server.serving.batching import BatchConfig, Batcher
 from leanserve.server.errors import (Cancelled, DeadlineExceeded, FailedPrecondition, LeanserveError, NotFound,
-                                     ResourceExhausted)
+                                     ResourceExhausted, shown)
 from leanserve.server.repository.audit import AUDIT_FILE, AuditLog
 from leanserve.server.repository.loading import load_version, served_from_plan
 from leanserve.server.serving.model import PredictResult, ServedModel
@@ -103,7 +103,7 @@ class DataPlane:
 
     def serve(self, model: ServedModel) -> None:
         """Publish a loaded version behind its own batcher (replacing a served one with the same number)."""
-        config = BatchConfig.for_model(self.settings, model.name, model.manifest)
+        config = BatchConfig.for_model(self.settings, model.name, model.manifest.to_dict())
         model.batcher = Batcher(model.infer, config, model.stats, f"{model.name}:{model.version}")
         replaced = self.registry.add(model)
         if replaced is not None:
@@ -152,7 +152,7 @@ class DataPlane:
                 entry.version = versions = self.registry.versions(name)
                 stored = self.repository.versions(name, missing_ok=True)
                 if not versions and not stored:
-                    raise NotFound(f"model {name!r} not found")
+                    raise NotFound(f"model {shown(name)} not found")
                 if stored:
                     self.repository.set_unloaded(name, True)
                 self._retire(self.registry.remove(name, versions))
@@ -279,7 +279,7 @@ class DataPlane:
 
     def describe(self, model: ServedModel) -> dict[str, Any]:
         """Manifest plus live facts (versions, per-layer formats) for GetModel."""
-        info = dict(model.manifest)
+        info = model.manifest.to_dict()
         info["version"] = model.version
         info["versions"] = self.registry.versions(model.name)
         info["default_version"] = self.registry.default_version(model.name)

@@ -4,11 +4,23 @@ to every constructor that needs it; nothing else in the server reads the environ
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, Union
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIB = 1024 * 1024
+
+
+def _repository_location(value: object) -> object:
+    """``s3://...`` stays a string; anything else is a local folder (a Path)."""
+    if isinstance(value, str) and not value.startswith("s3://"):
+        return Path(value)
+    return value
+
+
+#: a local folder (Path) or an ``s3://BUCKET/PREFIX`` URI (str)
+RepositoryLocation = Annotated[Union[Path, str], BeforeValidator(_repository_location)]
 
 
 class BatchOverride(BaseModel):
@@ -28,7 +40,19 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8500, ge=0, le=65535, description="Port to listen on; 0 picks a free one.")
-    repository: Path = Field(Path("./models"), description="Folder holding the model repository.")
+    repository: RepositoryLocation = Field(
+        Path("./models"), description="The model repository: a folder, or s3://BUCKET/PREFIX (endpoint, credentials "
+        "and region as boto3 finds them: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+        "AWS_DEFAULT_REGION, AWS_PROFILE, ~/.aws).",
+    )
+    repository_cache_dir: Path | None = Field(
+        None, description="Local folder for the versions a server downloads from an s3:// repository (kept across "
+        "restarts, checked by SHA-256), and its audit log. Default: ~/.cache/leanserve/s3/BUCKET/PREFIX.",
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="Endpoint of an S3-compatible store (MinIO, rclone, ...) for an s3:// repository; unset = "
+        "whatever boto3 finds (AWS_ENDPOINT_URL, the profile, else AWS itself).",
+    )
 
     tls_cert_file: Path | None = Field(
         None, description="PEM certificate chain of the gRPC port (and of the metrics endpoint); with tls_key_file "
@@ -70,7 +94,7 @@ class Settings(BaseSettings):
         None,
         ge=0,
         description="How often to re-read the repository and serve what other processes (or people) changed in it; "
-        "0 = never. Default: 1 s when processes > 1, else never.",
+        "0 = never. Default: 1 s when processes > 1 or the repository is s3://, else never.",
     )
     process_index: int = Field(
         0, ge=0, description="Set by the first process for the extra ones it starts (1, 2, ...); not for users."
@@ -206,7 +230,13 @@ class Settings(BaseSettings):
         """The effective repository poll interval (0 = no polling)."""
         if self.repository_poll_seconds is not None:
             return self.repository_poll_seconds
-        return 1.0 if self.processes > 1 else 0.0
+        # an s3:// repository is shared with other machines by design: follow it by default
+        return 1.0 if self.processes > 1 or self.repository_is_s3 else 0.0
+
+    @property
+    def repository_is_s3(self) -> bool:
+        """Whether the repository is an ``s3://`` URI rather than a folder."""
+        return isinstance(self.repository, str) and self.repository.startswith("s3://")
 
     stream_window: int = Field(
         16, ge=1, description="Requests of one stream in flight at once (read ahead, answered in order)."

@@ -26,7 +26,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         inputs, kind, top_k = converters.predict_request(request)
         pending = self.dp.submit(request.model_name, request.model_version, inputs, kind, top_k, ctx)
         if call is not None:
-            call.add_callback(pending.cancel)  # a cancelled RPC leaves the queue at once
+            # a cancelled RPC leaves the queue at once; False = it ended already, before the callback was in place
+            if not call.add_callback(pending.cancel):
+                pending.cancel()
         return lambda: converters.predict_response(pending.result(), request.request_id)
 
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:

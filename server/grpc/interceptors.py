@@ -41,13 +41,14 @@ class RateLimitedLog:
     """One log line per event, at most ``per_second`` per key and second; the next line that gets through says
     how many were dropped since, so a flood of bad requests costs neither the disk nor the log's reader."""
 
-    def __init__(self, logger: logging.Logger, per_second: int, level: int = logging.INFO) -> None:
-        self._log, self._per_second, self._level = logger, per_second, level
+    def __init__(self, logger: logging.Logger, per_second: int, level: int = logging.INFO,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._log, self._per_second, self._level, self._clock = logger, per_second, level, clock
         self._lock = threading.Lock()
         self._windows: dict[object, list[int]] = {}  # key -> [second, lines in it, dropped since the last line]
 
     def __call__(self, key: object, fmt: str, *args: object) -> None:
-        second = int(time.monotonic())
+        second = int(self._clock())
         with self._lock:
             window = self._windows.get(key)
             if window is None:

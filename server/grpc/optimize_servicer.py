@@ -38,7 +38,9 @@ class OptimizeServicer(pb_grpc.OptimizeServiceServicer):
                     raise InvalidArgument("an Optimize stream starts with an options message")
                 job = self.optimizer.start(conv.optimize_options(first.options), _chunks(messages),
                                            caller_context(context))
-            context.add_callback(job.cancel)  # runs when the call ends for any reason, e.g. the client cancelled
+            # runs when the call ends for any reason, e.g. the client cancelled; False = it ended already
+            if not context.add_callback(job.cancel):
+                job.cancel()
             for event in job.events():
                 yield conv.optimize_event(event)
             if job.cancelled:

@@ -10,7 +10,7 @@ import grpc
 from leanserve.v2 import grpc_service_pb2 as pb
 from leanserve.v2 import grpc_service_pb2_grpc as pb_grpc
 from leanserve.server.dataplane import DataPlane
-from leanserve.server.errors import LeanserveError, NotFound
+from leanserve.server.errors import LeanserveError, NotFound, shown
 from leanserve.server.grpc import v2_converters as conv
 from leanserve.server.grpc.auth import caller_context
 from leanserve.server.grpc.calls import StreamSlots, pipelined, request_context, status_code
@@ -65,7 +65,9 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         call = conv.infer_request(request, self.dp.settings.max_message_bytes)
         pending = self.dp.submit(call.model_name, call.version, call.inputs, call.postprocess, call.top_k, ctx)
         if context is not None:
-            context.add_callback(pending.cancel)  # a cancelled RPC leaves the queue at once
+            # a cancelled RPC leaves the queue at once; False = it ended already, before the callback was in place
+            if not context.add_callback(pending.cancel):
+                pending.cancel()
         return lambda: conv.infer_response(pending.result(), call)
 
     def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.ServicerContext) -> pb.ModelInferResponse:
@@ -98,7 +100,7 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
                 self.dp.get_model(request.name, v) for v in self.dp.registry.versions(request.name)
             ]
             if not models:
-                raise NotFound(f"model {request.name!r} not found")
+                raise NotFound(f"model {shown(request.name)} not found")
         else:
             models = self.dp.registry.all()
         return pb.ModelStatisticsResponse(model_stats=[conv.model_statistics(m, m.stats.snapshot()) for m in models])

@@ -7,7 +7,6 @@ Keras uploads; a server that serves Plans never loads it.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import shutil
 from dataclasses import dataclass
@@ -15,8 +14,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from pydantic import ValidationError
 
 from leanserve.server.repository import artifacts
+from leanserve.server.repository.manifest import (DTYPES, FORMAT_NAME, FORMAT_VERSION, Manifest, ManifestLimits,
+                                                  TensorSpec, jsonable)
 from leanserve.server.errors import FailedPrecondition, InvalidArgument, UnsupportedModel
 from leanserve.server.serving.model import TensorSignature
 from leanserve.server.ingest.uploads import UploadRequest
@@ -65,14 +67,13 @@ def convert(fmt: str, path: Path, settings: Settings) -> Converted:
 
 
 def _convert_leanserve(path: Path, settings: Settings) -> Converted:
-    manifest, blob = artifacts.read_zip(path, settings.max_upload_bytes)
+    limits = ManifestLimits.from_settings(settings)
+    manifest, blob = artifacts.read_zip(path, settings.max_unpacked_bytes, limits)
     plan = artifacts.plan_from_files(manifest, blob)
-    in_name = str(manifest.get("input", {}).get("name", "input"))
-    out_name = str(manifest.get("output", {}).get("name", "output"))
     return Converted(
         runtime="plan",
-        input=TensorSignature(in_name, "float32", plan.input_shape),
-        output=TensorSignature(out_name, "float32", (plan.out_features,)),
+        input=TensorSignature(manifest.input.name, "float32", plan.input_shape),
+        output=TensorSignature(manifest.output.name, "float32", (plan.out_features,)),
         plan=plan,
         runner=plan,
         reference=plan.reference,
@@ -91,10 +92,10 @@ def _convert_keras(path: Path, settings: Settings) -> Converted:
         max_bytes=settings.max_upload_bytes,
         max_params=settings.max_model_params,
         max_layers=settings.max_model_layers,
+        max_unpacked=settings.max_unpacked_bytes,
     )
     sig = model_signature(model)
-    inp = TensorSignature(sig["input"]["name"], sig["input"]["dtype"], tuple(sig["input"]["shape"]))
-    out = TensorSignature(sig["output"]["name"], sig["output"]["dtype"], tuple(sig["output"]["shape"]))
+    inp, out = _signature("input", sig["input"]), _signature("output", sig["output"])
     reference = keras_reference(model)
     try:
         input_shape, specs = keras_to_specs(model)
@@ -127,6 +128,20 @@ def _convert_keras(path: Path, settings: Settings) -> Converted:
     )
 
 
+def _signature(role: str, sig: dict[str, Any]) -> TensorSignature:
+    """A Keras model's input or output as a served signature: a dtype the server serves (numbers and bool, never
+    strings), an undefined dim as -1."""
+    shape = [None if d is None else int(d) for d in sig["shape"]]
+    try:
+        spec = TensorSpec.model_validate({"name": str(sig["name"]), "dtype": str(sig["dtype"]), "shape": shape})
+    except ValidationError:
+        raise InvalidArgument(
+            f"the model's {role} {str(sig['name'])[:100]!r} ({str(sig['dtype'])[:40]}, shape {shape}) cannot be served: "
+            f"only tensors of {', '.join(DTYPES)} are"
+        ) from None
+    return TensorSignature(spec.name, spec.dtype, tuple(spec.shape))
+
+
 def _ends_in_softmax(model: Any) -> bool:
     last = model.layers[-1]
     activation = getattr(last, "activation", None)
@@ -157,18 +172,18 @@ def check_reference(conv: Converted, settings: Settings) -> dict[str, Any]:
 
 
 def write_version(
-    staged: Path, req: UploadRequest, fmt: str, source: Path, conv: Converted, reference: dict[str, Any]
-) -> dict[str, Any]:
+    staged: Path, req: UploadRequest, fmt: str, source: Path, conv: Converted, reference: dict[str, Any],
+    settings: Settings | None = None,
+) -> Manifest:
     """Write the version's files into ``staged`` and return its manifest."""
     shutil.move(str(source), staged / SOURCE_NAMES[fmt])
-    manifest: dict[str, Any]
+    fields: dict[str, Any] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
     if conv.plan is not None:
-        manifest, blob = artifacts.plan_to_files(conv.plan, conv.input.name, conv.output.name)
+        plan_manifest, blob = artifacts.plan_manifest(conv.plan, conv.input.name, conv.output.name)
         with open(staged / artifacts.WEIGHTS, "wb") as f:
             f.write(blob)
-    else:
-        manifest = {"format": artifacts.FORMAT_NAME, "format_version": artifacts.FORMAT_VERSION}
-    manifest.update(
+        fields = plan_manifest.to_dict()
+    fields.update(
         {
             "name": req.name,
             "runtime": conv.runtime,
@@ -188,12 +203,13 @@ def write_version(
             "metadata": {},
         }
     )
-    with open(staged / artifacts.MANIFEST, "w") as f:
-        json.dump(manifest, f, indent=2, sort_keys=True)
+    limits = ManifestLimits.from_settings(settings) if settings is not None else None
+    manifest = Manifest.parse(jsonable(fields), limits)
+    (staged / artifacts.MANIFEST).write_text(manifest.to_json())
     return manifest
 
 
-def build(req: UploadRequest, source: Path, staged: Path, settings: Settings) -> tuple[dict[str, Any], Converted]:
+def build(req: UploadRequest, source: Path, staged: Path, settings: Settings) -> tuple[Manifest, Converted]:
     """The whole pipeline for one received file; returns the manifest written into ``staged``."""
     fmt = detect(source, req.format)
     conv = convert(fmt, source, settings)
@@ -202,5 +218,5 @@ def build(req: UploadRequest, source: Path, staged: Path, settings: Settings) ->
         conv.runner = conv.plan
     # checked after tuning: what is compared is exactly what will serve
     reference = check_reference(conv, settings)
-    manifest = write_version(staged, req, fmt, source, conv, reference)
+    manifest = write_version(staged, req, fmt, source, conv, reference, settings)
     return manifest, conv

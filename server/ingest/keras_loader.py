@@ -8,15 +8,20 @@ involved anywhere. TensorFlow/Keras is imported lazily so the serving path never
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
+import threading
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from leanserve.server.errors import InvalidArgument, ResourceExhausted
+from leanserve.server.errors import InvalidArgument, LeanserveError, ResourceExhausted
+from leanserve.server.ingest.archives import BoundedZip
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -31,6 +36,9 @@ DEFAULT_MAX_PARAMS = 200_000_000
 # Built-in layers that run arbitrary Python (Lambda) or load foreign graphs (TFSMLayer): never from an upload.
 _REFUSED_CLASSES = frozenset({"Lambda", "TFSMLayer", "__lambda__"})
 _ERROR_DETAIL_CHARS = 400
+_CONFIG = "config.json"
+_WEIGHTS = "model.weights.h5"
+_MAX_CONFIG_BYTES = 16 * 1024 * 1024
 
 
 def import_keras() -> Any:
@@ -54,7 +62,7 @@ def detect_format(path: Path) -> ModelFormat:
         try:
             with zipfile.ZipFile(path) as zf:
                 names = set(zf.namelist())
-        except (zipfile.BadZipFile, OSError):
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, RuntimeError, NotImplementedError):
             return "unknown"
         if "manifest.json" in names:
             return "leanserve"
@@ -69,11 +77,14 @@ def load_keras(
     max_bytes: int,
     max_layers: int = DEFAULT_MAX_LAYERS,
     max_params: int = DEFAULT_MAX_PARAMS,
+    max_unpacked: int | None = None,
 ) -> "keras.Model":
     """Load an uploaded Keras model after checking it against the limits and the class allowlist.
 
-    Raises ``ResourceExhausted`` when the file (or a zip's uncompressed content) exceeds ``max_bytes``, and
-    ``InvalidArgument`` for a corrupt file, a custom/Lambda/unknown class, or too many layers or parameters.
+    Raises ``ResourceExhausted`` when the file exceeds ``max_bytes`` or a ``.keras`` zip inflates (counted while
+    inflating) past ``max_unpacked`` (default ``max_bytes``), and ``InvalidArgument`` for a corrupt file, a
+    custom/Lambda/unknown class, or too many layers or parameters. The parameter count comes from the model's
+    structure built without allocating any weight, so nothing is allocated before it is checked.
     """
     path = Path(path)
     if not path.is_file():
@@ -88,45 +99,54 @@ def load_keras(
         raise InvalidArgument(
             "not a valid Keras file: neither a .keras zip archive nor an HDF5 .h5 file (truncated or corrupt?)"
         )
-    config, stored_params = _read_keras(path, max_bytes) if fmt == "keras" else _read_h5(path)
-    n_layers = check_config(config)
-    if n_layers > max_layers:
-        raise InvalidArgument(f"model has {n_layers} layers; the limit is {max_layers}")
-    declared = max(stored_params, _estimate_params(config))
+    unpacked = max_bytes if max_unpacked is None else max_unpacked
+    config, stored_params = _read_keras(path, unpacked) if fmt == "keras" else _read_h5(path)
+    with _untrusted("model config"):
+        n_layers = check_config(config)
+        if n_layers > max_layers:
+            raise InvalidArgument(f"model has {n_layers} layers; the limit is {max_layers}")
+        declared = max(stored_params, _estimate_params(config))
     if declared > max_params:
         raise InvalidArgument(f"model has about {declared} parameters; the limit is {max_params}")
+    counted = count_params_unallocated(config, fmt)
+    if counted > max_params:
+        raise InvalidArgument(f"model has {counted} parameters; the limit is {max_params}")
     model = _keras_load(path, fmt)
     if model.count_params() > max_params:
         raise InvalidArgument(f"model has {model.count_params()} parameters; the limit is {max_params}")
     return model
 
 
-def _read_keras(path: Path, max_bytes: int) -> tuple[dict[str, Any], int]:
-    import h5py
+def _read_keras(path: Path, max_unpacked: int) -> tuple[dict[str, Any], int]:
+    """The config of a ``.keras`` zip and the size of its stored weights. Every member is inflated once with a
+    running count (declared sizes are not trusted) so that Keras later reads only what was counted; the weights
+    go to a temporary file for h5py (seeking inside a compressed member would inflate it again and again)."""
+    with tempfile.TemporaryDirectory(prefix="leanserve-keras-") as tmp, \
+            BoundedZip(path, max_unpacked, "the .keras file") as zf:
+        if _CONFIG not in zf.names:
+            raise InvalidArgument(f"not a valid Keras file: the archive holds no {_CONFIG}")
+        raw = zf.read(_CONFIG, limit=_MAX_CONFIG_BYTES)
+        params = 0
+        if _WEIGHTS in zf.names:
+            weights = Path(tmp) / "weights.h5"
+            zf.extract(_WEIGHTS, weights)
+            with _untrusted(f"{_WEIGHTS} in the archive"):
+                import h5py
 
-    try:
-        with zipfile.ZipFile(path) as zf:
-            unpacked = sum(info.file_size for info in zf.infolist())
-            if unpacked > max_bytes:
-                raise ResourceExhausted(f"model archive unpacks to {unpacked} bytes; the limit is {max_bytes}")
-            config = json.loads(zf.read("config.json"))
-            params = 0
-            if "model.weights.h5" in zf.namelist():
-                with zf.open("model.weights.h5") as raw, h5py.File(raw, "r") as weights:
-                    params = _count_datasets(weights)
-    except ResourceExhausted:
-        raise
-    except (zipfile.BadZipFile, OSError, KeyError, ValueError, UnicodeDecodeError) as exc:
-        raise InvalidArgument(f"not a valid Keras file: {_short(exc)}") from None
+                with h5py.File(weights, "r") as f:
+                    params = _count_datasets(f)
+        zf.check_all(skip=(_CONFIG, _WEIGHTS))
+    with _untrusted(_CONFIG):
+        config = json.loads(raw)
     if not isinstance(config, dict):
-        raise InvalidArgument("not a valid Keras file: config.json is not a JSON object")
+        raise InvalidArgument(f"not a valid Keras file: {_CONFIG} is not a JSON object")
     return config, params
 
 
 def _read_h5(path: Path) -> tuple[dict[str, Any], int]:
-    import h5py
+    with _untrusted("cannot read HDF5"):
+        import h5py
 
-    try:
         with h5py.File(path, "r") as f:
             raw = f.attrs.get("model_config")
             if raw is None:
@@ -135,13 +155,65 @@ def _read_h5(path: Path) -> tuple[dict[str, Any], int]:
                 )
             config = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else str(raw))
             params = _count_datasets(f["model_weights"]) if "model_weights" in f else 0
-    except InvalidArgument:
-        raise
-    except (OSError, KeyError, ValueError, UnicodeDecodeError) as exc:
-        raise InvalidArgument(f"not a valid Keras file: cannot read HDF5 ({_short(exc)})") from None
     if not isinstance(config, dict):
         raise InvalidArgument("not a valid Keras file: model_config is not a JSON object")
     return config, params
+
+
+@contextlib.contextmanager
+def _untrusted(what: str) -> Iterator[None]:
+    """Turn whatever a parser raises on an uploaded file into ``InvalidArgument`` (``ResourceExhausted`` for memory).
+
+    h5py, HDF5, zipfile and Keras raise RuntimeError, OSError, KeyError, ValueError, TypeError, RecursionError...
+    on malformed input; a caught list always misses one, and any failure here is the file's, not the server's."""
+    try:
+        yield
+    except LeanserveError:
+        raise
+    except MemoryError:
+        raise ResourceExhausted(f"not a valid Keras file: {what}: more memory than is available") from None
+    except Exception as exc:
+        raise InvalidArgument(f"not a valid Keras file: {what}: {_short(exc)}") from None
+
+
+def count_params_unallocated(config: dict[str, Any], fmt: ModelFormat) -> int:
+    """The exact number of weights the model ``config`` describes, from the variables Keras creates when it builds
+    the model inside a ``StatelessScope`` that defers every initialisation: shapes only, nothing allocated.
+
+    Built in a thread of its own because Keras keeps the deferred variables in thread-local state, which must not
+    outlive the count (a later scope on the same thread would initialise them)."""
+    keras = import_keras()
+    outcome: dict[str, Any] = {}
+
+    def build() -> None:
+        try:
+            with keras.StatelessScope(initialize_variables=False):
+                model = _instantiate(config, fmt)
+                outcome["params"] = sum(math.prod(int(d) for d in v.shape) for v in model.weights)
+        except BaseException as exc:  # handed to the caller's thread below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=build, name="leanserve-keras-count", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        with _untrusted("cannot build the model from its config"):
+            raise outcome["error"]
+    return int(outcome["params"])
+
+
+def _instantiate(config: dict[str, Any], fmt: ModelFormat) -> Any:
+    # The same deserialisation Keras' own loaders run (saving_lib for .keras, legacy_h5_format for .h5), without
+    # reading weights; safe mode on, no custom objects.
+    from keras.src.saving.serialization_lib import ObjectSharingScope, SafeModeScope, deserialize_keras_object
+
+    if fmt == "keras":
+        with ObjectSharingScope():
+            return deserialize_keras_object({**config, "compile_config": None}, None, safe_mode=True)
+    from keras.src.legacy.saving import json_utils, saving_options, saving_utils
+
+    with saving_options.keras_option_scope(use_legacy_config=True), SafeModeScope(True):
+        return saving_utils.model_from_config(json_utils.decode(json.dumps(config)), custom_objects=None)
 
 
 def _count_datasets(group: Any) -> int:
@@ -251,7 +323,9 @@ def _keras_load(path: Path, fmt: ModelFormat) -> "keras.Model":
             shutil.copyfile(path, link)
         try:
             model = keras.saving.load_model(link, compile=False, safe_mode=True)
-        except (ValueError, TypeError, KeyError, OSError, AttributeError, IndexError) as exc:
+        except MemoryError:
+            raise ResourceExhausted("not a valid Keras file: loading it needs more memory than is available") from None
+        except Exception as exc:  # Keras, h5py and HDF5 raise many types on a malformed file: all are the file's
             raise InvalidArgument(_explain_load_error(exc)) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import io
-import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
 from leanserve.server.errors import InvalidArgument, ResourceExhausted
+from leanserve.server.ingest.archives import read_npz
 
 _KEYS = frozenset({"x", "y", "x_val", "y_val"})
 
@@ -44,17 +43,10 @@ def receive(chunks: Iterable[bytes], declared: int, max_bytes: int) -> bytes:
 
 
 def parse(blob: bytes, input_shape: tuple[int, ...], num_classes: int, max_bytes: int) -> OptimizeData:
-    """Read the .npz (no pickle), reshape rows to ``input_shape`` and turn one-hot labels into class ids."""
-    try:
-        with zipfile.ZipFile(io.BytesIO(blob)) as zf:
-            if sum(i.file_size for i in zf.infolist()) > 4 * max_bytes:
-                raise InvalidArgument("the .npz expands beyond the data limit (zip bomb?)")
-        with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except InvalidArgument:
-        raise
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-        raise InvalidArgument(f"data is not a readable .npz without pickled objects: {exc}") from None
+    """Read the .npz (no pickle), reshape rows to ``input_shape`` and turn one-hot labels into class ids.
+
+    ``max_bytes`` (the Optimize data cap) bounds what the archive may inflate to, counted while inflating."""
+    arrays = read_npz(blob, max_bytes, "the optimization data (.npz)")
     unknown = set(arrays) - _KEYS
     if unknown or "x" not in arrays:
         raise InvalidArgument(f"the .npz must hold x and optionally y, x_val, y_val; found {sorted(arrays)}")

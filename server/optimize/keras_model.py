@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from leanserve.server.repository.manifest import Manifest
 from leanserve.server.runtime.plan import LayerSpec, Plan
 from leanserve.server.settings import Settings
 
@@ -48,19 +49,20 @@ def dense_layers(model: Any) -> list[Any]:
     return out
 
 
-def trainable_model(plan: Plan, manifest: dict[str, Any], folder: Path, settings: Settings) -> tuple[Any, str]:
+def trainable_model(plan: Plan, manifest: Manifest, folder: Path, settings: Settings) -> tuple[Any, str]:
     """(Keras model, where it came from). The uploaded .keras/.h5 keeps what the Plan folded away (Dropout,
     BatchNormalization statistics) for training; the fp32 rebuild serves leanserve-format and optimized versions.
     The source is used only when its Dense chain matches the plan's layers one to one."""
-    source = manifest.get("source") or {}
-    if source.get("format") in ("keras", "h5") and (folder / str(source.get("file", ""))).is_file():
+    source = manifest.source
+    if source is not None and source.format in ("keras", "h5") and source.file and (folder / source.file).is_file():
         from leanserve.server.ingest.keras_loader import load_keras
 
-        model = load_keras(folder / source["file"], max_bytes=settings.max_upload_bytes,
-                           max_params=settings.max_model_params, max_layers=settings.max_model_layers)
+        model = load_keras(folder / source.file, max_bytes=settings.max_upload_bytes,
+                           max_params=settings.max_model_params, max_layers=settings.max_model_layers,
+                           max_unpacked=settings.max_unpacked_bytes)
         dense = dense_layers(model)
         if [d.kernel.shape[1] for d in dense] == [layer.out_features for layer in plan.layers]:
-            return model, f"source file {source['file']}"
+            return model, f"source file {source.file}"
         log.info("source model's Dense chain differs from the plan; fine-tuning a rebuilt Sequential")
     return build_sequential(plan.input_shape, plan_specs(plan)), "rebuilt from the plan's fp32 weights"
 

@@ -15,7 +15,6 @@ new version, is the default). ``set_default`` is the rollback; pins live in the 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import queue
 import threading
@@ -165,8 +164,8 @@ class Optimizer:
         int8 = any(layer.format in INT8_FORMATS for layer in result.plan.layers)
         atol = INT8_REFERENCE_ATOL if int8 else self.settings.reference_atol
         previous_default = self.dp.registry.get(base.name, None).version
-        manifest, blob = artifacts.plan_to_files(result.plan, base.input.name, base.output.name)
-        manifest.update({
+        plan_manifest, blob = artifacts.plan_manifest(result.plan, base.input.name, base.output.name)
+        manifest = plan_manifest.with_fields(**{
             "name": base.name,
             "runtime": "plan",
             "input": base.input.to_dict(),
@@ -183,7 +182,7 @@ class Optimizer:
         })
         with self.dp.repository.staging() as staged:
             (staged / artifacts.WEIGHTS).write_bytes(blob)
-            (staged / artifacts.MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+            (staged / artifacts.MANIFEST).write_text(manifest.to_json())
             if not promote:
                 # pinned before the new version exists, so no request ever sees it as the default
                 self.dp.set_default(base.name, previous_default)

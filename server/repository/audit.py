@@ -7,7 +7,8 @@ One JSON object per line in ``<repository>/audit.jsonl``::
 
 ``who`` is the token label, else the client certificate's CN, else "anonymous"; ``result`` is "ok" or the
 error's code ("not_found", "invalid_argument", ..., "internal"). The file is opened with O_APPEND and each line is
-one ``write`` (then fsync), so the processes sharing a repository append whole lines without a lock.
+one ``write`` (then fsync), so the processes sharing a repository append whole lines without a lock. An ``s3://``
+repository has no shared file to append to: each server keeps its log in its local cache folder (``root``).
 """
 
 from __future__ import annotations

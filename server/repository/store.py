@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from leanserve.server.errors import InvalidArgument, NotFound
+from leanserve.server.errors import InvalidArgument, NotFound, shown
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def validate_name(name: str) -> str:
     """Return ``name`` if it is a valid model name, else raise InvalidArgument."""
     if not _NAME_RE.match(name or "") or name in {".", ".."}:
         raise InvalidArgument(
-            f"invalid model name {name!r}: use 1-128 characters from [A-Za-z0-9_.-], not starting with '.' or '-'"
+            f"invalid model name {shown(name)}: use 1-128 characters from [A-Za-z0-9_.-], not starting with '.' or '-'"
         )
     return name
 
@@ -163,7 +163,7 @@ class Repository:
                 if child.name.isdigit() and (child / MANIFEST).is_file():
                     found.append(int(child.name))
         if not found and not missing_ok:
-            raise NotFound(f"model {name!r} not found")
+            raise NotFound(f"model {shown(name)} not found")
         return sorted(found)
 
     def path(self, name: str, version: int) -> Path:
@@ -171,7 +171,7 @@ class Repository:
         validate_name(name)
         path = self.root / name / str(version)
         if not (path / MANIFEST).is_file():
-            raise NotFound(f"model {name!r} version {version} not found")
+            raise NotFound(f"model {shown(name)} version {version} not found")
         return path
 
     def manifest(self, name: str, version: int) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from leanserve.server.repository.manifest import Manifest
 from leanserve.server.runtime.plan import Plan
 from leanserve.server.serving.stats import ModelStats
 
@@ -46,7 +47,8 @@ class ServedModel:
     runtime: str
     input: TensorSignature
     output: TensorSignature
-    manifest: dict[str, Any]
+    #: the version's typed manifest (a plain dict given here, e.g. by a model built in code, is parsed into one)
+    manifest: Manifest
     runner: Callable[[np.ndarray], np.ndarray]
     #: True when the output already is a probability distribution (the last layer is a softmax)
     output_is_probability: bool = False
@@ -55,6 +57,11 @@ class ServedModel:
     stats: ModelStats = field(default_factory=ModelStats)
     #: set by the dataplane when the version is published; stopped when it stops being served
     batcher: Batcher | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.manifest, Manifest):
+            self.manifest = Manifest.parse({"input": self.input.to_dict(), "output": self.output.to_dict(),
+                                            **self.manifest})
 
     def infer(self, x: np.ndarray) -> np.ndarray:
         """Run the model on an already validated batch."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 
-from leanserve.server.errors import NotFound
+from leanserve.server.errors import NotFound, shown
 from leanserve.server.serving.model import ServedModel
 
 
@@ -26,7 +26,7 @@ class ModelRegistry:
         """The requested version, or the default (pinned, else the latest) when ``version`` is None or 0."""
         versions = self._models.get(name)
         if not versions:
-            raise NotFound(f"model {name!r} not found")
+            raise NotFound(f"model {shown(name)} not found")
         if not version:
             pinned = self._defaults.get(name)
             return versions[pinned] if pinned in versions else versions[max(versions)]

@@ -12,6 +12,8 @@ import pytest
 from leanserve.client import Client
 from leanserve.v1 import model_service_pb2 as pb
 from leanserve.server.app import create_server
+from leanserve.server.repository import artifacts
+from leanserve.server.runtime.plan import LayerSpec, build_plan
 from tests.conftest import make_settings
 
 
@@ -70,7 +72,7 @@ def _upload_raw(client: Client, data: bytes, *, name: str = "x", sha: str | None
 def test_corrupt_and_mismatched_uploads(client: Client, model_files) -> None:
     good = Path(model_files["seed_h5"]).read_bytes()
     code, msg = _code(_upload_raw, client, good[: len(good) // 2])
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "Keras" in msg or "HDF5" in msg
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and ("Keras" in msg or "HDF5" in msg), (code, msg)
     code, msg = _code(_upload_raw, client, b"this is not a model at all")
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "unrecognised model file" in msg
     code, msg = _code(_upload_raw, client, good, sha="0" * 64)
@@ -105,13 +107,24 @@ def test_size_limit_is_resource_exhausted(repo_dir: Path, model_files) -> None:
         handle.stop(0.5)
 
 
-def test_reference_check_outside_tolerance_is_failed_precondition(repo_dir: Path, model_files) -> None:
-    # a zero tolerance cannot be met by float32 kernels that sum in a different order than TensorFlow
-    handle = create_server(make_settings(repo_dir, reference_atol=0.0, reference_rtol=0.0))
-    try:
-        with Client(f"127.0.0.1:{handle.port}") as c:
-            code, msg = _code(c.upload, model_files["seed_h5"], "strict")
-            assert code == grpc.StatusCode.FAILED_PRECONDITION and "reference" in msg
-            assert c.models() == {}
-    finally:
-        handle.stop(0.5)
+def _needs_more_than_float32(path: Path) -> Path:
+    """A leanserve file whose answers float32 kernels cannot compute: ``y = (x·w + 1e8) - 1e8``. Its float64
+    reference keeps ``x·w`` (a few units); in float32, where numbers near 1e8 are 8 apart, ``x·w`` is rounded away
+    before the second layer subtracts 1e8 again, so the served answers are off by about ``|x·w|``."""
+    rng = np.random.default_rng(3)
+    plan = build_plan((4,), [
+        LayerSpec("add", rng.normal(size=(4, 1)).astype(np.float32), np.array([1e8], np.float32), "linear"),
+        LayerSpec("sub", np.ones((1, 1), np.float32), np.array([-1e8], np.float32), "linear"),
+    ])
+    manifest, blob = artifacts.plan_to_files(plan)
+    artifacts.write_zip(path, manifest, blob)
+    return path
+
+
+def test_reference_check_outside_tolerance_is_failed_precondition(client: Client, server, tmp_path: Path) -> None:
+    # the server's default tolerances (atol 1e-4, rtol 1e-3): the model itself is off, not the check made strict
+    code, msg = _code(client.upload, _needs_more_than_float32(tmp_path / "off.leanserve"), "off")
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "reference" in msg, (code, msg)
+    assert "max abs error" in msg
+    assert client.models() == {}
+    assert not any((server.dataplane.repository.root / ".staging").iterdir())  # nothing left half-stored

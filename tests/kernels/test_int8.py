@@ -12,34 +12,37 @@ from leanserve.kernels import ACTIVATIONS, KernelInputError
 from leanserve.kernels.int8 import Int8, resolve_path, set_default_path
 from leanserve.kernels.quantize import quantize_rows, quantize_rows_u8, quantize_weights_per_channel
 
-from tests.kernels._kernel_refs import reference
+from tests.kernels._kernel_refs import (activate64, int8_accumulators_ref, int8_error_bound, quantize_rows_ref,
+                                        quantize_weights_ref)
 
 PATHS = [
-    "portable",
-    pytest.param("vnni", marks=pytest.mark.skipif(not has_avx512_vnni(), reason="CPU lacks AVX512_VNNI")),
+    "portable",  # forced: runs on every machine
+    pytest.param("vnni", marks=pytest.mark.skipif(
+        not has_avx512_vnni(), reason="this CPU lacks AVX512_VNNI: the VNNI path cannot run here")),
 ]
 SHAPES = [(1, 1), (3, 1), (5, 17), (37, 100), (64, 10), (130, 65), (255, 16), (1000, 33)]
+SHAPE_IDS = [f"{k}x{n}" for k, n in SHAPES]
 BATCHES = [1, 2, 3, 4, 5, 9]
 
 
-def quantized_reference(kernel: Int8, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """numpy int32 accumulators of the same quantized operands the kernel uses."""
-    xq = np.empty(x.shape, dtype=np.int8)
-    xs = np.empty(x.shape[0], dtype=np.float32)
-    quantize_rows(x, xq, xs)
-    return xq.astype(np.int32) @ kernel.arrays()["q"].astype(np.int32), xs
+def quantized_reference(w: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exact accumulators and row scales from the ORIGINAL weights, quantized as documented (not read back from
+    the kernel, so a quantize or pack bug consistent with itself still shows)."""
+    xq, xs = quantize_rows_ref(x)
+    return int8_accumulators_ref(xq, quantize_weights_ref(w)[0]), xs
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("k,n", SHAPES)
+@pytest.mark.parametrize("k,n", SHAPES, ids=SHAPE_IDS)
 def test_accumulators_exact(rng, path, k, n):
     w = rng.standard_normal((k, n)).astype(np.float32)
     kernel = Int8.from_dense(w, np.zeros(n, np.float32), "linear", path=path)
     assert kernel.path == path
+    np.testing.assert_array_equal(kernel.arrays()["q"], quantize_weights_ref(w)[0])
     for batch in BATCHES:
         x = rng.standard_normal((batch, k)).astype(np.float32)
         acc, xs = kernel.accumulators(x)
-        ref_acc, ref_xs = quantized_reference(kernel, x)
+        ref_acc, ref_xs = quantized_reference(w, x)
         np.testing.assert_array_equal(acc, ref_acc)
         np.testing.assert_array_equal(xs, ref_xs)
 
@@ -52,7 +55,7 @@ def test_accumulators_exact_at_extremes(path):
     x = np.stack([np.ones(k), -np.ones(k), np.where(np.arange(k) % 2, 1.0, -1.0)]).astype(np.float32)
     kernel = Int8.from_dense(w, np.zeros(n, np.float32), "linear", path=path)
     acc, _ = kernel.accumulators(x)
-    np.testing.assert_array_equal(acc, quantized_reference(kernel, x)[0])
+    np.testing.assert_array_equal(acc, quantized_reference(w, x)[0])
     assert np.abs(acc).max() >= 127 * 127 * (k // 3)
 
 
@@ -70,7 +73,10 @@ def test_accumulators_property(k, n, batch, seed, path):
     w[:, rng.random(n) < 0.1] = 0.0  # zero channels must stay safe
     x = (rng.standard_normal((batch, k)) * rng.uniform(0.01, 10, (batch, 1))).astype(np.float32)
     kernel = Int8.from_dense(w, np.zeros(n, np.float32), "linear", path=path)
-    np.testing.assert_array_equal(kernel.accumulators(x)[0], quantized_reference(kernel, x)[0])
+    np.testing.assert_array_equal(kernel.accumulators(x)[0], quantized_reference(w, x)[0])
+    out = kernel(x)
+    assert (np.abs(out - x.astype(np.float64) @ w.astype(np.float64)) <= int8_error_bound(
+        x, w, np.zeros(n, np.float32), "linear")).all()
 
 
 @pytest.mark.skipif(not has_avx512_vnni(), reason="CPU lacks AVX512_VNNI")
@@ -95,14 +101,13 @@ def test_outputs_close_to_fp32(rng, path, activation):
     x = rng.standard_normal((6, k)).astype(np.float32)
     out = kernel(x)
     assert out.dtype == np.float32 and out.shape == (6, n) and out.flags.c_contiguous
-    # Exactly the dequantized int math ...
-    acc, xs = kernel.accumulators(x)
-    pre = acc * (xs[:, None] * kernel.arrays()["scales"][None, :]) + b
-    np.testing.assert_allclose(out, reference(pre.astype(np.float32), np.eye(n), np.zeros(n), activation),
-                               rtol=1e-5, atol=1e-5)
-    # ... and the pre-activation is close to fp32: int8 error ~1% of its range (activations are then exact above).
-    exact = x.astype(np.float64) @ w + b
-    assert np.abs(pre - exact).max() < 0.02 * np.abs(exact).max()
+    # Exactly the dequantized int math of the documented quantization of w ...
+    acc, xs = quantized_reference(w, x)
+    pre = acc * (xs[:, None].astype(np.float64) * quantize_weights_ref(w)[1].astype(np.float64)) + b
+    np.testing.assert_allclose(out, activate64(pre, activation), rtol=1e-5, atol=1e-5)
+    # ... and within the derived quantization error bound of the fp32 layer (float64 on the original weights)
+    exact = activate64(x.astype(np.float64) @ w.astype(np.float64) + b, activation)
+    assert (np.abs(out - exact) <= int8_error_bound(x, w, b, activation)).all()
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -11,15 +11,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import load, save
 
-from leanserve.kernels.activations import activate_numpy
 from leanserve.kernels import KernelInputError, LayerKernel, available_formats, get_format
 from leanserve.kernels.prune import prune_magnitude
-from leanserve.kernels.quantize import quantize_rows
 from leanserve.kernels.sparse_bsr import BsrF32, BsrInt8
 from leanserve.kernels.sparse_csr import CsrF32, CsrInt8
 from leanserve.kernels.sparse_bsr import F32_BLOCKS, HAS_VNNI, INT8_BLOCKS
 
-from tests.kernels._kernel_refs import assert_close_f32, reference
+from tests.kernels._kernel_refs import (activate64, assert_close_f32, int8_accumulators_ref, int8_error_bound,
+                                        quantize_rows_ref, quantize_weights_ref, reference)
 
 # (format name, block) — every block shape each format has a kernel for
 CONFIGS = ([("csr_f32", None), ("csr_int8", None)] + [("bsr_f32", b) for b in F32_BLOCKS]
@@ -39,22 +38,25 @@ def _weights(rng: np.random.Generator, k: int, n: int, sparsity: float, block) -
     return prune_magnitude(w, sparsity, block=block)
 
 
-def _int8_reference(kernel: LayerKernel, x: np.ndarray) -> np.ndarray:
-    """Exact semantics of the int8 formats: per-row quantized x, int32 products, fused dequant + bias + act."""
-    xq = np.empty(x.shape, np.int8)
-    xs = np.empty(x.shape[0], np.float32)
-    quantize_rows(x, xq, xs)
-    acc = xq.astype(np.int64) @ kernel.quantized_weights().astype(np.int64)
-    h = acc.astype(np.float64) * xs[:, None].astype(np.float64) * kernel.scales.astype(np.float64)
-    return activate_numpy(h + kernel.bias, kernel.activation)
+def _int8_reference(w: np.ndarray, b: np.ndarray, activation: str, x: np.ndarray) -> np.ndarray:
+    """The documented int8 semantics from the ORIGINAL fp32 weights (not the kernel's own quantized arrays):
+    per-row quantized x, exact integer products, dequant + bias + act in float64."""
+    xq, xs = quantize_rows_ref(x)
+    wq, ws = quantize_weights_ref(w)
+    acc = int8_accumulators_ref(xq, wq)
+    h = acc.astype(np.float64) * xs[:, None].astype(np.float64) * ws.astype(np.float64)
+    return activate64(h + b, activation)
 
 
 def _check(kernel: LayerKernel, w: np.ndarray, b: np.ndarray, x: np.ndarray) -> None:
     out = kernel.run(x)
     if kernel.format.endswith("int8"):
-        ref = _int8_reference(kernel, x)
+        ref = _int8_reference(w, b, kernel.activation, x)
         assert out.dtype == np.float32 and out.shape == ref.shape
         np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-5 * max(1.0, float(np.abs(ref).max(initial=0))))
+        # and within the derived quantization error of the fp32 layer it approximates
+        fp32 = activate64(x.astype(np.float64) @ w.astype(np.float64) + b, kernel.activation)
+        assert (np.abs(out - fp32) <= int8_error_bound(x, w, b, kernel.activation)).all()
     else:
         assert_close_f32(out, reference(x, w, b, kernel.activation), w.shape[0])
 
@@ -65,17 +67,19 @@ def test_all_formats_registered() -> None:
 
 @pytest.mark.parametrize("fmt,block", CONFIGS, ids=lambda v: str(v))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_matches_numpy(fmt: str, block, shape: tuple[int, int], rng: np.random.Generator) -> None:
+@pytest.mark.parametrize("sparsity", SPARSITIES, ids=lambda s: f"sparsity{s:g}")
+def test_matches_numpy(fmt: str, block, shape: tuple[int, int], sparsity: float, rng: np.random.Generator) -> None:
     k, n = shape
-    for sparsity in SPARSITIES:
-        w = _weights(rng, k, n, sparsity, block)
-        b = rng.standard_normal(n).astype(np.float32)
-        kernel = _build(fmt, block, w, b, "linear")
-        if not fmt.endswith("int8"):
-            assert np.array_equal(kernel.dense_weights(), w)  # exactly the nonzeros are kept
-        assert np.array_equal(kernel.bias_vector(), b)
-        for batch in BATCHES:
-            _check(kernel, w, b, rng.standard_normal((batch, k)).astype(np.float32))
+    w = _weights(rng, k, n, sparsity, block)
+    b = rng.standard_normal(n).astype(np.float32)
+    kernel = _build(fmt, block, w, b, "linear")
+    if fmt.endswith("int8"):  # exactly the documented quantization of the nonzeros
+        assert np.array_equal(kernel.quantized_weights(), quantize_weights_ref(w)[0])
+    else:
+        assert np.array_equal(kernel.dense_weights(), w)  # exactly the nonzeros are kept
+    assert np.array_equal(kernel.bias_vector(), b)
+    for batch in BATCHES:
+        _check(kernel, w, b, rng.standard_normal((batch, k)).astype(np.float32))
 
 
 @pytest.mark.parametrize("fmt,block", CONFIGS, ids=lambda v: str(v))
@@ -101,21 +105,38 @@ def test_empty_rows_columns_and_zero_nnz(fmt: str, block, rng: np.random.Generat
     np.testing.assert_array_equal(zero.run(x), np.broadcast_to(np.maximum(b, 0), (6, 35)))
 
 
-@pytest.mark.parametrize("fmt,block", [c for c in CONFIGS if c[0].endswith("int8")], ids=lambda v: str(v))
+def _int8_paths() -> list:
+    """(format, block, path): the portable path of every int8 sparse kernel, and VNNI where it exists and the CPU
+    has it (a visible skip elsewhere: ``accumulators(vnni=True)`` would silently run the portable path)."""
+    out: list = []
+    for fmt, block in CONFIGS:
+        if not fmt.endswith("int8"):
+            continue
+        out.append((fmt, block, "portable"))
+        if fmt == "bsr_int8" and block[1] == 1 and block[0] in (16, 32, 64):
+            out.append(pytest.param(fmt, block, "vnni", marks=pytest.mark.skipif(
+                not HAS_VNNI, reason="this CPU lacks AVX512_VNNI: the VNNI path cannot run here")))
+    return out
+
+
+@pytest.mark.parametrize("fmt,block,path", _int8_paths(), ids=lambda v: str(v))
 @pytest.mark.parametrize("shape", [(1, 1), (37, 13), (130, 17), (256, 40)], ids=lambda s: f"{s[0]}x{s[1]}")
-def test_int8_accumulators_exact(fmt: str, block, shape: tuple[int, int], rng: np.random.Generator) -> None:
+def test_int8_accumulators_exact(fmt: str, block, path: str, shape: tuple[int, int],
+                                 rng: np.random.Generator) -> None:
     k, n = shape
-    kernel = _build(fmt, block, _weights(rng, k, n, 0.5, block), np.zeros(n, np.float32), "linear")
-    wq = kernel.quantized_weights().astype(np.int32)
+    w = _weights(rng, k, n, 0.5, block)
+    kernel = _build(fmt, block, w, np.zeros(n, np.float32), "linear")
+    wq = quantize_weights_ref(w)[0]  # from the original weights, not read back from the kernel
     for batch in (1, 3, 17):
         xq = rng.integers(-127, 128, (batch, k)).astype(np.int8)
-        ref = xq.astype(np.int32) @ wq
-        acc = kernel.accumulators(xq)
+        ref = int8_accumulators_ref(xq, wq)
+        if fmt == "bsr_int8":
+            assert kernel.use_vnni or path == "portable"
+            acc = kernel.accumulators(xq, vnni=path == "vnni")
+        else:
+            acc = kernel.accumulators(xq)
         assert acc.dtype == np.int32
         np.testing.assert_array_equal(acc, ref)
-        if fmt == "bsr_int8":  # both the VNNI and the portable path
-            np.testing.assert_array_equal(kernel.accumulators(xq, vnni=False), ref)
-            np.testing.assert_array_equal(kernel.accumulators(xq, vnni=True), ref)
 
 
 @pytest.mark.parametrize("k", [300, 70_000], ids=["uint16_idx", "uint32_idx"])
@@ -142,9 +163,17 @@ def test_csr_int8_gather_and_lane_paths_exact(k: int, rng: np.random.Generator) 
     assert_close_f32(f32(np.repeat(x, 3, axis=0)), np.repeat(x @ w, 3, axis=0), k)
 
 
-def test_vnni_path_is_used_when_available() -> None:
-    kernel = BsrInt8.from_dense(np.ones((32, 4), np.float32), np.zeros(4, np.float32), "linear", block=(16, 1))
-    assert kernel.use_vnni == HAS_VNNI
+def test_vnni_path_is_used_when_available(rng: np.random.Generator) -> None:
+    """Which code runs, not the constructor's flag: a bsr_int8 (16, 1) layer runs the VNNI kernel on a CPU with
+    AVX512_VNNI, and on one without it the VNNI kernel is never even compiled (LLVM cannot lower vpdpbusd)."""
+    from leanserve.kernels import sparse_bsr
+
+    w = _weights(rng, 64, 8, 0.5, (16, 1))
+    kernel = BsrInt8.from_dense(w, np.zeros(8, np.float32), "linear", block=(16, 1))
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    _check(kernel, w, np.zeros(8, np.float32), x)
+    compiled = bool(sparse_bsr.bsr_int8_forward_vnni.signatures)
+    assert compiled == HAS_VNNI
 
 
 @pytest.mark.parametrize("fmt,block", CONFIGS, ids=lambda v: str(v))

@@ -1,0 +1,645 @@
+"""The model repository on object storage: ``s3://BUCKET/PREFIX/<model>/<version>/``, with the guarantees of the
+local one (``store.Repository``) and the same public interface, so the dataplane cannot tell them apart.
+
+Layout under ``PREFIX``::
+
+    <model>/<version>/<file>...        the version's files (weights, source, ...), written first
+    <model>/<version>/.files.json      size and SHA-256 of every file above, written next
+    <model>/<version>/manifest.json    written LAST: the commit marker. Readers ignore versions without one.
+    <model>/.claims/<version>/<id>     who claimed a version number (zero bytes, kept forever: a counter)
+    <model>/default_version            the pinned default (absent = the latest), like the local file
+    <model>/unloaded                   present while the model is unloaded
+
+Configuration is boto3's own: ``AWS_ENDPOINT_URL`` (or ``s3_endpoint_url``), ``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``, ``AWS_PROFILE`` and the shared config files, read by boto3.
+
+**Version numbers that never collide.** Two servers (or ``leanserve publish`` runs) may commit the same model at
+once. S3 now honours ``If-None-Match: *`` on PUT, which would make "create the manifest if absent" a
+compare-and-swap; but not every S3 server does: ``rclone serve s3`` (checked with rclone 1.75) accepts the header and
+overwrites anyway, and ignores ``If-Match`` and copy conditions too. So numbers are decided by a protocol that needs
+only what every strongly consistent S3 gives (a PUT is visible to every LIST that starts after it returns):
+
+1. list the model, pick ``n`` = 1 + the highest committed, uploaded or claimed number;
+2. PUT ``<model>/.claims/<n>/<random id>``;
+3. LIST ``<model>/.claims/<n>/``: if ours is the only claim, ``n`` is ours; else DELETE ours, wait a random,
+   growing while, and start again.
+
+Two writers cannot both win ``n``: each PUT its claim before its LIST, so whichever LISTed last saw the other's
+claim (a winner never deletes its claim; a loser deletes only its own, then never uses ``n`` on that attempt).
+Writers that collide may both lose and retry (the random wait breaks the tie). Winning claims stay, so numbers are
+never reused after deletes, like the local repository's counter. The manifest is still sent with
+``If-None-Match: *``, so a server that does honour it refuses an overwrite as well.
+
+**Polling is one paginated LIST.** ``models()`` lists the whole prefix once and keeps what it saw (keys and ETags);
+``default_version``/``is_unloaded``/``manifest`` answer from that listing (fetching an object only when its ETag
+changed), and every write here updates it. ``versions(name)`` lists one model afresh. So a poll that finds nothing
+new costs one LIST per 1000 objects.
+
+**A local cache.** ``path()`` returns a local folder (``cache_dir/<model>/<version>``) holding the version's files,
+downloaded once into a private folder, checked against ``.files.json`` and the manifest's ``weights_sha256``, then
+renamed into place. A cached folder is checked again (sizes and SHA-256) the first time a process uses it, so a
+restart reads from disk instead of downloading everything again. The audit log of an S3 repository lives in the
+cache folder (``root``): it is per server, not shared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from leanserve.server.errors import InvalidArgument, LeanserveError, NotFound, ResourceExhausted, Unavailable, shown
+from leanserve.server.repository.store import MANIFEST, _DEFAULT, _UNLOADED, validate_name
+
+log = logging.getLogger(__name__)
+
+SCHEME = "s3://"
+#: per version: size and SHA-256 of each file but the manifest (written before the manifest)
+FILES_INDEX = ".files.json"
+_CLAIMS = ".claims"
+_STAGING = ".staging"
+_TRASH = ".trash"
+_CLAIM_ATTEMPTS = 40
+#: an uncommitted version folder (files, no manifest) older than this is a crashed upload: swept at startup
+ABANDONED_AFTER = dt.timedelta(hours=24)
+_HASH_CHUNK = 4 * 1024 * 1024
+
+
+def is_s3_uri(location: object) -> bool:
+    """True for ``s3://...`` locations."""
+    return isinstance(location, str) and location.startswith(SCHEME)
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """(bucket, prefix without surrounding slashes) of ``s3://BUCKET[/PREFIX]``; InvalidArgument otherwise."""
+    if not is_s3_uri(uri):
+        raise InvalidArgument(f"not an s3:// URI: {shown(uri)}")
+    bucket, _, prefix = uri[len(SCHEME):].partition("/")
+    if not bucket:
+        raise InvalidArgument(f"no bucket in {shown(uri)}: use s3://BUCKET/PREFIX")
+    return bucket, prefix.strip("/")
+
+
+@dataclass
+class _Object:
+    etag: str
+    size: int
+    modified: dt.datetime
+
+
+@dataclass
+class _ModelState:
+    """What one LIST saw of one model."""
+
+    committed: dict[int, str] = field(default_factory=dict)  # version -> manifest ETag
+    files: dict[int, dict[str, _Object]] = field(default_factory=dict)  # version -> relative key -> object
+    claims: set[int] = field(default_factory=set)
+    flags: dict[str, str] = field(default_factory=dict)  # default_version / unloaded -> ETag
+
+
+class S3Repository:
+    """Versioned, crash-safe model storage in an S3 bucket (same interface as ``store.Repository``)."""
+
+    def __init__(self, uri: str, *, cache_dir: Path | None = None, endpoint_url: str | None = None,
+                 sweep: bool = True, max_version_bytes: int | None = None, client: Any = None) -> None:
+        import boto3
+        from botocore.config import Config
+
+        self.uri = uri.rstrip("/")
+        self.bucket, self.prefix = parse_s3_uri(uri)
+        if cache_dir is None:
+            cache_dir = Path.home() / ".cache" / "leanserve" / "s3" / self.bucket / (self.prefix or "_")
+        #: the local cache of downloaded versions (and this server's audit log)
+        self.root = Path(cache_dir)
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / _STAGING).mkdir(exist_ok=True)
+        self.max_version_bytes = max_version_bytes
+        # boto3 reads the endpoint, credentials, region and profile from its usual environment and files
+        self._s3 = client or boto3.session.Session().client(
+            "s3", endpoint_url=endpoint_url, config=Config(retries={"max_attempts": 5, "mode": "standard"}))
+        self._lock = threading.Lock()  # guards the fields below, never held during I/O
+        self._state: dict[str, _ModelState] = {}
+        self._flag_values: dict[tuple[str, str], tuple[str, str]] = {}  # (model, flag) -> (ETag, value)
+        self._manifests: dict[tuple[str, int], tuple[str, bytes]] = {}  # (model, version) -> (ETag, bytes)
+        self._verified: dict[tuple[str, int], bytes] = {}  # cached folders checked by this process -> manifest
+        self._download_locks: dict[tuple[str, int], threading.Lock] = {}
+        self._epochs: dict[str, int] = {}  # per model: writes by this object (see _refresh_model)
+        self._check_bucket()
+        if sweep:
+            self._sweep()
+
+    def __repr__(self) -> str:
+        return f"S3Repository({self.uri!r}, cache={str(self.root)!r})"
+
+    # -- S3 primitives ---------------------------------------------------------------------------------------
+    def _key(self, rel: str) -> str:
+        return f"{self.prefix}/{rel}" if self.prefix else rel
+
+    def _call(self, what: str, fn: Any, **kwargs: Any) -> Any:
+        """One S3 request; NotFound for a missing key, Unavailable for anything else the store answers."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(Bucket=self.bucket, **kwargs)
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in {"NoSuchKey", "404", "NotFound"}:
+                raise NotFound(f"{what}: not in the repository") from None
+            if code in {"PreconditionFailed", "412"}:
+                raise
+            raise Unavailable(f"{what}: the S3 repository {self.uri} answered {code or exc}") from None
+        except BotoCoreError as exc:
+            raise Unavailable(f"{what}: cannot reach the S3 repository {self.uri}: {exc}") from None
+
+    def _check_bucket(self) -> None:
+        self._call("open the repository", self._s3.head_bucket)
+
+    def _list(self, rel_prefix: str) -> dict[str, _Object]:
+        """Every object under ``rel_prefix`` (relative keys), following pages."""
+        out: dict[str, _Object] = {}
+        token: str | None = None
+        cut = len(self._key(""))
+        while True:
+            kwargs: dict[str, Any] = {"Prefix": self._key(rel_prefix)}
+            if token:
+                kwargs["ContinuationToken"] = token
+            page = self._call("list the repository", self._s3.list_objects_v2, **kwargs)
+            for obj in page.get("Contents", []):
+                out[obj["Key"][cut:]] = _Object(str(obj.get("ETag", "")), int(obj.get("Size", 0)),
+                                                obj.get("LastModified") or dt.datetime.now(dt.timezone.utc))
+            if not page.get("IsTruncated"):
+                return out
+            token = page.get("NextContinuationToken")
+            if not token:
+                return out
+
+    def _get(self, rel: str, max_bytes: int | None = None) -> tuple[str, bytes]:
+        """(ETag, bytes) of one object; reads at most ``max_bytes`` (InvalidArgument past it)."""
+        resp = self._call(f"read {rel}", self._s3.get_object, Key=self._key(rel))
+        body = resp["Body"]
+        try:
+            data = body.read() if max_bytes is None else body.read(max_bytes + 1)
+        finally:
+            body.close()
+        if max_bytes is not None and len(data) > max_bytes:
+            raise InvalidArgument(f"{rel} in the repository is larger than {max_bytes} bytes")
+        return str(resp.get("ETag", "")), data
+
+    def _put(self, rel: str, data: bytes, *, if_absent: bool = False) -> str:
+        kwargs: dict[str, Any] = {"Key": self._key(rel), "Body": data}
+        if if_absent:
+            kwargs["IfNoneMatch"] = "*"
+        try:
+            return str(self._call(f"write {rel}", self._s3.put_object, **kwargs).get("ETag", ""))
+        except LeanserveError:
+            raise
+        except Exception as exc:  # PreconditionFailed: a store that honours If-None-Match saw the key exist
+            raise Unavailable(f"{rel} already exists in the repository: {exc}") from None
+
+    def _delete(self, rels: list[str]) -> None:
+        for rel in rels:
+            try:
+                self._call(f"delete {rel}", self._s3.delete_object, Key=self._key(rel))
+            except NotFound:
+                pass
+
+    # -- what a listing says ---------------------------------------------------------------------------------
+    def _parse(self, listing: dict[str, _Object]) -> dict[str, _ModelState]:
+        models: dict[str, _ModelState] = {}
+        for rel, obj in listing.items():
+            parts = rel.split("/")
+            if len(parts) < 2 or parts[0].startswith(".") or not _valid_name(parts[0]):
+                continue
+            state = models.setdefault(parts[0], _ModelState())
+            if len(parts) == 2 and parts[1] in (_DEFAULT, _UNLOADED):
+                state.flags[parts[1]] = obj.etag
+            elif parts[1] == _CLAIMS and len(parts) == 4 and parts[2].isdigit():
+                state.claims.add(int(parts[2]))
+            elif parts[1].isdigit() and len(parts) >= 3 and parts[-1]:
+                version = int(parts[1])
+                rest = "/".join(parts[2:])
+                if rest == MANIFEST:
+                    state.committed[version] = obj.etag
+                state.files.setdefault(version, {})[rest] = obj
+        return models
+
+    def _refresh_model(self, name: str) -> _ModelState:
+        with self._lock:
+            epoch = self._epochs.get(name, 0)
+        state = self._parse(self._list(f"{name}/")).get(name, _ModelState())
+        with self._lock:
+            # a write of ours that finished while we listed wins over the listing that may predate it
+            if self._epochs.get(name, 0) == epoch or name not in self._state:
+                self._state[name] = state
+            return self._state[name]
+
+    def _model(self, name: str) -> _ModelState:
+        """What the latest listing saw of ``name`` (listing it now if none has)."""
+        with self._lock:
+            state = self._state.get(name)
+        return state if state is not None else self._refresh_model(name)
+
+    # -- the Repository interface ----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A fresh private local folder for assembling a version; removed on exit unless committed."""
+        path = self.root / _STAGING / uuid.uuid4().hex
+        path.mkdir(parents=True)
+        try:
+            yield path
+        finally:
+            if path.exists():
+                shutil.rmtree(path, ignore_errors=True)
+
+    def commit(self, name: str, staged: Path) -> int:
+        """Upload ``staged`` (which must hold a manifest) as the next version of ``name``: files first, then the
+        index of their checksums, then the manifest. Returns the version."""
+        validate_name(name)
+        staged = Path(staged)
+        if not (staged / MANIFEST).is_file():
+            raise InvalidArgument("a version needs a manifest")
+        files = sorted(p for p in staged.rglob("*") if p.is_file() and p.name != MANIFEST and p.name != FILES_INDEX)
+        index = {p.relative_to(staged).as_posix(): _file_facts(p) for p in files}
+        index_bytes = json.dumps(index, indent=2, sort_keys=True).encode()
+        (staged / FILES_INDEX).write_bytes(index_bytes)
+        manifest_bytes = (staged / MANIFEST).read_bytes()
+        version = self._claim(name)
+        written: list[str] = []
+        try:
+            for path in files:
+                rel = f"{name}/{version}/{path.relative_to(staged).as_posix()}"
+                written.append(rel)
+                self._call(f"upload {rel}", self._s3.upload_file, Filename=str(path), Key=self._key(rel))
+            written.append(f"{name}/{version}/{FILES_INDEX}")
+            self._put(written[-1], index_bytes)
+            etag = self._put(f"{name}/{version}/{MANIFEST}", manifest_bytes, if_absent=True)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self._delete(written)  # the claim stays: the number is burnt, never reused
+            raise
+        self._adopt(name, version, staged, manifest_bytes)
+        with self._lock:
+            state = self._model_locked(name)
+            state.committed[version] = etag
+            state.claims.add(version)
+            self._manifests[(name, version)] = (etag, manifest_bytes)
+        return version
+
+    def _claim(self, name: str) -> int:
+        """A version number of ``name`` no other writer gets (see the module docstring for why it is safe)."""
+        me = uuid.uuid4().hex
+        for attempt in range(_CLAIM_ATTEMPTS):
+            state = self._refresh_model(name)
+            number = max([0, *state.committed, *state.files, *state.claims]) + 1
+            mine = f"{name}/{_CLAIMS}/{number}/{me}"
+            self._put(mine, b"")
+            claims = self._list(f"{name}/{_CLAIMS}/{number}/")
+            if set(claims) == {mine}:
+                return number
+            self._delete([mine])
+            log.info("version %d of %s was claimed by another writer too; trying again", number, name)
+            time.sleep(random.uniform(0, min(2.0, 0.01 * 2 ** attempt)))
+        raise Unavailable(f"could not claim a version number of {shown(name)} after {_CLAIM_ATTEMPTS} attempts: "
+                          "too many writers at once")
+
+    def _adopt(self, name: str, version: int, staged: Path, manifest_bytes: bytes) -> None:
+        """Move the committed staging folder into the cache, so this server never downloads what it uploaded."""
+        target = self.root / name / str(version)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.exists():
+                _remove(target, self.root)
+            os.rename(staged, target)
+            with self._lock:
+                self._verified[(name, version)] = manifest_bytes
+        except OSError as exc:  # the version is committed: a cache miss later only costs a download
+            log.warning("could not cache %s version %d locally: %s", name, version, exc)
+
+    def models(self) -> dict[str, list[int]]:
+        """Every model with at least one committed version, and its versions ascending (one paginated LIST)."""
+        with self._lock:
+            epochs = dict(self._epochs)
+        models = self._parse(self._list(""))
+        with self._lock:
+            before = self._state
+            for name, epoch in self._epochs.items():
+                if epochs.get(name, 0) != epoch and name in before:  # written while we listed: keep that
+                    models[name] = before[name]
+            self._state = models
+        self._drop_cached({(n, v) for n, s in before.items() for v in s.committed}
+                          - {(n, v) for n, s in models.items() for v in s.committed})
+        return {name: sorted(state.committed) for name, state in sorted(models.items()) if state.committed}
+
+    def size_bytes(self) -> int:
+        """Bytes the stored versions take in the bucket (uncommitted uploads included)."""
+        return sum(obj.size for obj in self._list("").values())
+
+    def versions(self, name: str, *, missing_ok: bool = False) -> list[int]:
+        """Committed versions of ``name`` ascending (listed now); NotFound when none (unless ``missing_ok``)."""
+        found = sorted(self._refresh_model(validate_name(name)).committed) if _valid_name(name) else []
+        if not found and not missing_ok:
+            raise NotFound(f"model {shown(name)} not found")
+        return found
+
+    def manifest(self, name: str, version: int) -> dict[str, Any]:
+        """The manifest of one version."""
+        return json.loads(self._manifest_bytes(name, version))
+
+    def _manifest_bytes(self, name: str, version: int) -> bytes:
+        validate_name(name)
+        etag = self._model(name).committed.get(version)
+        if etag is None:
+            etag = self._refresh_model(name).committed.get(version)
+        if etag is None:
+            raise NotFound(f"model {shown(name)} version {version} not found")
+        with self._lock:
+            cached = self._manifests.get((name, version))
+        if cached is not None and cached[0] == etag:
+            return cached[1]
+        try:
+            etag, data = self._get(f"{name}/{version}/{MANIFEST}", max_bytes=_MAX_MANIFEST_BYTES)
+        except NotFound:
+            raise NotFound(f"model {shown(name)} version {version} not found") from None
+        with self._lock:
+            self._manifests[(name, version)] = (etag, data)
+        return data
+
+    def path(self, name: str, version: int) -> Path:
+        """A local folder holding the version's files (downloaded once, checked); NotFound when absent."""
+        manifest_bytes = self._manifest_bytes(name, version)
+        folder = self.root / name / str(version)
+        with self._lock:
+            lock = self._download_locks.setdefault((name, version), threading.Lock())
+        with lock:
+            with self._lock:
+                if self._verified.get((name, version)) == manifest_bytes and folder.is_dir():
+                    return folder
+            if _cached_ok(folder, manifest_bytes):
+                log.info("using the cached copy of %s version %d", name, version)
+            else:
+                self._download(name, version, manifest_bytes, folder)
+            with self._lock:
+                self._verified[(name, version)] = manifest_bytes
+            return folder
+
+    def _download(self, name: str, version: int, manifest_bytes: bytes, folder: Path) -> None:
+        listing = self._list(f"{name}/{version}/")
+        base = f"{name}/{version}/"
+        if f"{base}{MANIFEST}" not in listing:
+            raise NotFound(f"model {shown(name)} version {version} not found")
+        total = sum(obj.size for obj in listing.values())
+        if self.max_version_bytes is not None and total > self.max_version_bytes:
+            raise ResourceExhausted(f"{name} version {version} takes {total} bytes in the repository, more than "
+                                    f"{self.max_version_bytes}")
+        log.info("downloading %s version %d (%d bytes) from %s", name, version, total, self.uri)
+        tmp = self.root / _STAGING / uuid.uuid4().hex
+        tmp.mkdir(parents=True)
+        try:
+            for rel, obj in listing.items():
+                inner = rel[len(base):]
+                if inner == MANIFEST:
+                    continue
+                target = tmp / inner
+                if not _inside(target, tmp):
+                    raise InvalidArgument(f"unsafe file name in the repository: {shown(inner)}")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                self._fetch(rel, target, obj.size)
+            (tmp / MANIFEST).write_bytes(manifest_bytes)
+            problem = _check_folder(tmp, manifest_bytes)
+            if problem:
+                raise InvalidArgument(f"{name} version {version} in the repository is corrupt: {problem}")
+            if folder.exists():
+                _remove(folder, self.root)
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(tmp, folder)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def _fetch(self, rel: str, target: Path, size: int) -> None:
+        """Download one object, refusing more bytes than the listing said (sizes counted while reading)."""
+        resp = self._call(f"read {rel}", self._s3.get_object, Key=self._key(rel))
+        body, got = resp["Body"], 0
+        try:
+            with open(target, "wb") as out:
+                for chunk in body.iter_chunks(_HASH_CHUNK):
+                    got += len(chunk)
+                    if got > size:
+                        raise InvalidArgument(f"{rel} grew while it was downloaded")
+                    out.write(chunk)
+        finally:
+            body.close()
+
+    def update_manifest(self, name: str, version: int, manifest: dict[str, Any]) -> None:
+        """Replace the manifest of an existing version (one PUT: readers see the old or the new one)."""
+        self._manifest_bytes(name, version)  # NotFound when absent
+        data = json.dumps(manifest, indent=2, sort_keys=True).encode()
+        etag = self._put(f"{name}/{version}/{MANIFEST}", data)
+        folder = self.root / name / str(version)
+        if folder.is_dir():
+            (folder / MANIFEST).write_bytes(data)
+        with self._lock:
+            self._manifests[(name, version)] = (etag, data)
+            self._model_locked(name).committed[version] = etag
+            if (name, version) in self._verified:
+                self._verified[(name, version)] = data
+
+    def _model_locked(self, name: str) -> _ModelState:
+        """The state of ``name`` about to be changed by a write of ours (caller holds the lock)."""
+        self._epochs[name] = self._epochs.get(name, 0) + 1
+        return self._state.setdefault(name, _ModelState())
+
+    def delete(self, name: str, version: int | None = None) -> list[int]:
+        """Delete one version (or all): its manifest first (readers stop seeing it at once), then its files.
+        Returns the deleted versions."""
+        validate_name(name)
+        state = self._refresh_model(name)
+        targets = sorted(state.committed) if version is None else [version]
+        if not targets or any(v not in state.committed for v in targets):
+            raise NotFound(f"model {shown(name)}" + ("" if version is None else f" version {version}") + " not found")
+        for v in targets:
+            self._delete([f"{name}/{v}/{MANIFEST}"])
+            self._delete([f"{name}/{v}/{rel}" for rel in state.files.get(v, {}) if rel != MANIFEST])
+        if self.default_version(name) in targets:
+            self._delete([f"{name}/{_DEFAULT}"])
+        self._refresh_model(name)
+        self._drop_cached({(name, v) for v in targets})
+        return targets
+
+    def default_version(self, name: str) -> int | None:
+        """The pinned default version of ``name``, or None (the latest version is the default)."""
+        value = self._flag(validate_name(name), _DEFAULT)
+        try:
+            return int(value.strip()) if value is not None else None
+        except ValueError:
+            return None
+
+    def set_default_version(self, name: str, version: int | None) -> None:
+        """Pin ``version`` as the default of ``name``, or unpin with None."""
+        self._set_flag(name, _DEFAULT, None if version is None else str(int(version)))
+
+    def is_unloaded(self, name: str) -> bool:
+        """True while ``name`` is marked unloaded (stored, not to be served until loaded again)."""
+        return self._flag(validate_name(name), _UNLOADED) is not None
+
+    def set_unloaded(self, name: str, unloaded: bool) -> None:
+        """Mark ``name`` unloaded or not: every server following the repository follows the mark."""
+        self._set_flag(name, _UNLOADED, "1" if unloaded else None)
+
+    def _flag(self, name: str, flag: str) -> str | None:
+        etag = self._model(name).flags.get(flag)
+        if etag is None:
+            return None
+        with self._lock:
+            cached = self._flag_values.get((name, flag))
+        if cached is not None and cached[0] == etag:
+            return cached[1]
+        try:
+            etag, data = self._get(f"{name}/{flag}", max_bytes=64)
+        except NotFound:  # removed since the listing
+            return None
+        value = data.decode("ascii", "replace")
+        with self._lock:
+            self._flag_values[(name, flag)] = (etag, value)
+        return value
+
+    def _set_flag(self, name: str, flag: str, value: str | None) -> None:
+        validate_name(name)
+        if value is None:
+            self._delete([f"{name}/{flag}"])
+        else:
+            etag = self._put(f"{name}/{flag}", value.encode())
+        with self._lock:
+            state = self._model_locked(name)
+            if value is None:
+                state.flags.pop(flag, None)
+                self._flag_values.pop((name, flag), None)
+            else:
+                state.flags[flag] = etag
+                self._flag_values[(name, flag)] = (etag, value)
+
+    # -- housekeeping ----------------------------------------------------------------------------------------
+    def _drop_cached(self, gone: set[tuple[str, int]]) -> None:
+        """Forget versions deleted from the store and remove their cached folders."""
+        for name, version in gone:
+            with self._lock:
+                self._verified.pop((name, version), None)
+                self._manifests.pop((name, version), None)
+            folder = self.root / name / str(version)
+            if folder.is_dir():
+                _remove(folder, self.root)
+
+    def _sweep(self) -> None:
+        """Remove uploads that crashed long ago (files without a manifest) and cached versions the store no longer
+        has; leftover local staging folders too."""
+        now = dt.datetime.now(dt.timezone.utc)
+        models = self._parse(self._list(""))
+        for name, state in models.items():
+            for version, files in state.files.items():
+                if version in state.committed:
+                    continue
+                newest = max(obj.modified for obj in files.values())
+                if now - newest > ABANDONED_AFTER:
+                    log.warning("removing an upload that never completed: %s version %d", name, version)
+                    self._delete([f"{name}/{version}/{rel}" for rel in files])
+        for leftover in (_STAGING, _TRASH):
+            folder = self.root / leftover
+            if folder.is_dir():
+                for child in folder.iterdir():
+                    with contextlib.suppress(OSError):
+                        if time.time() - child.stat().st_mtime > ABANDONED_AFTER.total_seconds():
+                            shutil.rmtree(child, ignore_errors=True)
+        for model_dir in self.root.iterdir():
+            if model_dir.name.startswith(".") or not model_dir.is_dir():
+                continue
+            committed = models.get(model_dir.name, _ModelState()).committed
+            for version_dir in model_dir.iterdir():
+                if version_dir.name.isdigit() and int(version_dir.name) not in committed:
+                    _remove(version_dir, self.root)
+        with self._lock:
+            self._state = models
+
+
+_MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+
+
+def _valid_name(name: str) -> bool:
+    try:
+        validate_name(name)
+        return True
+    except InvalidArgument:
+        return False
+
+
+def _file_facts(path: Path) -> dict[str, Any]:
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return {"size": size, "sha256": digest.hexdigest()}
+
+
+def _check_folder(folder: Path, manifest_bytes: bytes) -> str:
+    """'' when ``folder`` holds exactly the files its index names, with their sizes and SHA-256, the manifest
+    equals ``manifest_bytes`` and the weights match the manifest's ``weights_sha256``; else what is wrong."""
+    from leanserve.server.repository.artifacts import WEIGHTS
+
+    try:
+        if (folder / MANIFEST).read_bytes() != manifest_bytes:
+            return "the manifest differs from the repository's"
+        index = json.loads((folder / FILES_INDEX).read_bytes())
+        manifest = json.loads(manifest_bytes)
+    except (OSError, ValueError) as exc:
+        return f"cannot read {FILES_INDEX} or the manifest: {exc}"
+    if not isinstance(index, dict) or not isinstance(manifest, dict):
+        return f"{FILES_INDEX} or the manifest is not a JSON object"
+    for rel, facts in index.items():
+        path = folder / rel
+        if not _inside(path, folder) or not path.is_file():
+            return f"{rel} is missing"
+        if not isinstance(facts, dict) or path.stat().st_size != facts.get("size"):
+            return f"{rel} has the wrong size"
+        if _file_facts(path)["sha256"] != facts.get("sha256"):
+            return f"{rel} does not match its SHA-256"
+    expected = manifest.get("weights_sha256")
+    if expected:
+        if WEIGHTS not in index or index[WEIGHTS].get("sha256") != expected:
+            return "the weights do not match the manifest's weights_sha256"
+    return ""
+
+
+def _cached_ok(folder: Path, manifest_bytes: bytes) -> bool:
+    if not (folder / MANIFEST).is_file():
+        return False
+    problem = _check_folder(folder, manifest_bytes)
+    if problem and (folder / MANIFEST).read_bytes() == manifest_bytes:
+        log.warning("cached copy %s is damaged (%s); downloading it again", folder, problem)
+    return not problem
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return os.path.normpath(path).startswith(os.path.normpath(folder) + os.sep)
+
+
+def _remove(folder: Path, root: Path) -> None:
+    """Take ``folder`` out of the cache in one rename (readers see it or nothing), then delete it."""
+    trash = root / _TRASH / uuid.uuid4().hex
+    trash.parent.mkdir(exist_ok=True)
+    try:
+        os.rename(folder, trash)
+    except OSError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
