@@ -9,7 +9,9 @@ seconds (default 600, ``--quick`` 60) runs at once:
 * uploads of a new version every few seconds, deletes of old versions, and one ``Optimize`` (int8) early on.
 
 At ``--kill-at`` (a fraction of the run) the extra server process gets SIGKILL; the first process starts it again
-(server/processes.py). Every request is recorded with its start and end time and status, so a failure is either
+(server/processes.py). Native calls use ``wait_for_ready`` (as a client of a restarting server should: without
+it a call fails fast while its channel waits out gRPC's reconnect backoff, though no server ever saw it; the
+tritonclient calls cannot set it). Every request is recorded with its start and end time and status, so a failure is either
 in flight on the killed process (started before the kill, failed with UNAVAILABLE/CANCELLED after it) or lost.
 RSS of both processes comes from /proc/<pid>/status (VmRSS). At the end the load stops, the server is stopped and
 started again on the same repository, and every acknowledged version (uploads and the optimization, minus those
@@ -24,7 +26,7 @@ call has a timeout.
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import multiprocessing as mp
 import os
 import signal
@@ -48,6 +50,7 @@ CALL_TIMEOUT_S = 30.0
 KILL_CODES = {"UNAVAILABLE", "CANCELLED"}  # how a call in flight on a killed process ends
 OPTIONS = [("grpc.use_local_subchannel_pool", 1)]  # each caller on its own TCP connection: spread over processes
 PROCESS_EXTENSION = "leanserve_process_index="
+RECONNECT_EVERY = 300  # calls per connection of a closed-loop unary caller (streams: every 10 streams)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -118,10 +121,13 @@ def _v2_worker(target: str, model: str, threads: int, x: np.ndarray, expected: n
         client = tc.InferenceServerClient(target, channel_args=OPTIONS)
         inp = tc.InferInput("x", list(x.shape), "FP32")
         inp.set_data_from_numpy(x)
-        for _ in range(10_000_000):
+        for i in range(10_000_000):
             start = time.time()
             if start >= end:
                 break
+            if i and i % RECONNECT_EVERY == 0:  # clients come and go: connections spread over both processes
+                client.close()
+                client = tc.InferenceServerClient(target, channel_args=OPTIONS)
             status = "OK"
             try:
                 result = client.infer(model, [inp], client_timeout=CALL_TIMEOUT_S)
@@ -176,15 +182,17 @@ def extra_pid(server_pid: int) -> int | None:
     return pids[0] if pids else None
 
 
-def process_index(target: str) -> int:
-    """Which process a fresh connection reaches (from ServerMetadata's extensions)."""
+def process_index(target: str, channel: Any = None) -> int:
+    """Which process a connection (by default a fresh one) reaches, from ServerMetadata's extensions."""
     import grpc
 
     from leanserve.v2 import grpc_service_pb2 as v2
     from leanserve.v2 import grpc_service_pb2_grpc as v2_grpc
 
-    with grpc.insecure_channel(target, options=OPTIONS) as channel:
-        md = v2_grpc.GRPCInferenceServiceStub(channel).ServerMetadata(v2.ServerMetadataRequest(), timeout=10)
+    if channel is None:
+        with grpc.insecure_channel(target, options=OPTIONS) as fresh:
+            return process_index(target, fresh)
+    md = v2_grpc.GRPCInferenceServiceStub(channel).ServerMetadata(v2.ServerMetadataRequest(), timeout=10)
     return next(int(e[len(PROCESS_EXTENSION):]) for e in md.extensions if e.startswith(PROCESS_EXTENSION))
 
 
@@ -235,18 +243,25 @@ class Soak:
     def native_unary(self, x: np.ndarray, expected: np.ndarray) -> None:
         import grpc
 
-        from leanserve.client import Client
+        from leanserve.client import Client, common as ccommon
 
         rec = self.records["native_unary"]
-        with Client(channel=grpc.insecure_channel(self.target, options=OPTIONS), timeout=CALL_TIMEOUT_S) as c:
-            for _ in range(10_000_000):
+        request = ccommon.predict_request("stable", x)
+        c = Client(channel=grpc.insecure_channel(self.target, options=OPTIONS), timeout=CALL_TIMEOUT_S)
+        with contextlib.ExitStack() as stack:
+            stack.callback(lambda: c.close())
+            for i in range(10_000_000):
                 start = self.now()
                 if time.time() >= self.end:
                     return
+                if i and i % RECONNECT_EVERY == 0:  # clients come and go: connections spread over both processes
+                    c.close()
+                    c = Client(channel=grpc.insecure_channel(self.target, options=OPTIONS), timeout=CALL_TIMEOUT_S)
                 status = "OK"
                 detail = ""
                 try:
-                    if not np.allclose(c.predict("stable", x).outputs["y"], expected, atol=1e-4):
+                    answer = c.inference_stub.Predict(request, timeout=CALL_TIMEOUT_S, wait_for_ready=True)
+                    if not np.allclose(ccommon.outputs(answer)["y"], expected, atol=1e-4):
                         rec.wrong_answers += 1
                 except grpc.RpcError as exc:
                     status, detail = exc.code().name, exc.details() or ""
@@ -260,15 +275,21 @@ class Soak:
         from leanserve.client import Client, common as ccommon
 
         rec, per_request = self.records["native_stream"], self.stream_requests
-        with Client(channel=grpc.insecure_channel(self.target, options=OPTIONS), timeout=CALL_TIMEOUT_S) as c:
-            for _ in range(10_000_000):
+        c = Client(channel=grpc.insecure_channel(self.target, options=OPTIONS), timeout=CALL_TIMEOUT_S)
+        with contextlib.ExitStack() as stack:
+            stack.callback(lambda: c.close())
+            for i in range(10_000_000):
                 start = self.now()
                 if time.time() >= self.end:
                     return
+                if i and i % 10 == 0:
+                    c.close()
+                    c = Client(channel=grpc.insecure_channel(self.target, options=OPTIONS), timeout=CALL_TIMEOUT_S)
                 requests = [ccommon.predict_request("stable", x, request_id=str(i)) for i in range(20)]
                 status = "OK"
                 try:
-                    for answer in c.inference_stub.PredictStream(iter(requests), timeout=CALL_TIMEOUT_S):
+                    for answer in c.inference_stub.PredictStream(iter(requests), timeout=CALL_TIMEOUT_S,
+                                                                  wait_for_ready=True):
                         if answer.HasField("error"):
                             code = next((s.name for s in grpc.StatusCode if s.value[0] == answer.error.code),
                                         str(answer.error.code))
@@ -286,7 +307,7 @@ class Soak:
     def uploads(self, model_file: Path) -> None:
         import grpc
 
-        from leanserve.client import Client
+        from leanserve.client import Client, common as ccommon
 
         rec = self.records["upload"]
         with Client(channel=grpc.insecure_channel(self.target, options=OPTIONS), timeout=120) as c:
@@ -296,7 +317,8 @@ class Soak:
                 start = self.now()
                 status = "OK"
                 try:
-                    info = c.upload(model_file, "churn")
+                    info = c.models_stub.UploadModel(ccommon.upload_messages(model_file, "churn"), timeout=120,
+                                                     wait_for_ready=True).model
                     with self.ack_lock:
                         self.acknowledged.add(("churn", info.version))
                 except grpc.RpcError as exc:
@@ -308,6 +330,7 @@ class Soak:
         import grpc
 
         from leanserve.client import Client
+        from leanserve.v1 import model_service_pb2 as model_pb
 
         rec = self.records["delete"]
         with Client(channel=grpc.insecure_channel(self.target, options=OPTIONS), timeout=60) as c:
@@ -322,7 +345,8 @@ class Soak:
                 start = self.now()
                 status = "OK"
                 try:
-                    c.delete("churn", live[0])
+                    c.models_stub.DeleteModel(model_pb.DeleteModelRequest(name="churn", version=live[0]), timeout=60,
+                                              wait_for_ready=True)
                 except grpc.RpcError as exc:
                     status = exc.code().name
                 rec.add(start, self.now(), status)
@@ -344,7 +368,8 @@ class Soak:
         status = "OK"
         with grpc.insecure_channel(self.target, options=OPTIONS) as channel:
             try:
-                for event in opt_grpc.OptimizeServiceStub(channel).Optimize(iter([request]), timeout=600):
+                for event in opt_grpc.OptimizeServiceStub(channel).Optimize(iter([request]), timeout=600,
+                                                                             wait_for_ready=True):
                     if event.HasField("report"):
                         with self.ack_lock:
                             self.acknowledged.add(("opt", event.report.version))
@@ -357,6 +382,8 @@ class Soak:
         """RSS samples; the kill at ``kill_at``; when the extra process is back and serving."""
         every = 1.0 if self.args.quick else 5.0
         kill_at = self.t0 + self.args.duration * self.args.kill_at
+        # the optimization finishes first when it can (its version is then checked at the end too)
+        kill_latest = self.t0 + self.args.duration * max(self.args.kill_at, 0.7)
         killed: int | None = None
         for _ in range(1_000_000):
             if time.time() >= self.end:
@@ -366,7 +393,8 @@ class Soak:
                 mb = rss_mb(pid) if pid else None
                 if mb is not None:
                     self.rss.append({"t": round(self.now(), 2), "process": index, "pid": pid, "rss_mb": round(mb, 1)})
-            if killed is None and time.time() >= kill_at and extra:
+            due = time.time() >= kill_at and ("optimize_done" in self.events or time.time() >= kill_latest)
+            if killed is None and due and extra:
                 os.kill(extra, signal.SIGKILL)
                 killed = extra
                 self.events["kill"] = self.now()
@@ -450,12 +478,11 @@ class Soak:
         for _ in range(600):
             with Client(channel=grpc.insecure_channel(self.target, options=OPTIONS), timeout=30) as c:
                 try:
-                    ok = np.allclose(c.predict("stable", x).outputs["y"], expected, atol=1e-4)
-                    opt = c.info("opt").version == 1
+                    if (np.allclose(c.predict("stable", x).outputs["y"], expected, atol=1e-4)
+                            and c.info("opt").version == 1):
+                        seen.add(process_index(self.target, c.channel))  # the same connection
                 except grpc.RpcError:
-                    ok = opt = False
-            if ok and opt:
-                seen.add(process_index(self.target))
+                    pass
             if seen == {0, 1}:
                 return
             time.sleep(0.1)

@@ -77,10 +77,15 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def run_client_command(args: argparse.Namespace) -> int:
-    """Run a client verb, turning gRPC failures into a message and exit status 1."""
+    """Run a client verb, turning gRPC failures into a message and exit status 1 (2 for unusable TLS files)."""
     try:
-        with Client(args.server, token=args.token or None, tls=args.tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
-                    tls_key=args.tls_key, timeout=args.timeout) as client:
+        client = Client(args.server, token=args.token or None, tls=args.tls, tls_ca=args.tls_ca,
+                        tls_cert=args.tls_cert, tls_key=args.tls_key, timeout=args.timeout)
+    except (OSError, ValueError) as err:  # a TLS file missing, or --tls-cert without --tls-key
+        console.print(f"[red]error[/red] {err}")
+        return 2
+    try:
+        with client:
             args.func(client, args)
         return 0
     except grpc.RpcError as err:

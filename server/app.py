@@ -91,8 +91,8 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
     ]
 
 
-class UnsafeConfiguration(ValueError):
-    """Settings that would expose the server without credentials."""
+class ConfigurationError(ValueError):
+    """Settings the server must not or cannot start with: exposed without credentials, unusable TLS or token files."""
 
 
 def is_loopback(host: str) -> bool:
@@ -106,12 +106,12 @@ def is_loopback(host: str) -> bool:
 
 
 def check_exposure(settings: Settings) -> None:
-    """UnsafeConfiguration when the server would listen beyond loopback with neither TLS nor tokens and
+    """ConfigurationError when the server would listen beyond loopback with neither TLS nor tokens and
     ``insecure`` was not given (like Redis' protected mode)."""
     if is_loopback(settings.host) or settings.insecure:
         return
     if settings.tls_cert_file is None and settings.auth_tokens_file is None:
-        raise UnsafeConfiguration(
+        raise ConfigurationError(
             f"refusing to listen on {settings.host!r} without credentials: anyone who reaches the port could upload, "
             "delete and predict. Set --tls-cert/--tls-key (LEANSERVE_TLS_CERT_FILE/LEANSERVE_TLS_KEY_FILE) and/or "
             "--auth-tokens (LEANSERVE_AUTH_TOKENS_FILE), listen on 127.0.0.1, or pass --insecure (LEANSERVE_INSECURE="
@@ -122,13 +122,17 @@ def check_exposure(settings: Settings) -> None:
 def create_server(settings: Settings) -> ServerHandle:
     """Load the repository, bind ``settings.host:settings.port`` (0 = any free port) and start serving.
 
-    UnsafeConfiguration (before anything is bound) for a non-loopback host without credentials, see
-    ``check_exposure``; ValueError for unreadable TLS or token files."""
+    ConfigurationError, before anything is loaded or bound, for a non-loopback host without credentials (see
+    ``check_exposure``) and for unusable TLS or token files."""
     check_exposure(settings)
-    certificates = None
-    if settings.tls_cert_file is not None and settings.tls_key_file is not None:
-        certificates = ServerCertificates(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
-    tokens = TokenFile(settings.auth_tokens_file) if settings.auth_tokens_file is not None else None
+    try:
+        certificates = None
+        if settings.tls_cert_file is not None and settings.tls_key_file is not None:
+            certificates = ServerCertificates(settings.tls_cert_file, settings.tls_key_file,
+                                              settings.tls_client_ca_file)
+        tokens = TokenFile(settings.auth_tokens_file) if settings.auth_tokens_file is not None else None
+    except (OSError, ValueError) as exc:
+        raise ConfigurationError(str(exc)) from exc
     # only the first process sweeps leftovers: the others would delete its uploads in flight
     repository = open_repository(settings.repository, settings, sweep=settings.process_index == 0)
     registry = ModelRegistry()

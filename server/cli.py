@@ -58,6 +58,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ...")
     p.set_defaults(func=cmd_publish)
 
+    p = sub.add_parser("ray", help="serve through Ray Serve: replicas of the data plane behind its gRPC proxy "
+                       "(needs leanserve[ray]; stays in the foreground, removes the application on SIGTERM)")
+    p.add_argument("--address", required=True, help="Ray cluster address, e.g. 127.0.0.1:6379 or auto")
+    p.add_argument("--port", type=int, required=True, help="port of Ray Serve's gRPC proxy (plaintext)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address of the proxy to wait for and print (default 127.0.0.1; Ray binds every interface)")
+    p.add_argument("--repository", help="the shared model repository: s3://BUCKET/PREFIX, or a folder every node sees")
+    p.add_argument("--replicas", type=int, default=1, help="replicas, at most one per node (default 1)")
+    p.add_argument("--min-replicas", type=int, help="autoscaling: fewest replicas")
+    p.add_argument("--max-replicas", type=int, help="autoscaling: most replicas")
+    p.add_argument("--target-ongoing-requests", type=float,
+                   help="autoscaling: requests in flight per replica to aim at (default 32 when autoscaling)")
+    p.add_argument("--max-ongoing-requests", type=int, default=256,
+                   help="requests in flight per replica before Ray queues more (default 256)")
+    p.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica (default 1)")
+    p.add_argument("--proxy-location", choices=["HeadOnly", "EveryNode"], default="HeadOnly",
+                   help="run the proxy on the head only (default) or on every node with a replica")
+    p.add_argument("--http-port", type=int, help="port of Ray Serve's HTTP proxy on 127.0.0.1 (unused; default: a "
+                   "free one)")
+    p.add_argument("--start-timeout", type=float, default=600.0, help="seconds to wait for the proxy to answer")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ...")
+    p.set_defaults(func=cmd_ray)
+
     p = sub.add_parser("token", help="make a random token and print its line for the --auth-tokens file")
     p.add_argument("--role", choices=["admin", "infer"], required=True)
     p.add_argument("--label", default="", help="name the logs and the audit log use for this token")
@@ -91,22 +114,21 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from leanserve.server.app import UnsafeConfiguration, check_exposure, create_server
+    from leanserve.server.app import ConfigurationError, create_server
     from leanserve.server.processes import READY, ExtraProcesses, watch_first_process
 
     settings = settings_from_args(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        check_exposure(settings)  # before anything is loaded or bound
-    except UnsafeConfiguration as exc:
-        print(f"leanserve serve: {exc}", file=sys.stderr)
-        return 2
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     if args.supervisor_fd is not None:
         watch_first_process(args.supervisor_fd, stop)
-    handle = create_server(settings)
+    try:
+        handle = create_server(settings)
+    except ConfigurationError as exc:  # raised before anything is loaded or bound
+        print(f"leanserve serve: {exc}", file=sys.stderr)
+        return 2
     signal.signal(signal.SIGHUP, lambda *_: handle.reload_credentials())  # rotate certificates and tokens now
     extra = None
     if settings.processes > 1 and settings.process_index == 0:
@@ -150,6 +172,51 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ray(args: argparse.Namespace) -> int:
+    """Deploy, print ``listening on HOST:PORT`` once the proxy answers, wait for SIGTERM/SIGINT, remove the app."""
+    import importlib.util
+    import socket
+
+    if importlib.util.find_spec("ray") is None:
+        print("leanserve ray needs the ray extra: pip install 'leanserve[ray]'", file=sys.stderr)
+        return 2
+    import ray
+    from ray import serve
+
+    from leanserve.server.ray_app import APP_NAME, SERVICER_FUNCTIONS, build_app, wait_for_proxy
+
+    settings = settings_from_args(args)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    http_port = args.http_port
+    if http_port is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            http_port = s.getsockname()[1]
+    # without it the proxy sends every call to the replica on its own node
+    env_vars = {"RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0"}
+    ray.init(address=args.address, namespace="leanserve", runtime_env={"env_vars": env_vars},
+             logging_level=logging.WARNING, log_to_driver=False)
+    try:
+        serve.start(proxy_location=args.proxy_location, http_options={"host": "127.0.0.1", "port": http_port},
+                    grpc_options={"port": args.port, "grpc_servicer_functions": SERVICER_FUNCTIONS},
+                    controller_options={"runtime_env": {"env_vars": env_vars}})
+        app = build_app(settings, replicas=args.replicas, min_replicas=args.min_replicas,
+                        max_replicas=args.max_replicas, target_ongoing_requests=args.target_ongoing_requests,
+                        max_ongoing_requests=args.max_ongoing_requests, replica_cpus=args.replica_cpus)
+        serve.run(app, name=APP_NAME, route_prefix=None, blocking=False)
+        wait_for_proxy(f"{args.host}:{args.port}", args.start_timeout)
+        print(f"listening on {args.host}:{args.port}", flush=True)
+        stop.wait()
+        logging.getLogger("leanserve").info("removing the Ray Serve application %r", APP_NAME)
+        serve.delete(APP_NAME)
+    finally:
+        ray.shutdown()
+    return 0
+
+
 def cmd_token(args: argparse.Namespace) -> int:
     import secrets
     from hashlib import sha256
@@ -181,6 +248,7 @@ SERVER_MODULES = {
     "train": ("tensorflow", "sklearn"),
     "demo": ("numba", "pydantic_settings", "tensorflow", "sklearn"),
     "publish": ("numba", "pydantic_settings", "safetensors"),
+    "ray": ("numba", "pydantic_settings", "safetensors", "ray"),
 }
 
 

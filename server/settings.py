@@ -152,6 +152,13 @@ class Settings(BaseSettings):
         description="Most bytes an uploaded archive (.keras or .leanserve zip) may inflate to, counted while inflating "
         "(the sizes its directory declares are not trusted); past it the upload is refused with RESOURCE_EXHAUSTED.",
     )
+    max_unpack_ratio: float = Field(
+        2.0,
+        ge=1,
+        description="Most bytes an uploaded model may expand to per byte received (with a 16 MiB floor, and never "
+        "past max_unpacked_bytes): what its archive inflates to, and the memory its Keras weights take. Keras and "
+        "leanserve write archives uncompressed (ratio ~1), so a higher ratio only serves re-compressed files.",
+    )
     max_model_params: int = Field(500_000_000, ge=1, description="Largest parameter count of an uploaded model.")
     max_model_layers: int = Field(512, ge=1, description="Largest layer count of an uploaded model.")
     max_batch_size: int = Field(8192, ge=1, description="Largest batch (rows) one predict request may carry.")

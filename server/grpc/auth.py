@@ -59,7 +59,6 @@ INFER_METHODS = frozenset({
 REQUIRED_ROLE: dict[str, str] = {**{m: _OPEN for m in OPEN_METHODS}, **{m: INFER for m in INFER_METHODS}}
 
 _RECHECK_SECONDS = 1.0
-_BEARER = "bearer "
 
 #: who is calling, set by the auth interceptor for the call it admits (grpc runs the interceptor and the handler
 #: of one call in the same contextvars.Context)
@@ -153,8 +152,8 @@ class TokenFile:
             self.reload()
         digest = hashlib.sha256(token.encode()).digest()
         found = None
-        for caller in self._callers:
-            if hmac.compare_digest(caller.digest, digest) and found is None:
+        for caller in self._callers:  # no early exit: the time taken does not say which entry matched
+            if hmac.compare_digest(caller.digest, digest):
                 found = caller
         return found
 
@@ -163,9 +162,8 @@ def bearer_token(metadata: Sequence[tuple[str, str]] | None) -> str | None:
     """The token of an ``authorization: Bearer <token>`` metadata entry, if any."""
     for key, value in metadata or ():
         if key == "authorization":
-            if isinstance(value, str) and value[:len(_BEARER)].lower() == _BEARER:
-                return value[len(_BEARER):].strip()
-            return None
+            scheme, _, token = value.partition(" ") if isinstance(value, str) else ("", "", "")
+            return token.strip() if scheme.lower() == "bearer" else None
     return None
 
 
@@ -199,7 +197,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
         token = bearer_token(details.invocation_metadata)
         caller = self.tokens.lookup(token) if token else None
         if caller is None:
-            self._denied_log("unauthenticated", "refused %s: %s token", details.method,
+            self._denied_log("unauthenticated", "refused %.200s: %s token", details.method,
                              "unknown" if token else "no")
             return self._unauthenticated
         if needed == ADMIN and caller.role != ADMIN:

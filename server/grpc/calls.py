@@ -13,8 +13,8 @@ from typing import Generic, TypeVar
 
 import grpc
 
-from leanserve.server import errors
 from leanserve.server.errors import Cancelled, DeadlineExceeded, LeanserveError, ResourceExhausted
+from leanserve.server.grpc.interceptors import STATUS
 from leanserve.server.serving.context import RequestContext
 
 log = logging.getLogger(__name__)
@@ -27,39 +27,11 @@ _END = object()
 _NO_DEADLINE = 1e7  # seconds
 _PUT_POLL_SECONDS = 0.1
 
-#: status of each error class, for when an error carries no grpc.StatusCode (errors are transport-neutral)
-_STATUS_BY_CLASS: tuple[tuple[str, grpc.StatusCode], ...] = (
-    ("UnsupportedModel", grpc.StatusCode.INVALID_ARGUMENT),
-    ("NotFound", grpc.StatusCode.NOT_FOUND),
-    ("InvalidArgument", grpc.StatusCode.INVALID_ARGUMENT),
-    ("FailedPrecondition", grpc.StatusCode.FAILED_PRECONDITION),
-    ("ResourceExhausted", grpc.StatusCode.RESOURCE_EXHAUSTED),
-    ("AlreadyExists", grpc.StatusCode.ALREADY_EXISTS),
-    ("Unauthenticated", grpc.StatusCode.UNAUTHENTICATED),
-    ("PermissionDenied", grpc.StatusCode.PERMISSION_DENIED),
-    ("DeadlineExceeded", grpc.StatusCode.DEADLINE_EXCEEDED),
-    ("Unavailable", grpc.StatusCode.UNAVAILABLE),
-    ("Cancelled", grpc.StatusCode.CANCELLED),
-)
-
 
 def status_code(exc: BaseException) -> grpc.StatusCode:
-    """The gRPC status of an error, whether its ``code`` is a grpc.StatusCode, a name ("not_found") or an enum
-    member named like one; else by its class in server/errors.py; INTERNAL for anything else."""
-    code = getattr(exc, "code", None)
-    if isinstance(code, grpc.StatusCode):
-        return code
-    name = getattr(code, "name", None) if code is not None and not isinstance(code, str) else code
-    if isinstance(name, str) and name.upper() in grpc.StatusCode.__members__:
-        return grpc.StatusCode[name.upper()]
-    value = getattr(code, "value", None)
-    if isinstance(value, str) and value.upper() in grpc.StatusCode.__members__:
-        return grpc.StatusCode[value.upper()]
-    for cls_name, status in _STATUS_BY_CLASS:
-        cls = getattr(errors, cls_name, None)
-        if isinstance(cls, type) and isinstance(exc, cls):
-            return status
-    return grpc.StatusCode.INTERNAL
+    """The gRPC status an error is answered with: its code's (see interceptors.STATUS); INTERNAL for anything but
+    a LeanserveError."""
+    return STATUS[exc.code] if isinstance(exc, LeanserveError) else grpc.StatusCode.INTERNAL
 
 
 def status_number(exc: BaseException) -> int:

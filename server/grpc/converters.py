@@ -84,8 +84,9 @@ def predict_response(result: PredictResult, request_id: str = "") -> inf_pb.Pred
 
 
 def model_info(info: dict[str, Any], model: ServedModel) -> model_pb.ModelInfo:
-    """GetModel's answer from the dataplane's description of a served version."""
-    ref = info.get("reference", {})
+    """GetModel's answer: the version's typed manifest plus the dataplane's live facts in ``info``."""
+    manifest = model.manifest
+    ref, source = manifest.reference, manifest.source
     layers = []
     for layer in info.get("layers_served", []):
         tuning = layer.get("tuning") or {}
@@ -101,27 +102,25 @@ def model_info(info: dict[str, Any], model: ServedModel) -> model_pb.ModelInfo:
                 size_bytes=layer["bytes"], timings=timings, options_json=json.dumps(tuning.get("options") or {}),
             )
         )
-    source = info.get("source", {})
     return model_pb.ModelInfo(
         name=model.name,
         version=model.version,
         versions=info.get("versions", []),
         runtime=model.runtime,
-        source_format=_PB_FORMATS.get(source.get("format", ""), model_pb.MODEL_FORMAT_UNSPECIFIED),
+        source_format=_PB_FORMATS.get(source.format if source else "", model_pb.MODEL_FORMAT_UNSPECIFIED),
         inputs=[spec_to_pb(model.input)],
         outputs=[spec_to_pb(model.output)],
         layers=layers,
-        reference=model_pb.ReferenceCheck(
-            reference=ref.get("reference", ""), samples=ref.get("n", 0), max_abs_error=ref.get("max_abs_error", 0.0),
-            max_rel_error=ref.get("max_rel_error", 0.0), atol=ref.get("atol", 0.0), rtol=ref.get("rtol", 0.0),
-            passed=bool(ref.get("within_tolerance", False)),
+        reference=model_pb.ReferenceCheck() if ref is None else model_pb.ReferenceCheck(
+            reference=ref.reference, samples=ref.n, max_abs_error=ref.max_abs_error, max_rel_error=ref.max_rel_error,
+            atol=ref.atol, rtol=ref.rtol, passed=ref.within_tolerance,
         ),
-        source_size_bytes=int(source.get("size_bytes", 0)),
-        source_sha256=source.get("sha256", ""),
-        created_at=info.get("created_at", ""),
+        source_size_bytes=(source.size_bytes or 0) if source else 0,
+        source_sha256=(source.sha256 or "") if source else "",
+        created_at=manifest.created_at or "",
         max_batch_size=int(info.get("max_batch_size", 0)),
-        description=info.get("description", ""),
+        description=manifest.description or "",
         served_size_bytes=int(info.get("served_size_bytes", 0)),
-        metadata_json=json.dumps(info.get("metadata") or {}, sort_keys=True),
+        metadata_json=json.dumps(manifest.metadata or {}, sort_keys=True),
         default_version=int(info.get("default_version", 0)),
     )

@@ -32,11 +32,6 @@ def grpc_status(code: Code) -> grpc.StatusCode:
     return STATUS[code]
 
 
-def status_number(code: Code) -> int:
-    """The numeric gRPC status of a code (e.g. 3 for INVALID_ARGUMENT), for error answers inside a stream."""
-    return STATUS[code].value[0]
-
-
 class RateLimitedLog:
     """One log line per event, at most ``per_second`` per key and second; the next line that gets through says
     how many were dropped since, so a flood of bad requests costs neither the disk nor the log's reader."""

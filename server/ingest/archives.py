@@ -23,12 +23,20 @@ from leanserve.server.errors import InvalidArgument, ResourceExhausted
 
 CHUNK = 1 << 20
 MAX_MEMBERS = 4096
+#: an upload may always expand to this much, whatever its size (a small model's config and metadata)
+EXPANSION_FLOOR = 16 * 1024 * 1024
 MAX_ELEMENTS = 2**62
 
 # What zipfile and its decompressors raise on malformed input (RuntimeError: an encrypted member; NotImplementedError:
 # an unsupported compression method; EOFError: a truncated stream).
 _ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, RuntimeError, NotImplementedError,
                ValueError, OSError, KeyError)
+
+
+def expansion_limit(received: int, max_unpacked: int, max_ratio: float) -> int:
+    """Most bytes an upload of ``received`` bytes may expand to (inflated members, weights in memory): ``max_ratio``
+    times what was received, at least ``EXPANSION_FLOOR``, never more than ``max_unpacked``."""
+    return min(max_unpacked, max(int(received * max_ratio), EXPANSION_FLOOR))
 
 
 class BoundedZip:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from leanserve.server.repository import artifacts
 from leanserve.server.repository.manifest import (DTYPES, FORMAT_NAME, FORMAT_VERSION, Manifest, ManifestLimits,
                                                   TensorSpec, jsonable)
 from leanserve.server.errors import FailedPrecondition, InvalidArgument, UnsupportedModel
+from leanserve.server.ingest.archives import expansion_limit
 from leanserve.server.serving.model import TensorSignature
 from leanserve.server.ingest.uploads import UploadRequest
 from leanserve.server.runtime.plan import Plan, build_plan
@@ -29,6 +31,7 @@ from leanserve.server.settings import Settings
 log = logging.getLogger(__name__)
 
 FORMATS = ("keras", "h5", "leanserve")
+REFERENCE_SAMPLE_BYTES = 64 * 1024 * 1024
 SOURCE_NAMES = {"keras": "source.keras", "h5": "source.h5", "leanserve": "source.leanserve"}
 
 
@@ -68,7 +71,8 @@ def convert(fmt: str, path: Path, settings: Settings) -> Converted:
 
 def _convert_leanserve(path: Path, settings: Settings) -> Converted:
     limits = ManifestLimits.from_settings(settings)
-    manifest, blob = artifacts.read_zip(path, settings.max_unpacked_bytes, limits)
+    cap = expansion_limit(path.stat().st_size, settings.max_unpacked_bytes, settings.max_unpack_ratio)
+    manifest, blob = artifacts.read_zip(path, cap, limits)
     plan = artifacts.plan_from_files(manifest, blob)
     return Converted(
         runtime="plan",
@@ -83,17 +87,11 @@ def _convert_leanserve(path: Path, settings: Settings) -> Converted:
 
 
 def _convert_keras(path: Path, settings: Settings) -> Converted:
-    from leanserve.server.ingest.keras_loader import load_keras
+    from leanserve.server.ingest.keras_loader import load_keras, settings_limits
     from leanserve.server.ingest.keras_to_plan import keras_to_specs, model_signature
     from leanserve.server.ingest.reference import keras_reference
 
-    model = load_keras(
-        path,
-        max_bytes=settings.max_upload_bytes,
-        max_params=settings.max_model_params,
-        max_layers=settings.max_model_layers,
-        max_unpacked=settings.max_unpacked_bytes,
-    )
+    model = load_keras(path, **settings_limits(path, settings))
     sig = model_signature(model)
     inp, out = _signature("input", sig["input"]), _signature("output", sig["output"])
     reference = keras_reference(model)
@@ -152,11 +150,13 @@ def check_reference(conv: Converted, settings: Settings) -> dict[str, Any]:
     """Compare served outputs with the reference; FailedPrecondition when outside tolerance."""
     from leanserve.server.ingest.reference import reference_check
 
+    # the sample rows of a model with very wide inputs are capped by bytes, not only by count
+    row_bytes = 4 * math.prod(max(d, 1) for d in conv.input.shape)
     report = reference_check(
         conv.runner,
         conv.reference,
         conv.input.shape,
-        n=settings.reference_samples,
+        n=max(1, min(settings.reference_samples, REFERENCE_SAMPLE_BYTES // row_bytes)),
         seed=0,
         atol=settings.reference_atol,
         rtol=settings.reference_rtol,

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from leanserve.server.errors import InvalidArgument, LeanserveError, ResourceExhausted
-from leanserve.server.ingest.archives import BoundedZip
+from leanserve.server.ingest.archives import BoundedZip, expansion_limit
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -108,9 +108,12 @@ def load_keras(
         declared = max(stored_params, _estimate_params(config))
     if declared > max_params:
         raise InvalidArgument(f"model has about {declared} parameters; the limit is {max_params}")
-    counted = count_params_unallocated(config, fmt)
+    counted, weight_bytes = count_params_unallocated(config, fmt)
     if counted > max_params:
         raise InvalidArgument(f"model has {counted} parameters; the limit is {max_params}")
+    if weight_bytes > unpacked:
+        raise ResourceExhausted(f"model's weights would take {weight_bytes} bytes, more than the {unpacked} a file of "
+                                f"{size} bytes may expand to")
     model = _keras_load(path, fmt)
     if model.count_params() > max_params:
         raise InvalidArgument(f"model has {model.count_params()} parameters; the limit is {max_params}")
@@ -176,9 +179,10 @@ def _untrusted(what: str) -> Iterator[None]:
         raise InvalidArgument(f"not a valid Keras file: {what}: {_short(exc)}") from None
 
 
-def count_params_unallocated(config: dict[str, Any], fmt: ModelFormat) -> int:
-    """The exact number of weights the model ``config`` describes, from the variables Keras creates when it builds
-    the model inside a ``StatelessScope`` that defers every initialisation: shapes only, nothing allocated.
+def count_params_unallocated(config: dict[str, Any], fmt: ModelFormat) -> tuple[int, int]:
+    """The exact number of weights the model ``config`` describes and the bytes they would take, from the variables
+    Keras creates when it builds the model inside a ``StatelessScope`` that defers every initialisation: shapes
+    only, nothing allocated.
 
     Built in a thread of its own because Keras keeps the deferred variables in thread-local state, which must not
     outlive the count (a later scope on the same thread would initialise them)."""
@@ -189,7 +193,9 @@ def count_params_unallocated(config: dict[str, Any], fmt: ModelFormat) -> int:
         try:
             with keras.StatelessScope(initialize_variables=False):
                 model = _instantiate(config, fmt)
-                outcome["params"] = sum(math.prod(int(d) for d in v.shape) for v in model.weights)
+                sizes = [(math.prod(int(d) for d in v.shape), _itemsize(v.dtype)) for v in model.weights]
+                outcome["params"] = sum(n for n, _ in sizes)
+                outcome["bytes"] = sum(n * itemsize for n, itemsize in sizes)
         except BaseException as exc:  # handed to the caller's thread below
             outcome["error"] = exc
 
@@ -199,7 +205,27 @@ def count_params_unallocated(config: dict[str, Any], fmt: ModelFormat) -> int:
     if "error" in outcome:
         with _untrusted("cannot build the model from its config"):
             raise outcome["error"]
-    return int(outcome["params"])
+    return int(outcome["params"]), int(outcome["bytes"])
+
+
+def _itemsize(dtype: Any) -> int:
+    import numpy as np
+
+    try:
+        return int(np.dtype(str(dtype)).itemsize)
+    except TypeError:
+        return 4
+
+
+def settings_limits(path: Path, settings: Any) -> dict[str, int]:
+    """``load_keras``'s limits from the server settings for the uploaded file ``path``."""
+    return {
+        "max_bytes": settings.max_upload_bytes,
+        "max_params": settings.max_model_params,
+        "max_layers": settings.max_model_layers,
+        "max_unpacked": expansion_limit(Path(path).stat().st_size, settings.max_unpacked_bytes,
+                                        settings.max_unpack_ratio),
+    }
 
 
 def _instantiate(config: dict[str, Any], fmt: ModelFormat) -> Any:

@@ -55,11 +55,9 @@ def trainable_model(plan: Plan, manifest: Manifest, folder: Path, settings: Sett
     The source is used only when its Dense chain matches the plan's layers one to one."""
     source = manifest.source
     if source is not None and source.format in ("keras", "h5") and source.file and (folder / source.file).is_file():
-        from leanserve.server.ingest.keras_loader import load_keras
+        from leanserve.server.ingest.keras_loader import load_keras, settings_limits
 
-        model = load_keras(folder / source.file, max_bytes=settings.max_upload_bytes,
-                           max_params=settings.max_model_params, max_layers=settings.max_model_layers,
-                           max_unpacked=settings.max_unpacked_bytes)
+        model = load_keras(folder / source.file, **settings_limits(folder / source.file, settings))
         dense = dense_layers(model)
         if [d.kernel.shape[1] for d in dense] == [layer.out_features for layer in plan.layers]:
             return model, f"source file {source.file}"

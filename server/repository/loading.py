@@ -57,11 +57,11 @@ def load_version(name: str, version: int, path: Path, manifest: Manifest | Mappi
         return served_from_plan(name, version, manifest, plan, settings)
     if manifest.runtime != "tensorflow" or manifest.source is None or manifest.source.file is None:
         raise InvalidArgument(f"model {name!r} version {version}: the manifest names no runtime to load")
+    from leanserve.server.ingest.keras_loader import settings_limits
     from leanserve.server.runtime.tf_runtime import TFRuntime
 
-    runtime = TFRuntime.from_path(path / manifest.source.file, max_bytes=settings.max_upload_bytes,
-                                  max_params=settings.max_model_params, max_layers=settings.max_model_layers,
-                                  max_unpacked=settings.max_unpacked_bytes)
+    source = path / manifest.source.file
+    runtime = TFRuntime.from_path(source, **settings_limits(source, settings))
     runtime.warmup()
     return ServedModel(
         name=name,

@@ -25,7 +25,9 @@ from tests.toy import GatedRunner, toy_model, wait_until
 @pytest.fixture
 def toy_server(repo_dir: Path, request: pytest.FixtureRequest) -> Iterator[tuple[ServerHandle, GatedRunner]]:
     """A server (settings from the ``settings`` marker) serving the toy ``y = 2x`` model behind a gate."""
-    marker = request.node.get_closest_marker("settings")
+    markers = list(request.node.iter_markers("settings"))
+    assert len(markers) <= 1, "one settings marker per test: a second one would be silently ignored"
+    marker = markers[0] if markers else None
     handle = create_server(make_settings(repo_dir, **(marker.kwargs if marker else {})))
     runner = GatedRunner()
     handle.dataplane.serve(toy_model(runner))
@@ -51,8 +53,8 @@ def _v2_request(name: str, x: np.ndarray, rid: str = "", input_name: str = "inpu
     )
 
 
-@pytest.mark.settings(worker_threads=40)  # every caller holds a gRPC thread while it waits
-@pytest.mark.settings(worker_threads=64, max_open_streams=32)  # 33 calls in flight at once, 16 of them streams
+# every caller holds a gRPC thread while it waits: 33 calls in flight at once, 16 of them streams
+@pytest.mark.settings(worker_threads=64, max_open_streams=32)
 def test_concurrent_callers_of_every_api_share_one_kernel_call(toy_server) -> None:
     handle, runner = toy_server
     xs = [np.full((1 + i % 2, 4), i, np.float32) for i in range(32)]

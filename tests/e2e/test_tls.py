@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from leanserve.client import Client
-from leanserve.server.app import UnsafeConfiguration, check_exposure, is_loopback
+from leanserve.server.app import ConfigurationError, check_exposure, is_loopback
 from leanserve.server.settings import Settings
 from tests.e2e.pki import ADMIN_TOKEN, Pki, Secured, pki, secured, started, token_file  # noqa: F401
 
@@ -115,13 +115,30 @@ def test_what_counts_as_loopback(host: str, loopback: bool) -> None:
 
 def test_exposure_needs_tls_tokens_or_insecure(tmp_path: Path) -> None:
     files = {"tls_cert_file": tmp_path / "c", "tls_key_file": tmp_path / "k"}
-    with pytest.raises(UnsafeConfiguration):
+    with pytest.raises(ConfigurationError):
         check_exposure(Settings(host="0.0.0.0"))
     for ok in (dict(host="0.0.0.0", insecure=True), dict(host="0.0.0.0", auth_tokens_file=tmp_path / "t"),
                dict(host="0.0.0.0", **files), dict(host="127.0.0.1")):
         check_exposure(Settings(**ok))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="go together"):
         Settings(tls_cert_file=tmp_path / "c")
+
+
+def test_unusable_credential_files_stop_the_start_before_anything_is_loaded(pki: Pki, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    bad_tokens = tmp_path / "tokens"
+    bad_tokens.write_text("admin not-a-digest ops\n")
+    cases = [
+        (dict(auth_tokens_file=bad_tokens), "line 1"),
+        (dict(auth_tokens_file=tmp_path / "missing"), "missing"),
+        (dict(tls_cert_file=pki.server_cert, tls_key_file=pki.server2_key), "cannot use TLS files"),
+        (dict(tls_cert_file=tmp_path / "none.pem", tls_key_file=pki.server_key), "not found"),
+    ]
+    for overrides, expect in cases:
+        with pytest.raises(ConfigurationError, match=expect):
+            with started(repo, **overrides):
+                pass
+    assert not repo.exists()
 
 
 def _serve_env() -> dict[str, str]:

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 
-from leanserve.client import Client
+from leanserve.client import Client, codec, common
+from leanserve.client.client import StreamError
 from leanserve.server.app import create_server
+from leanserve.server.repository import artifacts
+from leanserve.server.runtime.plan import LayerSpec, build_plan
 from tests.conftest import make_settings
 
 
@@ -109,40 +111,96 @@ def test_stream_answers_in_order_and_survives_a_bad_request(client: Client, mode
     for x, o in zip(batches, outs):
         np.testing.assert_allclose(o.output, keras_predict(model_files["seed_h5"], x), atol=1e-5)
     mixed = [batches[0], _rows(2, 999), batches[1]]
-    outs = list(client.stream("seed", mixed, raise_on_error=False))
-    assert [o.request_id for o in outs] == ["0", "2"]
+    requests = [common.predict_request("seed", x, request_id=str(i)) for i, x in enumerate(mixed)]
+    answers = list(client.inference_stub.PredictStream(iter(requests), timeout=120))
+    assert [a.request_id for a in answers] == ["0", "1", "2"]  # the bad request is answered, and the stream went on
+    assert answers[1].HasField("error") and not answers[1].outputs
+    assert answers[1].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "got [2, 999]" in answers[1].error.message
+    for i in (0, 2):
+        assert not answers[i].HasField("error")
+        np.testing.assert_allclose(codec.to_numpy(answers[i].outputs[0]),
+                                   keras_predict(model_files["seed_h5"], mixed[i]), atol=1e-5)
+    # the client hands the same answer over as a StreamError (or skips it when asked to)
+    with pytest.raises(StreamError) as err:
+        list(client.stream("seed", mixed))
+    assert (err.value.code, err.value.request_id) == (grpc.StatusCode.INVALID_ARGUMENT.value[0], "1")
+    assert [o.request_id for o in client.stream("seed", mixed, raise_on_error=False)] == ["0", "2"]
 
 
-def test_new_version_swaps_in_while_predictions_run(client: Client, model_files, keras_predict) -> None:
-    """Uploading v2 under load: every call succeeds and is answered by v1 or v2, never by a half-loaded model."""
-    client.upload(model_files["seed_h5"], "hot")
-    x = _rows(2, 1000)
-    expected = keras_predict(model_files["seed_h5"], x)
+def _own_format(path: Path, seed: int) -> tuple[Path, object]:
+    rng = np.random.default_rng(seed)
+    plan = build_plan((8,), [LayerSpec("h", rng.normal(size=(8, 16)).astype(np.float32), rng.normal(size=16).astype(
+        np.float32), "tanh"), LayerSpec("o", rng.normal(size=(16, 4)).astype(np.float32), np.zeros(4, np.float32),
+                                        "linear")])
+    manifest, blob = artifacts.plan_to_files(plan)
+    artifacts.write_zip(path, manifest, blob)
+    return path, plan
+
+
+@pytest.mark.slow
+def test_new_version_swaps_in_while_predictions_run(client: Client, tmp_path: Path) -> None:
+    """Uploading v2 (different weights) under 32 callers: every answer is exactly v1's or v2's (and the version it
+    claims), zero failures; once the upload returned, every request sent afterwards gets v2."""
+    path1, plan1 = _own_format(tmp_path / "v1.leanserve", 1)
+    path2, plan2 = _own_format(tmp_path / "v2.leanserve", 2)
+    x = _rows(2, 8)
+    expected = {1: plan1.reference(x), 2: plan2.reference(x)}
+    assert np.abs(expected[1] - expected[2]).min() > 1e-3  # every output tells the versions apart
+    client.upload(path1, "hot")
+    callers, after_swap = 32, 3
     errors: list[BaseException] = []
-    versions: set[int] = set()
-    stop = threading.Event()
+    seen: list[set[int]] = [set() for _ in range(callers)]
+    warm = threading.Barrier(callers + 1)
+    swapped = threading.Event()
 
-    def hammer() -> None:
-        while not stop.is_set():
-            try:
+    def caller(i: int) -> None:
+        try:
+            first, sent_after = True, 0
+            while sent_after < after_swap:
+                started_after_swap = swapped.is_set()
                 out = client.predict("hot", x)
-                versions.add(out.model_version)
-                np.testing.assert_allclose(out.output, expected, atol=1e-5)
-            except BaseException as exc:  # noqa: BLE001 - collected and asserted below
-                errors.append(exc)
-                return
+                np.testing.assert_allclose(out.output, expected[out.model_version], atol=1e-5, rtol=0)
+                seen[i].add(out.model_version)
+                if started_after_swap:
+                    assert out.model_version == 2
+                    sent_after += 1
+                if first:  # answered before the upload began: by v1
+                    first = False
+                    warm.wait(120)
+        except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+            warm.abort()
 
-    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(callers)]
     for t in threads:
         t.start()
     try:
-        assert client.upload(model_files["seed_h5"], "hot").version == 2
-        deadline = time.monotonic() + 10
-        while 2 not in versions and time.monotonic() < deadline:
-            stop.wait(0.01)
+        warm.wait(120)  # every caller has had an answer from v1: the upload happens under load
+        assert client.upload(path2, "hot").version == 2
+        swapped.set()
     finally:
-        stop.set()
+        swapped.set()
         for t in threads:
-            t.join()
-    assert not errors, errors[:1]
-    assert versions == {1, 2}
+            t.join(300)
+    assert not errors, errors[:3]
+    assert all(s == {1, 2} for s in seen), seen
+
+
+def test_tensorflow_runtime_model_is_served_again_after_a_restart(repo_dir: Path, model_files,
+                                                                    keras_predict) -> None:
+    x = _rows(5, 12)
+    want = keras_predict(model_files["layernorm_keras"], x)
+    for restart in (False, True):
+        handle = create_server(make_settings(repo_dir))
+        try:
+            with Client(f"127.0.0.1:{handle.port}", timeout=120) as c:
+                if not restart:
+                    assert c.upload(model_files["layernorm_keras"], "ln").runtime == "tensorflow"
+                info = c.info("ln")
+                assert info.runtime == "tensorflow" and info.version == 1
+                out = c.predict("ln", x)
+                assert out.model_version == 1
+                np.testing.assert_allclose(out.output, want, atol=1e-5)
+        finally:
+            handle.stop(0.5)

@@ -1,7 +1,7 @@
 """Runs in its own process (tritonclient's `inference` descriptors clash with ours in one pool, kserve#3099).
 
 ``python tritonclient_script.py client <url> <model> <x.npy>``: talks to a server with tritonclient.grpc and prints
-one JSON object with what it saw. ``python tritonclient_script.py descriptors``: prints tritonclient's compiled
+one JSON object with what it saw. ``python tritonclient_script.py matrix ...``: one failing request (see ``matrix``). ``python tritonclient_script.py descriptors``: prints tritonclient's compiled
 ``inference`` messages and RPCs (see ``describe``) so a test can compare them with ours.
 """
 
@@ -84,10 +84,72 @@ def client(url: str, model: str, x_path: str) -> dict[str, Any]:
     return out
 
 
+def _error(error: Any) -> dict[str, Any] | None:
+    if error is None:
+        return None
+    status = error.status()
+    return {"status": str(status).removeprefix("StatusCode.") if status else None, "message": error.message()}
+
+
+def matrix(url: str, model: str, mode: str, cols: str, timeout: str, cancel: str) -> dict[str, Any]:
+    """One request of one row to ``model`` (input "x", ``cols`` FP32 values) with tritonclient, unary or inside a
+    stream; prints what came back. ``timeout`` > 0: the call's (or stream's) deadline in seconds. ``cancel`` = "1":
+    print "sent" once the request is out, wait for a line on stdin, then cancel the call (or the stream). In a
+    stream without a deadline or cancellation, a second request to the model "ok" follows the first, to show the
+    stream goes on after an error."""
+    import numpy as np
+    import tritonclient.grpc as tc
+    from tritonclient.utils import InferenceServerException
+
+    def inputs(name: str, width: int) -> list[Any]:
+        tensor = tc.InferInput("x", [1, width], "FP32")
+        tensor.set_data_from_numpy(np.ones((1, width), np.float32))
+        return [tensor]
+
+    c = tc.InferenceServerClient(url)
+    deadline = float(timeout) or None
+    out: dict[str, Any] = {}
+    answers: queue.Queue = queue.Queue()
+    if mode == "unary":
+        if cancel == "1":
+            call = c.async_infer(model, inputs(model, int(cols)), callback=lambda r, e: answers.put((r, e)),
+                                 request_id="bad")
+            print("sent", flush=True)
+            sys.stdin.readline()
+            call.cancel()
+            result, error = answers.get(timeout=60)
+        else:
+            result, error = None, None
+            try:
+                result = c.infer(model, inputs(model, int(cols)), request_id="bad", client_timeout=deadline)
+            except InferenceServerException as exc:
+                error = exc
+        out["first"] = {"error": _error(error), "id": result.get_response().id if result else None}
+    else:
+        c.start_stream(callback=lambda r, e: answers.put((r, e)), stream_timeout=deadline)
+        c.async_stream_infer(model, inputs(model, int(cols)), request_id="bad")
+        if cancel == "1":
+            print("sent", flush=True)
+            sys.stdin.readline()
+            c.stop_stream(cancel_requests=True)
+        result, error = answers.get(timeout=60)
+        out["first"] = {"error": _error(error), "id": result.get_response().id if result else None}
+        if cancel != "1" and deadline is None:
+            c.async_stream_infer("ok", inputs("ok", 4), request_id="good")
+            result, error = answers.get(timeout=60)
+            out["next"] = {"error": _error(error), "id": result.get_response().id if result else None,
+                           "y": result.as_numpy("y").tolist() if result else None}
+            c.stop_stream()
+    c.close()
+    return out
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "descriptors":
         from tritonclient.grpc import service_pb2
 
         print(json.dumps(describe(service_pb2)))
+    elif sys.argv[1] == "matrix":
+        print(json.dumps(matrix(*sys.argv[2:8])), flush=True)
     else:
         print(json.dumps(client(*sys.argv[2:5])))

@@ -63,6 +63,15 @@ def test_top_k_is_sorted_prefix_of_probabilities(y: np.ndarray, k: int) -> None:
 
 @given(logits)
 def test_argmax_and_probabilities(y: np.ndarray) -> None:
-    np.testing.assert_array_equal(apply(PostProcess.ARGMAX, "y", y, is_probability=False)["class"], y.argmax(1))
+    cls = apply(PostProcess.ARGMAX, "y", y, is_probability=False)["class"]
+    assert cls.dtype == np.int64 and cls.shape == (y.shape[0],)
+    for row, c in zip(y, cls):  # what "the class" means: a largest value, the first one on ties
+        assert row[c] == row.max() and (row[:c] < row[c]).all()
     p = apply(PostProcess.PROBABILITIES, "y", y, is_probability=False)["probabilities"]
-    np.testing.assert_allclose(p.sum(1), 1.0, rtol=1e-5)
+    e = np.exp(y.astype(np.float64) - y.astype(np.float64).max(axis=1, keepdims=True))
+    assert p.dtype == np.float32
+    np.testing.assert_allclose(p, e / e.sum(axis=1, keepdims=True), rtol=1e-5, atol=1e-7)  # float64 softmax
+    # already probabilities: passed through, not softmaxed twice
+    q = np.abs(y) + 1e-3
+    q /= q.sum(axis=1, keepdims=True)
+    np.testing.assert_array_equal(apply(PostProcess.PROBABILITIES, "y", q, is_probability=True)["probabilities"], q)

@@ -158,10 +158,8 @@ def test_busy_then_cancel(client: Client, server: ServerHandle, digits: Digits, 
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
     # predictions keep flowing while the job trains
-    t0 = time.monotonic()
     for _ in range(20):
         assert client.predict("long", digits.x_val[:4]).model_version == 1
-    assert time.monotonic() - t0 < 10
 
     call.cancel()
     deadline = time.monotonic() + 60

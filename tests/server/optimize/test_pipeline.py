@@ -57,12 +57,15 @@ def test_pruned_90_int8_with_fine_tuning_within_one_and_a_half_points(digits_ser
         assert entry["sparsity"] == pytest.approx(1 - np.count_nonzero(w) / w.size) == pytest.approx(0.9, abs=0.01)
         assert entry["format"] == layer.format and layer.format in ("csr_int8", "bsr_int8")
         assert entry["bytes"] == layer.nbytes
-    assert r["after"]["size_bytes"] == stored.nbytes == len(blob) - (len(blob) - sum(
-        a.nbytes for layer in stored.layers for a in layer.arrays().values()))
+    # the reported size is the stored weights' bytes: the safetensors file is an 8-byte header length, the JSON
+    # header, then exactly those bytes
+    array_bytes = sum(a.nbytes for layer in stored.layers for a in layer.arrays().values())
+    header_bytes = 8 + int.from_bytes(blob[:8], "little")
+    assert r["after"]["size_bytes"] == stored.nbytes == array_bytes == len(blob) - header_bytes
     assert r["after"]["size_bytes"] < 0.2 * r["before"]["size_bytes"]
     for side in ("before", "after"):
         assert set(r[side]["latency_seconds"]) == {"1", "32"}
-        assert all(0 < t < 1 for t in r[side]["latency_seconds"].values())
+        assert all(np.isfinite(t) and t > 0 for t in r[side]["latency_seconds"].values())
     # int8 activations are quantized per row: small differences from TF on the same dequantized weights
     assert 0 < r["tf_reference"]["max_abs_error"] < 0.1 and r["tf_reference"]["top1_agreement"] > 0.98
 
