@@ -162,6 +162,9 @@ def check_reference(conv: Converted, settings: Settings) -> dict[str, Any]:
         rtol=settings.reference_rtol,
     ).to_dict()
     report["reference"] = conv.reference_name
+    if not math.isfinite(report["max_abs_error"]):
+        raise InvalidArgument(f"model refused: it computes NaN or infinite outputs from standard normal inputs "
+                              f"(served or {conv.reference_name} reference); its weights are not usable")
     if not report["within_tolerance"]:
         raise FailedPrecondition(
             f"model refused: served outputs differ from the {conv.reference_name} reference beyond tolerance "

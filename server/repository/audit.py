@@ -48,12 +48,19 @@ def _short(value: str | None) -> str | None:
 
 
 class AuditLog:
-    """Appends one line per change to a file (created if absent, never truncated)."""
+    """Appends one line per change to a file (created if absent, never truncated). When the file cannot be
+    opened (a read-only repository, e.g. one mounted by KServe's storage initializer) the lines go to the server
+    log instead."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         self._lock = threading.Lock()  # a closed descriptor's number may be reused: never write after close
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        except OSError as exc:
+            self._fd = -1
+            log.warning("audit log %s cannot be opened (%s): changes are logged to the server log", self.path, exc)
+        self._closed = False
 
     def record(self, ctx: RequestContext, what: str, model: str, version: int | list[int] | None, result: str) -> None:
         """Append one line. A failed write is logged, not raised: the change itself already happened."""
@@ -69,11 +76,11 @@ class AuditLog:
         try:
             with self._lock:
                 if self._fd < 0:
-                    raise OSError("the audit log is closed (the server is stopping)")
+                    raise OSError("closed (the server is stopping)" if self._closed else "not open")
                 os.write(self._fd, line.encode())
                 os.fsync(self._fd)
         except OSError as exc:
-            log.error("could not append to the audit log %s: %s; the entry was: %s", self.path, exc, line.strip())
+            log.warning("audit (not written to %s: %s): %s", self.path, exc, line.strip())
 
     @contextlib.contextmanager
     def change(self, ctx: RequestContext, what: str, model: str, version: int | None = None) -> Iterator[AuditEntry]:
@@ -91,6 +98,6 @@ class AuditLog:
 
     def close(self) -> None:
         with self._lock:
-            fd, self._fd = self._fd, -1
+            fd, self._fd, self._closed = self._fd, -1, True
         if fd >= 0:
             os.close(fd)

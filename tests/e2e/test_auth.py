@@ -65,9 +65,9 @@ def test_anonymous_and_unknown_tokens_are_unauthenticated(secured: Secured, mode
             assert _code(c.predict, "seed", X) == UNAUTHENTICATED
     with secured.client() as c:  # not a bearer token, or the token in the wrong scheme
         for value in (f"Basic {ADMIN_TOKEN}", ADMIN_TOKEN, "Bearer "):
-            assert _code(c.models_stub.DeleteModel, model_pb.DeleteModelRequest(name="x"), metadata=(("authorization", value),)) \
-                == UNAUTHENTICATED
-    assert "seed" not in [p.name for p in (secured.handle.dataplane.repository.root).iterdir()]
+            delete = model_pb.DeleteModelRequest(name="x")
+            assert _code(c.models_stub.DeleteModel, delete, metadata=(("authorization", value),)) == UNAUTHENTICATED
+    assert "seed" not in [p.name for p in secured.handle.dataplane.repository.root.iterdir()]
 
 
 def test_unknown_methods_need_a_token_too(secured: Secured) -> None:
@@ -187,8 +187,9 @@ def test_audit_log_records_changes_with_the_token_label(secured: Secured, model_
         c.set_default("seed", 1)
         channel, stub = _v2_stub(secured)
         with channel:
-            stub.RepositoryModelUnload(v2.RepositoryModelUnloadRequest(model_name="seed"), metadata=_bearer(ADMIN_TOKEN))
-            stub.RepositoryModelLoad(v2.RepositoryModelLoadRequest(model_name="seed"), metadata=_bearer(ADMIN_TOKEN))
+            admin = _bearer(ADMIN_TOKEN)
+            stub.RepositoryModelUnload(v2.RepositoryModelUnloadRequest(model_name="seed"), metadata=admin)
+            stub.RepositoryModelLoad(v2.RepositoryModelLoadRequest(model_name="seed"), metadata=admin)
         assert c.delete("seed", 2) == [2]
         assert _code(c.delete, "nope") == grpc.StatusCode.NOT_FOUND
     with secured.client(INFER_TOKEN) as c:

@@ -64,8 +64,8 @@ async def idle_upload(channel: grpc.aio.Channel, header: bool) -> grpc.StatusCod
     if header:
         try:
             await call.write(UPLOAD_HEADER)
-        except grpc.aio.AioRpcError as exc:  # refused before the write
-            return exc.code()
+        except grpc.aio.AioRpcError:  # refused before the write: the call's own status says why
+            pass
     return await _code_of(call)
 
 
@@ -75,8 +75,8 @@ async def idle_optimize(channel: grpc.aio.Channel, options: bool = False) -> grp
     if options:
         try:
             await call.write(OPTIONS)
-        except grpc.aio.AioRpcError as exc:
-            return exc.code()
+        except grpc.aio.AioRpcError:  # refused before the write: the call's own status says why
+            pass
     return await _code_of(_drain(call))
 
 
@@ -172,21 +172,35 @@ def test_an_idle_upload_or_optimization_ends_with_deadline_exceeded_and_frees_it
                "the stream readers of the ended calls stop")
 
 
-async def probe(channel: grpc.aio.Channel, kind: str) -> grpc.StatusCode:
+async def probe(address: str, kind: str) -> grpc.StatusCode:
     """One short call of ``kind`` that ends at once either way: RESOURCE_EXHAUSTED without a slot, else what the
-    call itself answers inside its slot (an invalid header, an unknown model, or OK with a prediction)."""
-    if kind == "upload":
-        bad = model_pb.UploadModelRequest(header=model_pb.UploadHeader(name="probe", size_bytes=1, sha256="x"))
-        return await _code_of(model_grpc.ModelServiceStub(channel).UploadModel(iter([bad])))
-    if kind == "optimize":
-        options = opt_pb.OptimizeRequest(options=opt_pb.OptimizeOptions(model_name="nope", target_sparsity=0.5))
-        return await _code_of(_drain(opt_grpc.OptimizeServiceStub(channel).Optimize(iter([options]))))
+    call itself answers inside its slot (an invalid header, an unknown model, or OK with a prediction).
+
+    Made with the blocking API on a thread: when a call is refused before its request is written, grpc.aio may
+    report the failed write (INTERNAL "Failed execute_batch") instead of the server's status."""
+    return await asyncio.to_thread(_probe, address, kind)
+
+
+def _probe(address: str, kind: str) -> grpc.StatusCode:
     x = np.ones((1, 3), np.float32)
-    if kind == "predict_stream":
-        call = inf_grpc.InferenceServiceStub(channel).PredictStream(iter([common.predict_request("toy", x)]))
-    else:
-        call = v2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(iter([_v2_request(x)]))
-    return await _code_of(_drain(call))
+    with grpc.insecure_channel(address) as channel:
+        try:
+            if kind == "upload":
+                bad = model_pb.UploadModelRequest(header=model_pb.UploadHeader(name="probe", size_bytes=1,
+                                                                               sha256="x"))
+                model_grpc.ModelServiceStub(channel).UploadModel(iter([bad]), timeout=60)
+            elif kind == "optimize":
+                options = opt_pb.OptimizeRequest(options=opt_pb.OptimizeOptions(model_name="nope",
+                                                                                target_sparsity=0.5))
+                list(opt_grpc.OptimizeServiceStub(channel).Optimize(iter([options]), timeout=60))
+            elif kind == "predict_stream":
+                list(inf_grpc.InferenceServiceStub(channel).PredictStream(iter([common.predict_request("toy", x)]),
+                                                                          timeout=60))
+            else:
+                list(v2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(iter([_v2_request(x)]), timeout=60))
+        except grpc.RpcError as exc:
+            return exc.code()
+    return grpc.StatusCode.OK
 
 
 def _v2_request(x: np.ndarray) -> v2.ModelInferRequest:
@@ -209,10 +223,16 @@ def test_the_next_call_past_the_limit_is_refused_and_a_cancelled_call_frees_its_
     x = np.ones((1, 3), np.float32)
 
     async def hold(channel: grpc.aio.Channel, kind: str) -> object:
+        # each held call sends a first message (a call that sent nothing may not be on the wire yet) and then
+        # waits for more: an upload for its data, an optimization for the data its options announce
         if kind == "upload":
-            return model_grpc.ModelServiceStub(channel).UploadModel()
+            call = model_grpc.ModelServiceStub(channel).UploadModel()
+            await call.write(UPLOAD_HEADER)
+            return call
         if kind == "optimize":
-            return opt_grpc.OptimizeServiceStub(channel).Optimize()
+            call = opt_grpc.OptimizeServiceStub(channel).Optimize()
+            await call.write(OPTIONS)
+            return call
         if kind == "predict_stream":
             call = inf_grpc.InferenceServiceStub(channel).PredictStream()
             await call.write(common.predict_request("toy", x))
@@ -224,7 +244,7 @@ def test_the_next_call_past_the_limit_is_refused_and_a_cancelled_call_frees_its_
 
     async def until(kind: str, channel: grpc.aio.Channel, want: Callable[[grpc.StatusCode], bool]) -> grpc.StatusCode:
         for _ in range(600):  # the held calls reach the server in their own time: probe until they have
-            code = await probe(channel, kind)
+            code = await probe(address, kind)
             if want(code):
                 return code
             await asyncio.sleep(0.05)
@@ -233,7 +253,7 @@ def test_the_next_call_past_the_limit_is_refused_and_a_cancelled_call_frees_its_
     async def scenario() -> None:
         async with grpc.aio.insecure_channel(address) as channel:
             for kind, limit in limits.items():
-                assert await probe(channel, kind) == ANSWERED_IN_SLOT[kind], kind
+                assert await probe(address, kind) == ANSWERED_IN_SLOT[kind], kind
                 held = [await hold(channel, kind) for _ in range(limit)]
                 await until(kind, channel, lambda c: c == grpc.StatusCode.RESOURCE_EXHAUSTED)
                 held[0].cancel()  # type: ignore[attr-defined]

@@ -108,3 +108,26 @@ def npy_bytes(array: np.ndarray | None = None, *, header: dict[str, Any] | None 
 
 def npz_of(members: dict[str, bytes], compression: int = zipfile.ZIP_DEFLATED) -> bytes:
     return zip_of({f"{k}.npy": v for k, v in members.items()}, compression)
+
+
+def upload_raw(client: Any, data: bytes, name: str = "attack") -> Any:
+    """Upload ``data`` through the raw UploadModel stub (header with its true size and SHA-256, 1 MiB chunks)."""
+    from leanserve.v1 import model_service_pb2 as pb
+
+    header = pb.UploadHeader(name=name, format=pb.MODEL_FORMAT_UNSPECIFIED, size_bytes=len(data),
+                             sha256=hashlib.sha256(data).hexdigest())
+    msgs = [pb.UploadModelRequest(header=header)] + [
+        pb.UploadModelRequest(chunk=data[i:i + MB]) for i in range(0, len(data), MB)
+    ]
+    return client.models_stub.UploadModel(iter(msgs))
+
+
+def upload_code(client: Any, data: bytes, name: str = "attack") -> Any:
+    """The status code an upload of ``data`` ends with (``grpc.StatusCode.OK`` when it is accepted)."""
+    import grpc
+
+    try:
+        upload_raw(client, data, name)
+    except grpc.RpcError as err:
+        return err.code()
+    return grpc.StatusCode.OK
