@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, help="port of Ray Serve's HTTP proxy on 127.0.0.1 (unused; default: a "
                    "free one)")
     p.add_argument("--start-timeout", type=float, default=600.0, help="seconds to wait for the proxy to answer")
+    p.add_argument("--node-ip-address", help="this machine's address in the Ray cluster (e.g. 127.0.0.1 when the "
+                   "cluster runs on loopback); default: Ray finds it")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ...")
     p.set_defaults(func=cmd_ray)
 
@@ -187,9 +189,6 @@ def cmd_ray(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     http_port = args.http_port
     if http_port is None:
         with socket.socket() as s:
@@ -198,7 +197,12 @@ def cmd_ray(args: argparse.Namespace) -> int:
     # without it the proxy sends every call to the replica on its own node
     env_vars = {"RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0"}
     ray.init(address=args.address, namespace="leanserve", runtime_env={"env_vars": env_vars},
-             logging_level=logging.WARNING, log_to_driver=False)
+             logging_level=logging.WARNING, log_to_driver=False,
+             **({"_node_ip_address": args.node_ip_address} if args.node_ip_address else {}))
+    # after ray.init, which installs handlers of its own that would end the process without removing the app
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(proxy_location=args.proxy_location, http_options={"host": "127.0.0.1", "port": http_port},
                     grpc_options={"port": args.port, "grpc_servicer_functions": SERVICER_FUNCTIONS},
@@ -206,7 +210,8 @@ def cmd_ray(args: argparse.Namespace) -> int:
         app = build_app(settings, replicas=args.replicas, min_replicas=args.min_replicas,
                         max_replicas=args.max_replicas, target_ongoing_requests=args.target_ongoing_requests,
                         max_ongoing_requests=args.max_ongoing_requests, replica_cpus=args.replica_cpus)
-        serve.run(app, name=APP_NAME, route_prefix=None, blocking=False)
+        # a route makes the app an ingress: the only app then gets calls without "application" metadata
+        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
         wait_for_proxy(f"{args.host}:{args.port}", args.start_timeout)
         print(f"listening on {args.host}:{args.port}", flush=True)
         stop.wait()

@@ -120,13 +120,14 @@ class BoundedZip:
                 size += len(chunk)
         return size
 
-    def check_all(self, skip: tuple[str, ...] = ()) -> None:
-        """Inflate every member not in ``skip`` once, keeping nothing: proves the whole archive fits the budget and
-        every CRC matches before anything else reads it."""
+    def check_all(self) -> None:
+        """Inflate every member once, keeping nothing: proves that the whole archive fits the budget and that every
+        CRC matches before anything is kept in memory or read by another library, so refusing a bomb costs a chunk
+        of memory, never the budget. The count starts again afterwards: later reads are counted too."""
         for name in self.names:
-            if name not in skip:
-                for _ in self.chunks(name):
-                    pass
+            for _ in self.chunks(name):
+                pass
+        self.unpacked = 0
 
 
 def read_npz(blob: bytes, max_unpacked: int, what: str = "the .npz") -> dict[str, np.ndarray]:
@@ -138,6 +139,7 @@ def read_npz(blob: bytes, max_unpacked: int, what: str = "the .npz") -> dict[str
     """
     arrays: dict[str, np.ndarray] = {}
     with BoundedZip(blob, max_unpacked, what) as zf:
+        zf.check_all()
         for name in zf.names:
             if not name.endswith(".npy"):
                 raise InvalidArgument(f"{what}: member {name!r} is not a .npy array")

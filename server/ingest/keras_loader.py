@@ -121,11 +121,12 @@ def load_keras(
 
 
 def _read_keras(path: Path, max_unpacked: int) -> tuple[dict[str, Any], int]:
-    """The config of a ``.keras`` zip and the size of its stored weights. Every member is inflated once with a
+    """The config of a ``.keras`` zip and the size of its stored weights. Every member is first inflated with a
     running count (declared sizes are not trusted) so that Keras later reads only what was counted; the weights
     go to a temporary file for h5py (seeking inside a compressed member would inflate it again and again)."""
     with tempfile.TemporaryDirectory(prefix="leanserve-keras-") as tmp, \
             BoundedZip(path, max_unpacked, "the .keras file") as zf:
+        zf.check_all()
         if _CONFIG not in zf.names:
             raise InvalidArgument(f"not a valid Keras file: the archive holds no {_CONFIG}")
         raw = zf.read(_CONFIG, limit=_MAX_CONFIG_BYTES)
@@ -138,7 +139,6 @@ def _read_keras(path: Path, max_unpacked: int) -> tuple[dict[str, Any], int]:
 
                 with h5py.File(weights, "r") as f:
                     params = _count_datasets(f)
-        zf.check_all(skip=(_CONFIG, _WEIGHTS))
     with _untrusted(_CONFIG):
         config = json.loads(raw)
     if not isinstance(config, dict):

@@ -124,12 +124,13 @@ def zip_bytes(manifest: Manifest | Mapping[str, Any], blob: bytes) -> bytes:
 
 def read_zip(path: Path, max_bytes: int, limits: ManifestLimits | None = None) -> tuple[Manifest, bytes]:
     """Read an uploaded ``.leanserve`` zip: exactly a manifest and a weights file. Members are inflated with a
-    running count (``ResourceExhausted`` past ``max_bytes`` in all), the manifest is parsed before the weights are
-    inflated."""
+    running count (``ResourceExhausted`` past ``max_bytes`` in all) and checked whole before any is kept; the manifest
+    is parsed before the weights are kept."""
     with BoundedZip(path, max_bytes, "the leanserve file") as zf:
         if set(zf.names) != {MANIFEST, WEIGHTS}:
             raise InvalidArgument(f"a leanserve file holds exactly {MANIFEST} and {WEIGHTS}; found "
                                   f"{sorted(zf.names)[:10]}")
+        zf.check_all()
         manifest = Manifest.parse(zf.read(MANIFEST, limit=MAX_MANIFEST_BYTES), limits)
         blob = zf.read(WEIGHTS)
     return manifest, blob

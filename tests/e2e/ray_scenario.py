@@ -103,7 +103,7 @@ def run(out_path: Path) -> None:
             log = open(work / "leanserve-ray.log", "w")
             ray_proc = subprocess.Popen(
                 [*LEANSERVE, "ray", "--address", f"127.0.0.1:{gcs_port}", "--replicas", "2", "--port",
-                 str(grpc_port), "--repository", uri], env=env, stdout=subprocess.PIPE, stderr=log, text=True)
+                 str(grpc_port), "--repository", uri, "--node-ip-address", "127.0.0.1"], env=env, stdout=subprocess.PIPE, stderr=log, text=True)
             assert ray_proc.stdout is not None
             first = ray_proc.stdout.readline()
             report["first_line"] = first.strip()
@@ -167,6 +167,35 @@ def run(out_path: Path) -> None:
                 v2_by_replica[who(call)[1]] = float(np.max(np.abs(y - plans[2].reference(x[:4]))))
             report["v2_by_replica"] = v2_by_replica
             report["v2_not_found_before_poll"] = not_yet
+
+            # the other RPCs through the proxy: a refused call's status, a V2 stream, leanserve.v1 unary and stream
+            try:
+                stub.ModelInfer(pb.ModelInferRequest(model_name="nope"), timeout=30)
+                report["unknown_model_status"] = "OK"
+            except grpc.RpcError as exc:
+                report["unknown_model_status"] = exc.code().name
+            ok = pb.ModelInferRequest(model_name="m", model_version="1")
+            ok.inputs.add(name="x", datatype="FP32", shape=[1, 12])
+            ok.raw_input_contents.append(x[:1].tobytes())
+            bad = pb.ModelInferRequest(model_name="nope", id="bad")
+            answers = list(stub.ModelStreamInfer(iter([ok, bad, ok]), timeout=60))
+            report["stream_errors"] = [a.error_message.split(":")[0] for a in answers]
+            report["stream_max_abs_error"] = max(
+                float(np.max(np.abs(np.frombuffer(a.infer_response.raw_output_contents[0], np.float32)
+                                    - plans[1].reference(x[:1])[0]))) for a in answers if not a.error_message)
+
+            from leanserve.server.grpc.converters import fill_tensor, tensor_to_numpy
+            from leanserve.v1 import inference_service_pb2 as v1
+            from leanserve.v1 import inference_service_pb2_grpc as v1_grpc
+
+            v1_stub = v1_grpc.InferenceServiceStub(channel)
+            pr = v1.PredictRequest(model_name="m", model_version=2, request_id="p")
+            fill_tensor(pr.inputs.add(), "x", x[:3])
+            got_v1 = tensor_to_numpy(v1_stub.Predict(pr, timeout=30).outputs[0])
+            report["v1_predict_max_abs_error"] = float(np.max(np.abs(got_v1 - plans[2].reference(x[:3]))))
+            bad_v1 = v1.PredictRequest(model_name="nope", request_id="b")
+            streamed = list(v1_stub.PredictStream(iter([pr, bad_v1, pr]), timeout=60))
+            report["v1_stream_codes"] = [r.error.code for r in streamed]
             channel.close()
 
             ray_proc.send_signal(signal.SIGTERM)
@@ -175,7 +204,7 @@ def run(out_path: Path) -> None:
             from ray import serve
 
             ray.init(address=f"127.0.0.1:{gcs_port}", namespace="leanserve", logging_level="ERROR",
-                     log_to_driver=False)
+                     log_to_driver=False, _node_ip_address="127.0.0.1")
             report["apps_after_sigterm"] = sorted(serve.status().applications)
             ray.shutdown()
         finally:

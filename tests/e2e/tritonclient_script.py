@@ -112,8 +112,8 @@ def matrix(url: str, model: str, mode: str, cols: str, timeout: str, cancel: str
     answers: queue.Queue = queue.Queue()
     if mode == "unary":
         if cancel == "1":
-            call = c.async_infer(model, inputs(model, int(cols)), callback=lambda r, e: answers.put((r, e)),
-                                 request_id="bad")
+            call = c.async_infer(model, inputs(model, int(cols)), request_id="bad",
+                                 callback=lambda result, error: answers.put((result, error)))
             print("sent", flush=True)
             sys.stdin.readline()
             call.cancel()
@@ -126,7 +126,7 @@ def matrix(url: str, model: str, mode: str, cols: str, timeout: str, cancel: str
                 error = exc
         out["first"] = {"error": _error(error), "id": result.get_response().id if result else None}
     else:
-        c.start_stream(callback=lambda r, e: answers.put((r, e)), stream_timeout=deadline)
+        c.start_stream(callback=lambda result, error: answers.put((result, error)), stream_timeout=deadline)
         c.async_stream_infer(model, inputs(model, int(cols)), request_id="bad")
         if cancel == "1":
             print("sent", flush=True)

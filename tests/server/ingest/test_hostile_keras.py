@@ -1,0 +1,143 @@
+"""Attacks on Keras uploads (.keras zip, legacy .h5) through a real server: each ends with its status code, nothing
+runs or is stored, and the server keeps serving."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from leanserve.client import Client
+from leanserve.server.app import ServerHandle, create_server
+from tests.conftest import make_settings
+from tests.fuzz import hostile
+
+INVALID, EXHAUSTED = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+@pytest.fixture(scope="module")
+def models(keras: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("keras-models")
+    small = keras.Sequential([keras.Input((8,), name="x"), keras.layers.Dense(4, activation="relu"),
+                              keras.layers.Dense(2, activation="softmax")])
+    small.save(d / "small.h5")
+    small.save(d / "small.keras")
+    words = keras.Input((1,), dtype="string", name="words")
+    ids = keras.layers.StringLookup(vocabulary=["a", "b"])(words)
+    keras.Model(words, keras.layers.CategoryEncoding(num_tokens=3, output_mode="one_hot")(ids)).save(d / "str.keras")
+    return {"h5": d / "small.h5", "keras": d / "small.keras", "string": d / "str.keras"}
+
+
+@pytest.fixture(scope="module")
+def served(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Client, Path]]:
+    root = tmp_path_factory.mktemp("hostile-keras")
+    handle: ServerHandle = create_server(make_settings(root / "models", autotune=False, reference_samples=16))
+    with Client(f"127.0.0.1:{handle.port}", timeout=120) as client:
+        client.upload(models["h5"], "good")
+        yield client, root
+    handle.stop(0.5)
+
+
+def _alive(client: Client) -> None:
+    assert client.predict("good", np.ones((2, 8), np.float32)).outputs
+    assert client.models() == {"good": [1]}
+
+
+def _with_config(source: Path, change: Any) -> bytes:
+    """``source`` (a .keras zip) with its config.json rewritten by ``change(config)``."""
+    with zipfile.ZipFile(source) as zf:
+        members = {name: zf.read(name) for name in zf.namelist()}
+    config = json.loads(members["config.json"])
+    change(config)
+    members["config.json"] = json.dumps(config).encode()
+    return hostile.zip_of(members)
+
+
+def test_string_input_is_invalid_argument(served, models: dict[str, Path]) -> None:
+    """Finding: a string-dtype Keras input was INTERNAL."""
+    client, _ = served
+    assert hostile.upload_code(client, models["string"].read_bytes()) == INVALID
+    _alive(client)
+
+
+def test_layers_declared_larger_than_their_weights_are_counted_before_allocation(served,
+                                                                                   models: dict[str, Path]) -> None:
+    """Finding: the parameter estimate ignored layers without build_config, so Keras allocated before the count
+    was checked. The count now comes from the model built without allocating."""
+    client, _ = served
+
+    def huge(config: dict[str, Any]) -> None:
+        for layer in config["config"]["layers"]:
+            layer.pop("build_config", None)
+        config["config"]["layers"][1]["config"]["units"] = 2_000_000_000  # 8 * 2e9 params, would be 64 GB
+    assert hostile.upload_code(client, _with_config(models["keras"], huge)) == INVALID
+
+    def wide(config: dict[str, Any]) -> None:  # under max_model_params, far more than this small file carries
+        for layer in config["config"]["layers"]:
+            layer.pop("build_config", None)
+        config["config"]["layers"][1]["config"]["units"] = 20_000_000
+    assert hostile.upload_code(client, _with_config(models["keras"], wide)) == EXHAUSTED
+    _alive(client)
+
+
+def test_keras_archive_bombs(served, models: dict[str, Path]) -> None:
+    client, _ = served
+    with zipfile.ZipFile(models["keras"]) as zf:
+        members = {name: zf.read(name) for name in zf.namelist()}
+    bomb = hostile.bomb_zip({**members, "assets/padding.bin": 512 << 20})
+    assert len(bomb) < 1 << 20
+    assert hostile.upload_code(client, bomb) == EXHAUSTED
+    weights_bomb = hostile.bomb_zip({**members, "model.weights.h5": 512 << 20})
+    assert hostile.upload_code(client, weights_bomb) == EXHAUSTED
+    assert hostile.upload_code(client, hostile.declare_size(bomb, "assets/padding.bin", 10)) == INVALID
+    assert hostile.upload_code(client, hostile.bomb_zip({"config.json": 64 << 20})) in (INVALID, EXHAUSTED)
+    _alive(client)
+
+
+def test_h5_byte_mutants(served, models: dict[str, Path]) -> None:
+    """Finding: 75 of 240 byte-mutants of a saved .h5 were INTERNAL (h5py RuntimeError/OSError/KeyError/ValueError).
+    Through the server a sample of mutants ends OK, INVALID_ARGUMENT or RESOURCE_EXHAUSTED (the in-process fuzzer in
+    tests/fuzz covers many more)."""
+    client, _ = served
+    good = models["h5"].read_bytes()
+    rng = np.random.default_rng(0)
+    codes = []
+    for _ in range(24):
+        data = bytearray(good)
+        for pos in rng.integers(0, len(data), size=int(rng.integers(1, 8))):
+            data[pos] = int(rng.integers(0, 256))
+        code = hostile.upload_code(client, bytes(data), "mutant")
+        codes.append(code)
+        assert code in (grpc.StatusCode.OK, INVALID, EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION), code
+        if code == grpc.StatusCode.OK:
+            client.delete("mutant")
+    assert INVALID in codes
+    _alive(client)
+
+
+def test_python_code_in_a_model_never_runs(served, keras: Any, tmp_path: Path) -> None:
+    """What held: Lambda (marshal'd bytecode) and custom classes in .keras and .h5 are refused, never executed."""
+    client, _ = served
+    flag = tmp_path / "executed"
+    probe = f"open({str(flag)!r}, 'w').close()"
+    lam = keras.Sequential([keras.Input((4,)), keras.layers.Lambda(lambda x: (exec(probe), x)[1]),
+                            keras.layers.Dense(2)])
+    flag.unlink(missing_ok=True)  # building the model above ran the lambda once, here in the test
+    for suffix in (".keras", ".h5"):
+        lam.save(tmp_path / f"lam{suffix}")
+        assert hostile.upload_code(client, (tmp_path / f"lam{suffix}").read_bytes()) == INVALID
+        assert not flag.exists()
+
+    plain = tmp_path / "plain.keras"
+    keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.Dense(2)]).save(plain)
+
+    def custom(config: dict[str, Any]) -> None:
+        config["config"]["layers"][1].update({"module": "os", "class_name": "system", "registered_name": "os>system"})
+    assert hostile.upload_code(client, _with_config(plain, custom)) == INVALID
+    _alive(client)
