@@ -137,18 +137,22 @@ class Client:
     def optimize(
         self, name: str, data: None | str | Path | dict[str, np.ndarray] = None, *, version: int = 0,
         sparsity: float = 0.0, block: str = "", granularity: str = "per_layer", quantize: str = "none",
-        max_accuracy_drop: float = 0.01, epochs: int = 0, search: bool = False, promote: bool = False,
-        description: str = "", progress: opt.ProgressCallback | None = None, timeout: float | None = None,
+        max_accuracy_drop: float = 0.01, epochs: int | None = None, search: bool = False, promote: bool = False,
+        description: str = "", time_budget: float = 0.0, progress: opt.ProgressCallback | None = None,
+        timeout: float | None = None,
     ) -> dict:
         """Prune and/or quantize ``name`` within an accuracy budget; returns the report (``report["version"]``
         is the new version, ``report["promoted"]`` whether it became the default).
 
         ``data``: an .npz path or a dict with ``x`` and optionally ``y`` (labels or one-hot), ``x_val``,
         ``y_val``; None = one-shot, judged by agreement on random inputs. ``block``: "RxC" or "" (unstructured).
-        ``progress(stage, fraction, message)`` is called for every progress event."""
+        ``epochs``: None = the server fine-tunes when the data allows it, 0 = one-shot, N = N epochs per candidate.
+        While over ``max_accuracy_drop`` the server keeps trying candidates, within ``time_budget`` seconds
+        (0 = the server's default). ``progress(stage, fraction, message)`` is called for every progress event."""
         msgs = opt.requests(name, opt.data_bytes(data), version=version, sparsity=sparsity, block=block,
                             granularity=granularity, quantize=quantize, max_accuracy_drop=max_accuracy_drop,
-                            epochs=epochs, search=search, promote=promote, description=description)
+                            epochs=epochs, search=search, promote=promote, description=description,
+                            time_budget=time_budget)
         report = None
         for event in self.optimize_stub.Optimize(msgs, timeout=timeout or self.timeout):
             report = opt.handle_event(event, progress) or report

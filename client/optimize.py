@@ -33,9 +33,9 @@ def data_bytes(data: None | str | Path | Mapping[str, np.ndarray]) -> bytes:
 
 def requests(name: str, blob: bytes, *, version: int = 0, sparsity: float = 0.0, block: str = "",
              granularity: str = "per_layer", quantize: str = "none", max_accuracy_drop: float = 0.01,
-             epochs: int = 0, search: bool = False, promote: bool = False,
-             description: str = "") -> Iterator[pb.OptimizeRequest]:
-    """Options first, then the data in 1 MiB chunks."""
+             epochs: int | None = None, search: bool = False, promote: bool = False,
+             description: str = "", time_budget: float = 0.0) -> Iterator[pb.OptimizeRequest]:
+    """Options first, then the data in 1 MiB chunks (``epochs`` None: the server decides)."""
     if granularity not in GRANULARITY:
         raise ValueError(f"granularity must be one of {', '.join(GRANULARITY)}")
     if quantize not in QUANTIZATION:
@@ -44,7 +44,7 @@ def requests(name: str, blob: bytes, *, version: int = 0, sparsity: float = 0.0,
         model_name=name, version=version, target_sparsity=sparsity, block=block,
         granularity=GRANULARITY[granularity], quantization=QUANTIZATION[quantize],
         max_accuracy_drop=max_accuracy_drop, epochs=epochs, search=search, promote=promote,
-        data_size_bytes=len(blob), description=description,
+        data_size_bytes=len(blob), description=description, time_budget_seconds=time_budget,
     )
     yield pb.OptimizeRequest(options=options)
     for i in range(0, len(blob), CHUNK_BYTES):

@@ -55,6 +55,7 @@ class ServerHandle:
     poller: RepositoryPoller | None = None
     certificates: ServerCertificates | None = None
     tokens: TokenFile | None = None
+    stream_pool: futures.ThreadPoolExecutor | None = None
 
     def reload_credentials(self) -> None:
         """Re-read the TLS files (for the next handshake) and the token file now, changed or not (SIGHUP)."""
@@ -75,6 +76,8 @@ class ServerHandle:
         if self.poller is not None:
             self.poller.stop()
         self.server.stop(grace).wait()
+        if self.stream_pool is not None:
+            self.stream_pool.shutdown(wait=False, cancel_futures=True)
         self.dataplane.close()
         if self.metrics is not None:
             self.metrics.stop()
@@ -139,11 +142,13 @@ def create_server(settings: Settings) -> ServerHandle:
     dataplane = DataPlane(settings, repository, registry)
     dataplane.load_all()
 
+    # streams hold a thread for their whole life: they get a pool of their own, sized by their slots
+    stream_pool = futures.ThreadPoolExecutor(max_workers=settings.stream_threads, thread_name_prefix="leanserve-stream")
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.worker_threads, thread_name_prefix="leanserve-rpc"),
         # auth first: a refused call costs no more than the refusal; no token file = no auth interceptor at all
         interceptors=[*([AuthInterceptor(tokens, settings.client_error_log_per_second)] if tokens else []),
-                      ErrorInterceptor(settings.client_error_log_per_second)],
+                      ErrorInterceptor(settings.client_error_log_per_second, stream_pool)],
         options=grpc_options(settings),
         maximum_concurrent_rpcs=None,
     )
@@ -185,4 +190,4 @@ def create_server(settings: Settings) -> ServerHandle:
              "mTLS" if settings.tls_client_ca_file else "TLS" if certificates else "plaintext",
              f"tokens from {settings.auth_tokens_file}" if tokens else "no authentication")
     return ServerHandle(server=server, port=port, dataplane=dataplane, health=health_servicer, metrics=metrics,
-                        poller=poller, certificates=certificates, tokens=tokens)
+                        poller=poller, certificates=certificates, tokens=tokens, stream_pool=stream_pool)

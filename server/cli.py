@@ -18,6 +18,12 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, help="port; 0 picks a free one (env LEANSERVE_PORT, default 8500)")
     p.add_argument("--repository", help="model repository: a folder or s3://BUCKET/PREFIX (env LEANSERVE_REPOSITORY, "
                    "default ./models)")
+    p.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
+                   help="publish a model file (.h5, .keras, .leanserve) as NAME at startup, unless its newest version "
+                   "came from the same file; repeatable. A --repository folder holding model files instead of model "
+                   "folders (KServe's /mnt/models) is served the same way, each file named after its stem")
+    p.add_argument("--model-name", help="the name of the one model file in a --repository folder of model files "
+                   "(e.g. the InferenceService's name)")
     p.add_argument("--workers", type=int, dest="worker_threads", help="gRPC worker threads per process")
     p.add_argument("--processes", type=int,
                    help="server processes sharing the port, e.g. one per core (env LEANSERVE_PROCESSES, default 1)")
@@ -126,6 +132,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     if args.supervisor_fd is not None:
         watch_first_process(args.supervisor_fd, stop)
+    if settings.process_index == 0:  # the extra processes get the prepared settings from the first
+        from leanserve.server.app import check_exposure
+        from leanserve.server.errors import LeanserveError
+        from leanserve.server.ingest.model_files import parse_model_arg, prepare
+
+        try:
+            check_exposure(settings)  # before model files are converted
+            settings = prepare(settings, [parse_model_arg(m) for m in args.model], args.model_name)
+        except ConfigurationError as exc:
+            print(f"leanserve serve: {exc}", file=sys.stderr)
+            return 2
+        except LeanserveError as exc:
+            print(f"leanserve serve: {exc.code.value}: {exc.message}", file=sys.stderr)
+            return 2
     try:
         handle = create_server(settings)
     except ConfigurationError as exc:  # raised before anything is loaded or bound

@@ -101,27 +101,30 @@ class Settings(BaseSettings):
     )
 
     worker_threads: int = Field(
-        128, ge=2, description="gRPC worker threads: RPCs handled at once (an open stream holds one for its lifetime)."
+        16,
+        ge=1,
+        description="gRPC threads for unary calls (Predict, ModelInfer, metadata, admin calls). Streaming calls have "
+        "their own pool. Few threads serve small models best: each runnable handler thread competes for the GIL, "
+        "and past a handful they mostly wait for it. Requests waiting for a busy batcher hold a thread, so the "
+        "largest batch a model can form from concurrent unary callers is about this many rows.",
     )
     max_open_streams: int = Field(
         96,
         ge=1,
-        description="Streams (PredictStream, ModelStreamInfer) open at once; more are refused with RESOURCE_EXHAUSTED "
-        "so that unary calls always find a worker thread. Must be below worker_threads.",
+        description="Predict streams (PredictStream, ModelStreamInfer) open at once; more are refused with "
+        "RESOURCE_EXHAUSTED. Each holds a thread of the stream pool for its life, never a unary thread.",
     )
-    max_open_uploads: int | None = Field(
-        None,
+    max_open_uploads: int = Field(
+        8,
         ge=1,
-        description="UploadModel calls open at once (each holds a worker thread while it receives); more are refused "
-        "with RESOURCE_EXHAUSTED. Default: 8, or fewer when worker_threads leaves less room. Together with "
-        "max_open_streams and max_open_optimizations it must stay below worker_threads.",
+        description="UploadModel calls open at once (each holds a stream-pool thread while it receives); more are "
+        "refused with RESOURCE_EXHAUSTED.",
     )
-    max_open_optimizations: int | None = Field(
-        None,
+    max_open_optimizations: int = Field(
+        2,
         ge=1,
         description="Optimize calls open at once (receiving data or following a job); more are refused with "
-        "RESOURCE_EXHAUSTED. Default: 2, or 1 when worker_threads leaves less room. Which of them may run a job "
-        "is optimize_max_jobs.",
+        "RESOURCE_EXHAUSTED. Which of them may run a job is optimize_max_jobs.",
     )
     stream_idle_timeout_seconds: float = Field(
         30.0,
@@ -211,26 +214,10 @@ class Settings(BaseSettings):
         """Whether gRPC reflection is served (default: unless tokens are required)."""
         return self.reflection if self.reflection is not None else self.auth_tokens_file is None
 
-    @model_validator(mode="after")
-    def _streams_leave_threads_for_unary(self) -> "Settings":
-        # every slot of a long call holds a worker thread: together they must leave at least one for unary calls
-        if self.max_open_streams >= self.worker_threads:
-            raise ValueError(
-                f"max_open_streams ({self.max_open_streams}) must be below worker_threads ({self.worker_threads})"
-            )
-        room = self.worker_threads - self.max_open_streams - 1
-        if self.max_open_optimizations is None:
-            self.max_open_optimizations = max(1, min(2, room // 2))
-        if self.max_open_uploads is None:
-            self.max_open_uploads = max(1, min(8, room - self.max_open_optimizations))
-        held = self.max_open_streams + self.max_open_uploads + self.max_open_optimizations
-        if held >= self.worker_threads:
-            raise ValueError(
-                f"max_open_streams + max_open_uploads + max_open_optimizations ({self.max_open_streams} + "
-                f"{self.max_open_uploads} + {self.max_open_optimizations}) must be below worker_threads "
-                f"({self.worker_threads}) so that unary calls always find a thread"
-            )
-        return self
+    @property
+    def stream_threads(self) -> int:
+        """Threads of the stream pool: one per stream slot of every kind, and a few to refuse calls past them."""
+        return self.max_open_streams + self.max_open_uploads + self.max_open_optimizations + 4
 
     @property
     def poll_seconds(self) -> float:
@@ -271,4 +258,12 @@ class Settings(BaseSettings):
     )
     optimize_latency_repeats: int = Field(
         15, ge=1, description="Timed samples per batch size and round when the optimizer measures latency."
+    )
+    optimize_time_budget_seconds: float = Field(
+        900.0, gt=0, description="Wall-clock bound of one optimization's candidate search (fine-tuning included) "
+        "when the call gives no time_budget_seconds; fine-tuning epochs are sized to fit in it.",
+    )
+    optimize_max_time_budget_seconds: float = Field(
+        4 * 3600.0, gt=0, description="Largest time_budget_seconds an Optimize call may ask for (the job holds one "
+        "of optimize_max_jobs slots for that long).",
     )

@@ -12,6 +12,7 @@ dict lookup.
 from __future__ import annotations
 
 import logging
+from concurrent import futures
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -67,10 +68,16 @@ def _is_abort(exc: BaseException) -> bool:
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):
-    """Maps exceptions raised by any servicer method to gRPC status codes."""
+    """Maps exceptions raised by any servicer method to gRPC status codes.
 
-    def __init__(self, client_errors_per_second: int = 10) -> None:
+    With ``stream_pool``, every streaming method (client, server or bidirectional) runs on that pool instead of the
+    server's: an open stream holds its thread for its whole life, so streams get threads of their own and the
+    server's pool, kept small, serves unary calls only (few runnable handler threads = no GIL convoy).
+    """
+
+    def __init__(self, client_errors_per_second: int = 10, stream_pool: futures.ThreadPoolExecutor | None = None) -> None:
         self._client_error = RateLimitedLog(log, client_errors_per_second)
+        self._stream_pool = stream_pool
         # method -> (handler as registered, wrapped handler); only methods that exist get an entry
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
@@ -97,7 +104,9 @@ class ErrorInterceptor(grpc.ServerInterceptor):
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         abort = self._abort
 
-        def unary(fn: Callable[..., Any]) -> Callable[..., Any]:
+        stream_pool = self._stream_pool
+
+        def unary(fn: Callable[..., Any], streaming: bool = False) -> Callable[..., Any]:
             def wrapper(request: Any, context: grpc.ServicerContext) -> Any:
                 try:
                     return fn(request, context)
@@ -106,6 +115,9 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                         raise
                     abort(context, exc, method)
 
+            if streaming and stream_pool is not None:
+                # grpc runs a method on its behaviour's ``experimental_thread_pool`` when it has one
+                wrapper.experimental_thread_pool = stream_pool  # type: ignore[attr-defined]
             return wrapper
 
         def stream(fn: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
@@ -117,12 +129,14 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                         raise
                     abort(context, exc, method)
 
+            if stream_pool is not None:
+                wrapper.experimental_thread_pool = stream_pool  # type: ignore[attr-defined]
             return wrapper
 
         if handler.unary_unary:
             return handler._replace(unary_unary=unary(handler.unary_unary))
         if handler.stream_unary:
-            return handler._replace(stream_unary=unary(handler.stream_unary))
+            return handler._replace(stream_unary=unary(handler.stream_unary, streaming=True))
         if handler.unary_stream:
             return handler._replace(unary_stream=stream(handler.unary_stream))
         if handler.stream_stream:

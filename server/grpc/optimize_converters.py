@@ -22,8 +22,9 @@ def optimize_options(o: pb.OptimizeOptions) -> OptimizeOptions:
     return OptimizeOptions(
         model_name=o.model_name, version=int(o.version), target_sparsity=float(o.target_sparsity),
         block=parse_block(o.block), granularity=_GRANULARITY[o.granularity], quantize=_QUANTIZATION[o.quantization],
-        max_accuracy_drop=float(o.max_accuracy_drop), epochs=int(o.epochs), search=bool(o.search),
-        promote=bool(o.promote), data_size_bytes=int(o.data_size_bytes), description=o.description,
+        max_accuracy_drop=float(o.max_accuracy_drop), epochs=int(o.epochs) if o.HasField("epochs") else None,
+        search=bool(o.search), promote=bool(o.promote), data_size_bytes=int(o.data_size_bytes),
+        description=o.description, time_budget_seconds=float(o.time_budget_seconds),
     )
 
 

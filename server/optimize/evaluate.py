@@ -45,6 +45,14 @@ def quality(outputs: np.ndarray, ev: EvalSet, original: np.ndarray) -> float:
     return float(np.mean(np.argmax(outputs, axis=1) == target))
 
 
+def output_error(outputs: np.ndarray, original: np.ndarray) -> dict[str, float]:
+    """How far the candidate's outputs moved from the original model's on the same rows."""
+    err = np.abs(outputs.astype(np.float64) - original.astype(np.float64))
+    return {"max_abs_output_change": float(err.max(initial=0.0)),
+            "mean_abs_output_change": float(err.mean()) if err.size else 0.0,
+            "top1_agreement": float(np.mean(outputs.argmax(1) == original.argmax(1))) if len(outputs) else 1.0}
+
+
 def latency(plan: Plan, batch: int, repeats: int, seed: int = 0) -> float:
     """Median seconds of one ``plan(x)`` call on a ``[batch, ...]`` input (after one warm-up call)."""
     x = np.random.default_rng(seed).standard_normal((batch, *plan.input_shape), dtype=np.float32)

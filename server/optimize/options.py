@@ -24,11 +24,14 @@ class OptimizeOptions:
     granularity: str = "per_layer"  # "per_layer" | "global"
     quantize: str = "none"  # "none" | "int8"
     max_accuracy_drop: float = 0.01
-    epochs: int = 0
+    #: None: the server decides (fine-tunes when the data allows it); 0: one-shot pruning; N: N epochs
+    epochs: int | None = None
     search: bool = False
     promote: bool = False
     data_size_bytes: int = 0
     description: str = ""
+    #: bound of the whole search in seconds; 0: the server's default (settings.optimize_time_budget_seconds)
+    time_budget_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -58,7 +61,8 @@ def format_block(block: tuple[int, int] | None) -> str:
     return "" if block is None else f"{block[0]}x{block[1]}"
 
 
-def validate(opts: OptimizeOptions, *, max_epochs: int, max_data_bytes: int) -> OptimizeOptions:
+def validate(opts: OptimizeOptions, *, max_epochs: int, max_data_bytes: int,
+             max_time_budget_seconds: float = float("inf")) -> OptimizeOptions:
     """Return ``opts`` or raise InvalidArgument / ResourceExhausted naming the bad option."""
     from leanserve.server.errors import ResourceExhausted
 
@@ -72,12 +76,15 @@ def validate(opts: OptimizeOptions, *, max_epochs: int, max_data_bytes: int) -> 
         raise InvalidArgument(f"quantize must be 'none' or 'int8', got {opts.quantize!r}")
     if not 0.0 <= opts.max_accuracy_drop <= 1.0:
         raise InvalidArgument(f"max_accuracy_drop is a fraction in [0, 1], got {opts.max_accuracy_drop}")
-    if not 0 <= opts.epochs <= max_epochs:
+    if opts.epochs is not None and not 0 <= opts.epochs <= max_epochs:
         raise InvalidArgument(f"epochs must be in 0..{max_epochs}, got {opts.epochs}")
     if opts.epochs and opts.target_sparsity == 0.0:
         raise InvalidArgument("epochs > 0 fine-tunes the pruned model: set target_sparsity > 0")
     if opts.epochs and not opts.data_size_bytes:
-        raise InvalidArgument("fine-tuning (epochs > 0) needs labelled data (x and y in the .npz)")
+        raise InvalidArgument("fine-tuning (epochs > 0) needs data: x, with y for labelled data, in the .npz")
+    if not 0.0 <= opts.time_budget_seconds <= max_time_budget_seconds:
+        raise InvalidArgument(f"time_budget_seconds must be in [0, {max_time_budget_seconds:g}] (0 = the server's "
+                              f"default), got {opts.time_budget_seconds}")
     if opts.target_sparsity == 0.0 and not opts.int8:
         raise InvalidArgument("nothing to do: set target_sparsity > 0 and/or quantize int8")
     if opts.data_size_bytes < 0:

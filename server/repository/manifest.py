@@ -154,7 +154,7 @@ class Manifest(_Strict):
     the format, signature, layers and weights checksum)."""
 
     format: Literal["leanserve"] = FORMAT_NAME
-    format_version: Literal[1] = FORMAT_VERSION
+    format_version: int = FORMAT_VERSION  # only 1: checked (with format) before the fields, see _ours
     name: str | None = None
     runtime: Literal["plan", "tensorflow"] | None = None
     input: TensorSpec

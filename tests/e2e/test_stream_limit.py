@@ -11,7 +11,6 @@ import pytest
 
 from leanserve.client import Client, common
 from leanserve.v1 import inference_service_pb2 as pb
-from leanserve.server.settings import Settings
 
 
 def test_streams_past_the_limit_are_refused_and_unary_still_served(client: Client, model_files) -> None:
@@ -45,6 +44,38 @@ def test_streams_past_the_limit_are_refused_and_unary_still_served(client: Clien
     assert [o.request_id for o in client.stream("seed", [x])] == ["0"]
 
 
-def test_stream_limit_must_leave_threads_for_unary() -> None:
-    with pytest.raises(ValueError, match="max_open_streams"):
-        Settings(worker_threads=8, max_open_streams=8)
+def test_streams_never_take_the_unary_threads(model_files, tmp_path) -> None:
+    """Streams run on a pool of their own: with ONE unary thread and every stream slot held, unary calls are served."""
+    from leanserve.server.app import create_server
+    from tests.conftest import make_settings
+
+    handle = create_server(make_settings(tmp_path / "models", worker_threads=1, max_open_streams=4))
+    try:
+        with Client(f"127.0.0.1:{handle.port}", timeout=60) as c:
+            c.upload(model_files["seed_h5"], "seed")
+            x = np.zeros((1, 1000), np.float32)
+            feeds: list[queue.Queue] = []
+            calls = []
+
+            def requests(q: queue.Queue):
+                while (item := q.get()) is not None:
+                    yield item
+
+            try:
+                for _ in range(4):
+                    q: queue.Queue = queue.Queue()
+                    call = c.inference_stub.PredictStream(requests(q))
+                    q.put(common.predict_request("seed", x, request_id="open"))
+                    assert next(call).request_id == "open"
+                    feeds.append(q)
+                    calls.append(call)
+                for _ in range(3):
+                    assert c.predict("seed", x, timeout=10).output.shape == (1, 10)
+                assert threading.active_count() > 4  # the streams' handlers are alive meanwhile
+            finally:
+                for q in feeds:
+                    q.put(None)
+                for call in calls:
+                    list(call)
+    finally:
+        handle.stop(0.5)

@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from leanserve.client import Client
@@ -88,7 +88,9 @@ def test_fuzz_manifest_fields(cfg, tmp_path: Path, index: int, where: int, op: s
     manifest, tensors = _base(index)
     paths = _paths(manifest)
     bad = _mutate(manifest, paths[where % len(paths)], op, value, key)
-    assert pipeline.outcome(hostile.leanserve_zip(bad, tensors), tmp_path, cfg) in pipeline.ACCEPTABLE
+    result = pipeline.outcome(hostile.leanserve_zip(bad, tensors), tmp_path, cfg)
+    event(result)
+    assert result in pipeline.ACCEPTABLE
 
 
 DTYPES = [np.float32, np.float64, np.float16, np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int64,
@@ -120,7 +122,9 @@ def test_fuzz_weight_arrays(cfg, tmp_path: Path, index: int, which: int, op: str
         del tensors[key]
     else:
         tensors["layers.9.extra"] = np.zeros(size, dtype)
-    assert pipeline.outcome(hostile.leanserve_zip(manifest, tensors), tmp_path, cfg) in pipeline.ACCEPTABLE
+    result = pipeline.outcome(hostile.leanserve_zip(manifest, tensors), tmp_path, cfg)
+    event(result)
+    assert result in pipeline.ACCEPTABLE
 
 
 @FUZZ
@@ -144,7 +148,9 @@ def test_fuzz_zip_members_and_bytes(cfg, tmp_path: Path, index: int, op: str, po
         data = hostile.zip_of({name or "empty": blobs.get(name, b"{}") for name in names})
     else:
         data = hostile.leanserve_zip(manifest, tensors, compression=zipfile.ZIP_DEFLATED)
-    assert pipeline.outcome(data, tmp_path, cfg) in pipeline.ACCEPTABLE
+    result = pipeline.outcome(data, tmp_path, cfg)
+    event(result)
+    assert result in pipeline.ACCEPTABLE
 
 
 def test_fuzz_through_the_server(tmp_path: Path) -> None:

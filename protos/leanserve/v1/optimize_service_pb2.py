@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#leanserve/v1/optimize_service.proto\x12\x0cleanserve.v1\"\xbf\x02\n\x0fOptimizeOptions\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x17\n\x0ftarget_sparsity\x18\x03 \x01(\x02\x12\r\n\x05\x62lock\x18\x04 \x01(\t\x12\x33\n\x0bgranularity\x18\x05 \x01(\x0e\x32\x1e.leanserve.v1.PruneGranularity\x12\x30\n\x0cquantization\x18\x06 \x01(\x0e\x32\x1a.leanserve.v1.Quantization\x12\x19\n\x11max_accuracy_drop\x18\x07 \x01(\x02\x12\x0e\n\x06\x65pochs\x18\x08 \x01(\r\x12\x0e\n\x06search\x18\t \x01(\x08\x12\x0f\n\x07promote\x18\n \x01(\x08\x12\x17\n\x0f\x64\x61ta_size_bytes\x18\x0b \x01(\x04\x12\x13\n\x0b\x64\x65scription\x18\x0c \x01(\t\"a\n\x0fOptimizeRequest\x12\x30\n\x07options\x18\x01 \x01(\x0b\x32\x1d.leanserve.v1.OptimizeOptionsH\x00\x12\x14\n\ndata_chunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"D\n\x10OptimizeProgress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x10\n\x08\x66raction\x18\x02 \x01(\x02\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x94\x02\n\x0eOptimizeReport\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x14\n\x0c\x66rom_version\x18\x03 \x01(\r\x12\x15\n\rwithin_budget\x18\x04 \x01(\x08\x12\x10\n\x08promoted\x18\x05 \x01(\x08\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x06 \x01(\r\x12\x0e\n\x06metric\x18\x07 \x01(\t\x12\x15\n\rmetric_before\x18\x08 \x01(\x01\x12\x14\n\x0cmetric_after\x18\t \x01(\x01\x12\x19\n\x11size_bytes_before\x18\n \x01(\x04\x12\x18\n\x10size_bytes_after\x18\x0b \x01(\x04\x12\x13\n\x0breport_json\x18\x0c \x01(\t\"|\n\rOptimizeEvent\x12\x32\n\x08progress\x18\x01 \x01(\x0b\x32\x1e.leanserve.v1.OptimizeProgressH\x00\x12.\n\x06report\x18\x02 \x01(\x0b\x32\x1c.leanserve.v1.OptimizeReportH\x00\x42\x07\n\x05\x65vent\"9\n\x18SetDefaultVersionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"D\n\x19SetDefaultVersionResponse\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x01 \x01(\r\x12\x0e\n\x06pinned\x18\x02 \x01(\x08*-\n\x10PruneGranularity\x12\r\n\tPER_LAYER\x10\x00\x12\n\n\x06GLOBAL\x10\x01*7\n\x0cQuantization\x12\x15\n\x11QUANTIZATION_NONE\x10\x00\x12\x10\n\x0cINT8_DYNAMIC\x10\x01\x32\xc3\x01\n\x0fOptimizeService\x12J\n\x08Optimize\x12\x1d.leanserve.v1.OptimizeRequest\x1a\x1b.leanserve.v1.OptimizeEvent(\x01\x30\x01\x12\x64\n\x11SetDefaultVersion\x12&.leanserve.v1.SetDefaultVersionRequest\x1a\'.leanserve.v1.SetDefaultVersionResponseB-\n\x0fio.leanserve.v1P\x01Z\x18leanserve/v1;leanservev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#leanserve/v1/optimize_service.proto\x12\x0cleanserve.v1\"\xec\x02\n\x0fOptimizeOptions\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x17\n\x0ftarget_sparsity\x18\x03 \x01(\x02\x12\r\n\x05\x62lock\x18\x04 \x01(\t\x12\x33\n\x0bgranularity\x18\x05 \x01(\x0e\x32\x1e.leanserve.v1.PruneGranularity\x12\x30\n\x0cquantization\x18\x06 \x01(\x0e\x32\x1a.leanserve.v1.Quantization\x12\x19\n\x11max_accuracy_drop\x18\x07 \x01(\x02\x12\x13\n\x06\x65pochs\x18\x08 \x01(\rH\x00\x88\x01\x01\x12\x0e\n\x06search\x18\t \x01(\x08\x12\x0f\n\x07promote\x18\n \x01(\x08\x12\x17\n\x0f\x64\x61ta_size_bytes\x18\x0b \x01(\x04\x12\x13\n\x0b\x64\x65scription\x18\x0c \x01(\t\x12\x1b\n\x13time_budget_seconds\x18\r \x01(\x02\x42\t\n\x07_epochs\"a\n\x0fOptimizeRequest\x12\x30\n\x07options\x18\x01 \x01(\x0b\x32\x1d.leanserve.v1.OptimizeOptionsH\x00\x12\x14\n\ndata_chunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"D\n\x10OptimizeProgress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x10\n\x08\x66raction\x18\x02 \x01(\x02\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x94\x02\n\x0eOptimizeReport\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x14\n\x0c\x66rom_version\x18\x03 \x01(\r\x12\x15\n\rwithin_budget\x18\x04 \x01(\x08\x12\x10\n\x08promoted\x18\x05 \x01(\x08\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x06 \x01(\r\x12\x0e\n\x06metric\x18\x07 \x01(\t\x12\x15\n\rmetric_before\x18\x08 \x01(\x01\x12\x14\n\x0cmetric_after\x18\t \x01(\x01\x12\x19\n\x11size_bytes_before\x18\n \x01(\x04\x12\x18\n\x10size_bytes_after\x18\x0b \x01(\x04\x12\x13\n\x0breport_json\x18\x0c \x01(\t\"|\n\rOptimizeEvent\x12\x32\n\x08progress\x18\x01 \x01(\x0b\x32\x1e.leanserve.v1.OptimizeProgressH\x00\x12.\n\x06report\x18\x02 \x01(\x0b\x32\x1c.leanserve.v1.OptimizeReportH\x00\x42\x07\n\x05\x65vent\"9\n\x18SetDefaultVersionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"D\n\x19SetDefaultVersionResponse\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x01 \x01(\r\x12\x0e\n\x06pinned\x18\x02 \x01(\x08*-\n\x10PruneGranularity\x12\r\n\tPER_LAYER\x10\x00\x12\n\n\x06GLOBAL\x10\x01*7\n\x0cQuantization\x12\x15\n\x11QUANTIZATION_NONE\x10\x00\x12\x10\n\x0cINT8_DYNAMIC\x10\x01\x32\xc3\x01\n\x0fOptimizeService\x12J\n\x08Optimize\x12\x1d.leanserve.v1.OptimizeRequest\x1a\x1b.leanserve.v1.OptimizeEvent(\x01\x30\x01\x12\x64\n\x11SetDefaultVersion\x12&.leanserve.v1.SetDefaultVersionRequest\x1a\'.leanserve.v1.SetDefaultVersionResponseB-\n\x0fio.leanserve.v1P\x01Z\x18leanserve/v1;leanservev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,24 +32,24 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'leanserve.v1.optimize_servi
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\017io.leanserve.v1P\001Z\030leanserve/v1;leanservev1'
-  _globals['_PRUNEGRANULARITY']._serialized_start=1078
-  _globals['_PRUNEGRANULARITY']._serialized_end=1123
-  _globals['_QUANTIZATION']._serialized_start=1125
-  _globals['_QUANTIZATION']._serialized_end=1180
+  _globals['_PRUNEGRANULARITY']._serialized_start=1123
+  _globals['_PRUNEGRANULARITY']._serialized_end=1168
+  _globals['_QUANTIZATION']._serialized_start=1170
+  _globals['_QUANTIZATION']._serialized_end=1225
   _globals['_OPTIMIZEOPTIONS']._serialized_start=54
-  _globals['_OPTIMIZEOPTIONS']._serialized_end=373
-  _globals['_OPTIMIZEREQUEST']._serialized_start=375
-  _globals['_OPTIMIZEREQUEST']._serialized_end=472
-  _globals['_OPTIMIZEPROGRESS']._serialized_start=474
-  _globals['_OPTIMIZEPROGRESS']._serialized_end=542
-  _globals['_OPTIMIZEREPORT']._serialized_start=545
-  _globals['_OPTIMIZEREPORT']._serialized_end=821
-  _globals['_OPTIMIZEEVENT']._serialized_start=823
-  _globals['_OPTIMIZEEVENT']._serialized_end=947
-  _globals['_SETDEFAULTVERSIONREQUEST']._serialized_start=949
-  _globals['_SETDEFAULTVERSIONREQUEST']._serialized_end=1006
-  _globals['_SETDEFAULTVERSIONRESPONSE']._serialized_start=1008
-  _globals['_SETDEFAULTVERSIONRESPONSE']._serialized_end=1076
-  _globals['_OPTIMIZESERVICE']._serialized_start=1183
-  _globals['_OPTIMIZESERVICE']._serialized_end=1378
+  _globals['_OPTIMIZEOPTIONS']._serialized_end=418
+  _globals['_OPTIMIZEREQUEST']._serialized_start=420
+  _globals['_OPTIMIZEREQUEST']._serialized_end=517
+  _globals['_OPTIMIZEPROGRESS']._serialized_start=519
+  _globals['_OPTIMIZEPROGRESS']._serialized_end=587
+  _globals['_OPTIMIZEREPORT']._serialized_start=590
+  _globals['_OPTIMIZEREPORT']._serialized_end=866
+  _globals['_OPTIMIZEEVENT']._serialized_start=868
+  _globals['_OPTIMIZEEVENT']._serialized_end=992
+  _globals['_SETDEFAULTVERSIONREQUEST']._serialized_start=994
+  _globals['_SETDEFAULTVERSIONREQUEST']._serialized_end=1051
+  _globals['_SETDEFAULTVERSIONRESPONSE']._serialized_start=1053
+  _globals['_SETDEFAULTVERSIONRESPONSE']._serialized_end=1121
+  _globals['_OPTIMIZESERVICE']._serialized_start=1228
+  _globals['_OPTIMIZESERVICE']._serialized_end=1423
 # @@protoc_insertion_point(module_scope)

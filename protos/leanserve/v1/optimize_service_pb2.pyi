@@ -21,7 +21,7 @@ QUANTIZATION_NONE: Quantization
 INT8_DYNAMIC: Quantization
 
 class OptimizeOptions(_message.Message):
-    __slots__ = ("model_name", "version", "target_sparsity", "block", "granularity", "quantization", "max_accuracy_drop", "epochs", "search", "promote", "data_size_bytes", "description")
+    __slots__ = ("model_name", "version", "target_sparsity", "block", "granularity", "quantization", "max_accuracy_drop", "epochs", "search", "promote", "data_size_bytes", "description", "time_budget_seconds")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TARGET_SPARSITY_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,7 @@ class OptimizeOptions(_message.Message):
     PROMOTE_FIELD_NUMBER: _ClassVar[int]
     DATA_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    TIME_BUDGET_SECONDS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     version: int
     target_sparsity: float
@@ -46,7 +47,8 @@ class OptimizeOptions(_message.Message):
     promote: bool
     data_size_bytes: int
     description: str
-    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ..., target_sparsity: _Optional[float] = ..., block: _Optional[str] = ..., granularity: _Optional[_Union[PruneGranularity, str]] = ..., quantization: _Optional[_Union[Quantization, str]] = ..., max_accuracy_drop: _Optional[float] = ..., epochs: _Optional[int] = ..., search: bool = ..., promote: bool = ..., data_size_bytes: _Optional[int] = ..., description: _Optional[str] = ...) -> None: ...
+    time_budget_seconds: float
+    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ..., target_sparsity: _Optional[float] = ..., block: _Optional[str] = ..., granularity: _Optional[_Union[PruneGranularity, str]] = ..., quantization: _Optional[_Union[Quantization, str]] = ..., max_accuracy_drop: _Optional[float] = ..., epochs: _Optional[int] = ..., search: bool = ..., promote: bool = ..., data_size_bytes: _Optional[int] = ..., description: _Optional[str] = ..., time_budget_seconds: _Optional[float] = ...) -> None: ...
 
 class OptimizeRequest(_message.Message):
     __slots__ = ("options", "data_chunk")
