@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -27,9 +27,16 @@ def add_optimize_commands(sub: argparse._SubParsersAction,
                    help="one magnitude ranking across layers (default: per layer)")
     p.add_argument("--quantize", choices=["none", "int8"], default="none")
     p.add_argument("--max-accuracy-drop", type=float, default=0.01, help="fraction, e.g. 0.015 = 1.5 points")
-    p.add_argument("--epochs", type=int, default=0, help="fine-tuning epochs (needs labels); 0 = one-shot")
-    p.add_argument("--search", action="store_true", help="also try lower sparsities and fp32; keep the smallest")
-    p.add_argument("--promote", action="store_true", help="make the result the default when within budget")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="fine-tuning epochs per candidate (default: the server sizes them from the data and the "
+                        "time budget when --data is given; 0 = one-shot pruning)")
+    p.add_argument("--time-budget", type=float, default=0.0, metavar="SECONDS",
+                   help="bound of the whole search while over budget (default: the server's)")
+    p.add_argument("--search", action="store_true",
+                   help="sweep lower sparsities and fp32, keep the smallest within budget (instead of the budget "
+                        "search: fine-tune longer, block shapes, lower sparsity, int8 alone)")
+    p.add_argument("--promote", action=argparse.BooleanOptionalAction, default=True,
+                   help="make the result the default when it is within budget on held-out rows (default: on)")
     p.add_argument("--description", default="")
     p.set_defaults(func=cmd_optimize)
 
@@ -51,8 +58,23 @@ def cmd_optimize(client: Client, args: argparse.Namespace) -> Any:
         report = client.optimize(args.name, args.data, version=args.version, sparsity=args.prune, block=args.block,
                                  granularity=args.granularity, quantize=args.quantize,
                                  max_accuracy_drop=args.max_accuracy_drop, epochs=args.epochs, search=args.search,
-                                 promote=args.promote, description=args.description, progress=progress)
-    emit(args, report, report_table(report))
+                                 promote=args.promote, description=args.description,
+                                 time_budget=args.time_budget, progress=progress)
+    emit(args, report, Group(report_table(report), candidates_table(report), report.get("summary", "")))
+
+
+def candidates_table(r: dict[str, Any]) -> Table:
+    """Every candidate the search tried, in order: quality on the selection rows (and held out when checked),
+    size and batch-1 latency."""
+    t = Table(title=f"candidates tried ({r.get('search', {}).get('stopped', '')})")
+    for col in ("candidate", f"{r['metric']} (select)", "held out", "size (bytes)", "b=1 (µs)", "s"):
+        t.add_column(col, justify="left" if col == "candidate" else "right")
+    for c in r.get("candidates", []):
+        held = "" if c.get("held_out_metric") is None else f"{c['held_out_metric']:.4f}"
+        t.add_row(c.get("label", ""), f"{c['metric']:.4f}{'' if c['within_budget'] else ' over'}", held,
+                  f"{c['size_bytes']:,}", f"{c.get('latency_b1_seconds', 0.0) * 1e6:.1f}",
+                  f"{c.get('seconds', 0.0):.0f}")
+    return t
 
 
 def report_table(r: dict[str, Any]) -> Table:

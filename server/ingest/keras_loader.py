@@ -100,7 +100,10 @@ def load_keras(
             "not a valid Keras file: neither a .keras zip archive nor an HDF5 .h5 file (truncated or corrupt?)"
         )
     unpacked = max_bytes if max_unpacked is None else max_unpacked
-    config, stored_params = _read_keras(path, unpacked) if fmt == "keras" else _read_h5(path)
+    config, (stored_params, stored_bytes) = _read_keras(path, unpacked) if fmt == "keras" else _read_h5(path)
+    if stored_bytes > unpacked:  # e.g. datasets compressed inside the HDF5 file: Keras would read them whole
+        raise ResourceExhausted(f"the model's stored weights take {stored_bytes} bytes, more than the {unpacked} a "
+                                f"file of {size} bytes may expand to")
     with _untrusted("model config"):
         n_layers = check_config(config)
         if n_layers > max_layers:
@@ -120,7 +123,7 @@ def load_keras(
     return model
 
 
-def _read_keras(path: Path, max_unpacked: int) -> tuple[dict[str, Any], int]:
+def _read_keras(path: Path, max_unpacked: int) -> tuple[dict[str, Any], tuple[int, int]]:
     """The config of a ``.keras`` zip and the size of its stored weights. Every member is first inflated with a
     running count (declared sizes are not trusted) so that Keras later reads only what was counted; the weights
     go to a temporary file for h5py (seeking inside a compressed member would inflate it again and again)."""
@@ -130,7 +133,7 @@ def _read_keras(path: Path, max_unpacked: int) -> tuple[dict[str, Any], int]:
         if _CONFIG not in zf.names:
             raise InvalidArgument(f"not a valid Keras file: the archive holds no {_CONFIG}")
         raw = zf.read(_CONFIG, limit=_MAX_CONFIG_BYTES)
-        params = 0
+        stored = (0, 0)
         if _WEIGHTS in zf.names:
             weights = Path(tmp) / "weights.h5"
             zf.extract(_WEIGHTS, weights)
@@ -138,15 +141,15 @@ def _read_keras(path: Path, max_unpacked: int) -> tuple[dict[str, Any], int]:
                 import h5py
 
                 with h5py.File(weights, "r") as f:
-                    params = _count_datasets(f)
+                    stored = _count_datasets(f)
     with _untrusted(_CONFIG):
         config = json.loads(raw)
     if not isinstance(config, dict):
         raise InvalidArgument(f"not a valid Keras file: {_CONFIG} is not a JSON object")
-    return config, params
+    return config, stored
 
 
-def _read_h5(path: Path) -> tuple[dict[str, Any], int]:
+def _read_h5(path: Path) -> tuple[dict[str, Any], tuple[int, int]]:
     with _untrusted("cannot read HDF5"):
         import h5py
 
@@ -157,10 +160,10 @@ def _read_h5(path: Path) -> tuple[dict[str, Any], int]:
                     "not a valid Keras file: the HDF5 file holds no model config (a weights-only file?)"
                 )
             config = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else str(raw))
-            params = _count_datasets(f["model_weights"]) if "model_weights" in f else 0
+            stored = _count_datasets(f["model_weights"]) if "model_weights" in f else (0, 0)
     if not isinstance(config, dict):
         raise InvalidArgument("not a valid Keras file: model_config is not a JSON object")
-    return config, params
+    return config, stored
 
 
 @contextlib.contextmanager
@@ -242,18 +245,20 @@ def _instantiate(config: dict[str, Any], fmt: ModelFormat) -> Any:
         return saving_utils.model_from_config(json_utils.decode(json.dumps(config)), custom_objects=None)
 
 
-def _count_datasets(group: Any) -> int:
+def _count_datasets(group: Any) -> tuple[int, int]:
+    """(values, bytes) of every dataset under ``group``, from their shapes (nothing is read)."""
     import h5py
 
-    total = 0
+    values = nbytes = 0
 
     def visit(_name: str, obj: Any) -> None:
-        nonlocal total
+        nonlocal values, nbytes
         if isinstance(obj, h5py.Dataset):
-            total += int(obj.size)
+            values += int(obj.size)
+            nbytes += int(obj.size) * int(obj.dtype.itemsize)
 
     group.visititems(visit)
-    return total
+    return values, nbytes
 
 
 def check_config(config: dict[str, Any]) -> int:

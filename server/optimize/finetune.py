@@ -52,6 +52,7 @@ LABEL_WEIGHT = 0.5
 #: and would wreck a 4096-wide layer (RMS ~0.015), so the rate follows the weights' scale
 LR_PER_RMS = 0.04
 MIN_LR, MAX_LR = 1e-5, 1e-2
+DECAY = 1
 #: classifier outputs fine-tuning can train, and whether the model's output is logits
 TRAINABLE_OUTPUTS = {"softmax": False, "linear": True}
 
@@ -183,6 +184,7 @@ def make_callback(model: Any, *, initial: float, final: float, granularity: str,
             self.sparsity = initial
             self.masks = self._recompute(initial)
             self.started = self.epoch_started = time.monotonic()
+            self.lr = 0.0
             self.stopped = "planned epochs"
             self.best: tuple[float, int, list[np.ndarray]] | None = None
             self.wait = 0
@@ -201,10 +203,17 @@ def make_callback(model: Any, *, initial: float, final: float, granularity: str,
                 layer.kernel.assign(layer.kernel * mask)
 
         def on_train_begin(self, logs: dict | None = None) -> None:
+            self.lr = float(np.asarray(self.model.optimizer.learning_rate))
             self._apply()
 
         def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
             self.epoch_started = time.monotonic()
+            if DECAY and self.step >= self.end:
+                # with the masks fixed, the rate decays linearly to a tenth over the epochs left
+                end_epoch = self.end / steps_per_epoch
+                left = max(self.planned - end_epoch, 1.0)
+                factor = max(0.1, 1.0 - (epoch - end_epoch) / left)
+                self.model.optimizer.learning_rate.assign(self.lr * factor)
 
         def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
             self.step += 1

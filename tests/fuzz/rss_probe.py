@@ -56,6 +56,12 @@ def attacks(work: Path, keras_file: Path) -> dict[str, tuple[bytes, str]]:
     # an honest-looking archive under max_unpacked_bytes (1 GiB) whose weights would be refused later: it must be
     # refused for its expansion, not inflated
     under_cap = hostile.bomb_zip({artifacts.MANIFEST: text, artifacts.WEIGHTS: 300 * MB})
+    import h5py
+
+    hollow = work / "hollow.h5"
+    hollow.write_bytes((work / "good.h5").read_bytes())
+    with h5py.File(hollow, "r+") as f:  # a dataset whose unwritten chunks would read as 400 MB of zeros
+        f["model_weights"].create_dataset("hollow", shape=(100_000_000,), dtype="f4", chunks=(1 << 20,))
     npz = hostile.npz_of({"x": hostile.npy_bytes(np.zeros((512 * MB // 4 // 64, 64), np.float32))})
     return {
         "leanserve bomb": (own_bomb, "upload"),
@@ -64,6 +70,7 @@ def attacks(work: Path, keras_file: Path) -> dict[str, tuple[bytes, str]]:
         "keras bomb": (hostile.bomb_zip({**members, "assets/pad.bin": 900 * MB}), "upload"),
         "keras weights bomb": (hostile.bomb_zip({**members, "model.weights.h5": 900 * MB}), "upload"),
         "keras layers wider than the file": (wide, "upload"),
+        "h5 dataset larger than the file": (hollow.read_bytes(), "upload"),
         "npz bomb (512 MiB)": (npz, "optimize"),
     }
 

@@ -100,6 +100,22 @@ def test_keras_archive_bombs(served, models: dict[str, Path]) -> None:
     _alive(client)
 
 
+def test_h5_datasets_larger_than_the_file(served, models: dict[str, Path], tmp_path: Path) -> None:
+    """An HDF5 dataset can declare a shape whose chunks are never written (or are compressed): reading it would
+    allocate the declared size. Its size is counted from shapes and refused before Keras reads anything."""
+    import h5py
+
+    client, _ = served
+    path = tmp_path / "hollow.h5"
+    path.write_bytes(models["h5"].read_bytes())
+    with h5py.File(path, "r+") as f:
+        f["model_weights"].create_dataset("hollow", shape=(100_000_000,), dtype="f4", chunks=(1 << 20,),
+                                          compression="gzip")
+    assert path.stat().st_size < 1 << 20
+    assert hostile.upload_code(client, path.read_bytes()) == EXHAUSTED
+    _alive(client)
+
+
 def test_h5_byte_mutants(served, models: dict[str, Path]) -> None:
     """Finding: 75 of 240 byte-mutants of a saved .h5 were INTERNAL (h5py RuntimeError/OSError/KeyError/ValueError).
     Through the server a sample of mutants ends OK, INVALID_ARGUMENT or RESOURCE_EXHAUSTED (the in-process fuzzer in
