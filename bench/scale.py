@@ -103,12 +103,12 @@ def ray_inner(args: argparse.Namespace) -> None:
         subprocess.run([ray, "start", "--address", f"127.0.0.1:{gcs}", "--node-ip-address", "127.0.0.1",
                         "--num-cpus", "1", "--disable-usage-stats"], env=env, check=True, capture_output=True)
         try:
+            port = _free_port()  # one port: Serve keeps the gRPC options it first started with
             for replicas in (1, 2):
-                port = _free_port()
                 proc = subprocess.Popen(
                     [str(common.VENV_BIN / "leanserve"), "ray", "--address", f"127.0.0.1:{gcs}", "--replicas",
                      str(replicas), "--port", str(port), "--repository", str(repo), "--node-ip-address",
-                     "127.0.0.1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                     "127.0.0.1", "--start-timeout", "300"], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
                 try:
                     assert proc.stdout is not None
                     line = proc.stdout.readline()

@@ -125,7 +125,8 @@ def stored_array(arrays: Any, key: str, dtypes: tuple[Any, ...], shape: tuple[in
     if not isinstance(a, np.ndarray):
         raise KernelInputError(f"array {key!r} must be a numpy array, got {type(a).__name__}")
     if a.dtype not in tuple(np.dtype(d) for d in dtypes):
-        raise KernelInputError(f"array {key!r} has dtype {a.dtype}; expected {' or '.join(str(np.dtype(d)) for d in dtypes)}")
+        expected = " or ".join(str(np.dtype(d)) for d in dtypes)
+        raise KernelInputError(f"array {key!r} has dtype {a.dtype}; expected {expected}")
     if a.ndim != len(shape) or any(want is not None and got != want for got, want in zip(a.shape, shape)):
         expected = ["*" if d is None else d for d in shape]
         raise KernelInputError(f"array {key!r} has shape {list(a.shape)}; expected {expected}")

@@ -26,8 +26,8 @@ from leanserve.kernels.activations import activation_code
 from leanserve.kernels.formats import (KernelInputError, LayerKernel, check_activation, meta_activation, meta_int,
                                        stored_array)
 from leanserve.kernels.quantize import quantize_rows, quantize_weights_per_channel
-from leanserve.kernels.sparse_common import (INDEX_DTYPES, INDPTR_DTYPES, check_block_arrays, epilogue_f32, epilogue_int,
-                                             index_dtype)
+from leanserve.kernels.sparse_common import (INDEX_DTYPES, INDPTR_DTYPES, check_block_arrays, epilogue_f32,
+                                             epilogue_int, index_dtype)
 
 #: batch size from which csr_f32 switches from per-row gathers to batch-lane SIMD (measured crossover)
 LANES_MIN_BATCH = 2

@@ -318,4 +318,6 @@ def wait_for_proxy(address: str, timeout: float) -> None:
             except grpc.RpcError as exc:
                 last = exc
             time.sleep(0.5)
-    raise TimeoutError(f"the Ray gRPC proxy on {address} did not answer ready: {last}")
+    raise TimeoutError(f"the Ray gRPC proxy on {address} did not answer ready: {last}. If Serve was already "
+                       "running in this cluster, it kept the gRPC port it started with: use that port, or stop Serve "
+                       "(`serve shutdown`) first")

@@ -87,7 +87,8 @@ class BoundedZip:
                     self.unpacked += len(chunk)
                     if self.unpacked > self.max_unpacked:
                         raise ResourceExhausted(
-                            f"{self.what} unpacks to more than {self.max_unpacked} bytes (the limit, counted while inflating)"
+                            f"{self.what} unpacks to more than {self.max_unpacked} bytes (the limit, counted while "
+                            "inflating)"
                         )
                     if limit is not None and got > limit:
                         raise InvalidArgument(f"{self.what}: member {name!r} is larger than {limit} bytes")

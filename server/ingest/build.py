@@ -134,8 +134,8 @@ def _signature(role: str, sig: dict[str, Any]) -> TensorSignature:
         spec = TensorSpec.model_validate({"name": str(sig["name"]), "dtype": str(sig["dtype"]), "shape": shape})
     except ValidationError:
         raise InvalidArgument(
-            f"the model's {role} {str(sig['name'])[:100]!r} ({str(sig['dtype'])[:40]}, shape {shape}) cannot be served: "
-            f"only tensors of {', '.join(DTYPES)} are"
+            f"the model's {role} {str(sig['name'])[:100]!r} ({str(sig['dtype'])[:40]}, shape {shape}) cannot be "
+            f"served: only tensors of {', '.join(DTYPES)} are"
         ) from None
     return TensorSignature(spec.name, spec.dtype, tuple(spec.shape))
 

@@ -48,6 +48,8 @@ MIN_AUTO_EPOCHS, MAX_AUTO_EPOCHS = 4, 60
 PATIENCE = 3
 #: share of a labelled row's target that is the one-hot label (the rest: the original model's probabilities)
 LABEL_WEIGHT = 0.5
+#: mixup rows per training row (the steps do not grow with them: TARGET_STEPS sets the training time)
+MIXUP_FACTOR = 1
 #: Adam's step as a fraction of the smallest layer's RMS weight: 5e-3 suits digits' 64-wide layers (RMS ~0.1)
 #: and would wreck a 4096-wide layer (RMS ~0.015), so the rate follows the weights' scale
 LR_PER_RMS = 0.04
@@ -129,12 +131,12 @@ def transfer_set(x: np.ndarray, y: np.ndarray | None, teacher: Callable[[np.ndar
     if y is not None:
         soft = LABEL_WEIGHT * np.eye(num_classes, dtype=np.float32)[y] + (1.0 - LABEL_WEIGHT) * soft
     rng = np.random.default_rng(seed)
-    n = len(x)
-    i, j = rng.integers(0, n, n), rng.integers(0, n, n)
-    lam = rng.uniform(0.0, 1.0, (n,) + (1,) * (x.ndim - 1)).astype(np.float32)
+    n, m = len(x), MIXUP_FACTOR * len(x)
+    i, j = rng.integers(0, n, m), rng.integers(0, n, m)
+    lam = rng.uniform(0.0, 1.0, (m,) + (1,) * (x.ndim - 1)).astype(np.float32)
     mixed = lam * x[i] + (1.0 - lam) * x[j]
     return TrainSet(np.concatenate([x, mixed]), np.concatenate([soft, teacher(mixed)]).astype(np.float32),
-                    select_x, select_y, labelled_rows=n if y is not None else 0, mixup_rows=n)
+                    select_x, select_y, labelled_rows=n if y is not None else 0, mixup_rows=m)
 
 
 @dataclass
@@ -204,6 +206,7 @@ def make_callback(model: Any, *, initial: float, final: float, granularity: str,
 
         def on_train_begin(self, logs: dict | None = None) -> None:
             self.lr = float(np.asarray(self.model.optimizer.learning_rate))
+            self.started = self.epoch_started = time.monotonic()
             self._apply()
 
         def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
@@ -238,11 +241,11 @@ def make_callback(model: Any, *, initial: float, final: float, granularity: str,
             if self.step >= self.end and self.sparsity == final:
                 metric = _select_metric(self.model, data.select_x, data.select_y)
                 logs["select_metric"] = metric
-                if self.best is None or metric > self.best[0] + 1e-12:
+                improved = self.best is None or metric > self.best[0] + 1e-12
+                if improved or metric >= self.best[0] - 1e-12:  # on a tie the later (longer trained) weights
                     self.best = (metric, epoch + 1, [np.array(w) for w in self.model.get_weights()])
-                    self.wait = 0
-                else:
-                    self.wait += 1
+                self.wait = 0 if improved else self.wait + 1
+                if not improved:
                     if self.wait >= PATIENCE:
                         self.stopped = "early stopping"
                         self.model.stop_training = True

@@ -53,6 +53,11 @@ class JobControl:
         self._progress, self.cancelled = progress, cancelled
         self._fraction = 0.0
 
+    @property
+    def fraction(self) -> float:
+        """The last fraction reported."""
+        return self._fraction
+
     def progress(self, stage: str, fraction: float, message: str = "") -> None:
         self._fraction = max(self._fraction, min(fraction, 1.0))  # monotonic for the caller's progress bar
         self._progress(stage, self._fraction, message)
@@ -261,6 +266,7 @@ class Search:
         self.candidates: list[Candidate] = []
         self.skipped: list[dict[str, str]] = []
         self.stopped = ""
+        self.made: tuple[list[LayerSpec], dict[str, Any] | None] | None = None
         self._sizes: dict[tuple[float, Any, bool], int] = {}
 
     # -- building ---------------------------------------------------------------------------------------------
@@ -278,13 +284,17 @@ class Search:
                                              recipe.block).nbytes
         return self._sizes[key]
 
-    def build(self, recipe: Recipe, index: int, total: int, initial: float = 0.0) -> Candidate | None:
-        """Make and judge one candidate on the selection rows; None when there was nothing to build."""
+    def build(self, recipe: Recipe, index: int, total: int, initial: float = 0.0,
+              made: tuple[list[LayerSpec], dict[str, Any] | None] | None = None) -> Candidate | None:
+        """Make and judge one candidate on the selection rows; None when there was nothing to build.
+        ``made``: weights already made for this recipe's sparsity (the sweep quantizes one fine-tuning twice)."""
         t0 = time.monotonic()
         label = f"[{index + 1}/{total} {recipe.label}]"
         lo, span = 0.08 + 0.72 * index / total, 0.72 / total
         info = None
-        if recipe.method in (search.FINE_TUNE, search.LONGER):
+        if made is not None:
+            specs, info = made
+        elif recipe.method in (search.FINE_TUNE, search.LONGER):
             assert self.trainer is not None
             trained = self.trainer.run(recipe, label, lo, span, self.deadline, initial)
             if trained is None:
@@ -293,6 +303,7 @@ class Search:
         else:
             self.job.progress("prune" if recipe.sparsity else "quantize", lo, f"{label} building")
             specs = self.one_shot(recipe)
+        self.made = (specs, info)
         plan = formats.build(self.plan.input_shape, specs, recipe.int8, recipe.block)
         self.job.check()
         out = evaluate.run_plan(plan, self.sets.select.x)
@@ -314,7 +325,7 @@ class Search:
             cand.held_out_metric = evaluate.quality(out, self.sets.verdict, self.original_verdict)
             cand.held_out_drop = self.before - cand.held_out_metric
             cand.held_out_within = cand.held_out_drop <= self.opts.max_accuracy_drop + EPS
-            self.job.progress("evaluate", self.job._fraction, f"{cand.recipe.label}: held-out "
+            self.job.progress("evaluate", self.job.fraction, f"{cand.recipe.label}: held-out "
                               f"{self.sets.verdict.metric} {cand.held_out_metric:.4f} (drop "
                               f"{cand.held_out_drop:+.4f}){'' if cand.held_out_within else ' over budget'}")
         return bool(cand.held_out_within)
@@ -354,10 +365,11 @@ class Search:
             if self.out_of_time():
                 break
             ok = False
-            for recipe in level:
+            for k, recipe in enumerate(level):
                 self.job.check()
-                # each level continues fine-tuning from the previous one (gradual pruning, level after level)
-                cand = self.build(recipe, index, total, initial=previous)
+                # each level continues fine-tuning from the previous one (gradual pruning, level after level);
+                # fp32 and int8 of one level share its weights
+                cand = self.build(recipe, index, total, initial=previous, made=self.made if k else None)
                 index += 1
                 ok = ok or bool(cand and cand.within_budget)
             previous = level[0].sparsity

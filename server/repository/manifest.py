@@ -18,7 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, JsonValue, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from leanserve.kernels import ACTIVATIONS, available_formats
 from leanserve.server.errors import InvalidArgument
@@ -220,7 +221,8 @@ class Manifest(_Strict):
                 raise ValueError(f"layer {entry.name!r} expects {meta.in_features} inputs but the previous layer "
                                  f"gives {expected}")
             if meta.format is not None and meta.format != entry.format:
-                raise ValueError(f"layer {entry.name!r}: meta.format {meta.format!r} differs from format {entry.format!r}")
+                raise ValueError(f"layer {entry.name!r}: meta.format {meta.format!r} differs from format "
+                                 f"{entry.format!r}")
             if entry.format.startswith("bsr") != (meta.block is not None):
                 raise ValueError(f"layer {entry.name!r}: meta.block is required for bsr formats and only for them")
             params += (meta.in_features + 1) * meta.out_features

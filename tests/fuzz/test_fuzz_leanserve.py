@@ -154,7 +154,7 @@ def test_fuzz_zip_members_and_bytes(cfg, tmp_path: Path, index: int, op: str, po
 
 
 def test_fuzz_through_the_server(tmp_path: Path) -> None:
-    """A sample of manifest mutants through UploadModel: the codes match the in-process ones and the server serves on."""
+    """A sample of manifest mutants through UploadModel: each ends OK or refused, and the server serves on."""
     handle = create_server(make_settings(tmp_path / "models", autotune=False, reference_samples=8))
     try:
         with Client(f"127.0.0.1:{handle.port}", timeout=120) as client:

@@ -1,7 +1,8 @@
 """Refusing a hostile upload costs at most about twice its bytes plus a fixed bound, measured as peak-RSS growth of a
 server process (tests/fuzz/rss_probe.py) while it handles: zip bombs of the own format and of .keras (honest and
 with a lying directory, over max_unpacked_bytes and under it), a Keras config declaring layers far larger than the
-file, an HDF5 dataset declared far larger than the file, and a 0.5 MB .npz that inflates to 512 MiB sent to Optimize (whose data cap is 256 MiB)."""
+file, an HDF5 dataset declared far larger than the file, and a 0.5 MB .npz that inflates to 512 MiB sent to Optimize
+(whose data cap is 256 MiB)."""
 
 from __future__ import annotations
 

@@ -72,7 +72,7 @@ def test_pruned_90_int8_with_fine_tuning_within_one_and_a_half_points(digits_ser
 
 def test_one_shot_global_fp32_without_labels_uses_agreement(digits_served: ServedModel, digits: Digits) -> None:
     opts = OptimizeOptions("digits", target_sparsity=0.5, granularity="global", max_accuracy_drop=0.05,
-                           data_size_bytes=1)
+                           data_size_bytes=1, epochs=0)  # one-shot: fine-tuning is the default with data
     control = pipeline.JobControl(lambda *a: None, lambda: False)
     r = pipeline.run(digits_served, Path("/nonexistent"), opts, OptimizeData(digits.x_val, None), SETTINGS,
                      control).report
@@ -84,7 +84,8 @@ def test_one_shot_global_fp32_without_labels_uses_agreement(digits_served: Serve
 
 
 def test_search_keeps_the_smallest_candidate_within_budget(digits_served: ServedModel, digits: Digits) -> None:
-    out = _run(digits_served, digits, target_sparsity=0.95, quantize="int8", search=True, max_accuracy_drop=0.1)
+    out = _run(digits_served, digits, target_sparsity=0.95, quantize="int8", search=True, max_accuracy_drop=0.1,
+               epochs=0)  # one-shot: fine-tuning is the default with labels
     r = out["report"]
     within = [c for c in r["candidates"] if c["within_budget"]]
     assert 1 <= len(r["candidates"]) <= 10
