@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from leanserve.server.ingest import build as ingest
-from leanserve.server.serving.batching import BatchConfig, Batcher
+from leanserve.server.serving.batching import BatchConfig, Batcher, Ready
 from leanserve.server.errors import (Cancelled, DeadlineExceeded, FailedPrecondition, LeanserveError, NotFound,
                                      ResourceExhausted, shown)
 from leanserve.server.repository.audit import AUDIT_FILE, AuditLog
@@ -293,7 +293,7 @@ class DataPlane:
 class PendingPredict:
     """A queued request; ``result()`` waits for its rows, post-processes them and counts the outcome."""
 
-    def __init__(self, model: ServedModel, future: Future[np.ndarray], postprocess: PostProcess, top_k: int,
+    def __init__(self, model: ServedModel, future: "Future[np.ndarray] | Ready", postprocess: PostProcess, top_k: int,
                  ctx: RequestContext, started_ns: int) -> None:
         self.model, self._future, self._postprocess, self._top_k = model, future, postprocess, top_k
         self._ctx, self._started = ctx, started_ns
@@ -301,6 +301,11 @@ class PendingPredict:
     def cancel(self) -> None:
         """The caller went away: skip the request if it is still queued."""
         self._future.cancel()
+
+    @property
+    def done(self) -> bool:
+        """True when the rows are already computed (the request ran at once): nothing left to cancel."""
+        return self._future.done()
 
     def result(self) -> PredictResult:
         """The outputs, or the request's error (DeadlineExceeded when the deadline passes first)."""

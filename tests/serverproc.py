@@ -89,7 +89,8 @@ class ServerProcess:
 
     def log(self) -> str:
         """What the server wrote to stderr so far."""
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def kill(self) -> None:

@@ -25,7 +25,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     ) -> Callable[[], pb.PredictResponse]:
         inputs, kind, top_k = converters.predict_request(request)
         pending = self.dp.submit(request.model_name, request.model_version, inputs, kind, top_k, ctx)
-        if call is not None:
+        if call is not None and not pending.done:
             # a cancelled RPC leaves the queue at once; False = it ended already, before the callback was in place
             if not call.add_callback(pending.cancel):
                 pending.cancel()

@@ -34,6 +34,7 @@ DTYPES: dict[str, np.dtype] = {
     "FP64": np.dtype("<f8"),
 }
 _V2_NAMES: dict[str, str] = {dtype.name: name for name, dtype in DTYPES.items()}
+_V2_BY_DTYPE: dict[np.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
 
 # which InferTensorContents field carries each datatype, and that field's element type
 _CONTENTS: dict[str, tuple[str, np.dtype]] = {
@@ -80,7 +81,8 @@ def parse_version(version: str) -> int | None:
 
 def v2_datatype(dtype: str | np.dtype) -> str:
     """The V2 datatype name of a numpy dtype ("float32" -> "FP32")."""
-    name = _V2_NAMES.get(np.dtype(dtype).name)
+    name = _V2_BY_DTYPE.get(dtype) if isinstance(dtype, np.dtype) else None  # dtype.name is a slow property
+    name = name or _V2_NAMES.get(np.dtype(dtype).name)
     if name is None:
         raise InvalidArgument(f"dtype {dtype} has no Open Inference Protocol datatype")
     return name
@@ -138,23 +140,21 @@ def infer_request(req: pb.ModelInferRequest, max_bytes: int = _MAX_TENSOR_BYTES)
 
 
 def infer_response(result: PredictResult, call: InferCall) -> pb.ModelInferResponse:
-    """Requested outputs (all when none requested) as raw little-endian bytes."""
-    names = call.outputs or tuple(result.outputs)
-    tensors, raws = [], []
-    for name in names:
+    """Requested outputs (all when none requested) as raw little-endian bytes, built in place (a finished tensor
+    passed to a parent's constructor is deep-copied)."""
+    resp = pb.ModelInferResponse(model_name=result.model_name, model_version=str(result.model_version), id=call.id)
+    for name in call.outputs or result.outputs:
         a = result.outputs.get(name)
         if a is None:
             raise InvalidArgument(f"no output {name[:_ECHO]!r}; this request produces {', '.join(result.outputs)}")
-        a = np.ascontiguousarray(a)
         if a.dtype.byteorder == ">":
             a = a.astype(a.dtype.newbyteorder("<"))
-        tensors.append(pb.ModelInferResponse.InferOutputTensor(name=name, datatype=v2_datatype(a.dtype),
-                                                               shape=a.shape))
-        raws.append(a.tobytes())
-    return pb.ModelInferResponse(
-        model_name=result.model_name, model_version=str(result.model_version), id=call.id, outputs=tensors,
-        raw_output_contents=raws,
-    )
+        out = resp.outputs.add()
+        out.name = name
+        out.datatype = v2_datatype(a.dtype)
+        out.shape[:] = a.shape
+        resp.raw_output_contents.append(a.tobytes())  # tobytes is C order whatever the array's layout
+    return resp
 
 
 def _tensor_metadata(sig: TensorSignature) -> pb.ModelMetadataResponse.TensorMetadata:

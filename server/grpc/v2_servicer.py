@@ -64,7 +64,7 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> Callable[[], pb.ModelInferResponse]:
         call = conv.infer_request(request, self.dp.settings.max_message_bytes)
         pending = self.dp.submit(call.model_name, call.version, call.inputs, call.postprocess, call.top_k, ctx)
-        if context is not None:
+        if context is not None and not pending.done:
             # a cancelled RPC leaves the queue at once; False = it ended already, before the callback was in place
             if not context.add_callback(pending.cancel):
                 pending.cancel()

@@ -56,7 +56,9 @@ def detect(path: Path, declared: str) -> str:
 
     actual = detect_format(path)
     if actual not in FORMATS:
-        raise InvalidArgument("unrecognised model file: expected a Keras .keras zip, an HDF5 .h5 file or a leanserve file")
+        raise InvalidArgument(
+            "unrecognised model file: expected a Keras .keras zip, an HDF5 .h5 file or a leanserve file"
+        )
     if declared and declared != actual:
         raise InvalidArgument(f"the header declares format {declared!r} but the file is {actual!r}")
     return actual

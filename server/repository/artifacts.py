@@ -26,9 +26,6 @@ from leanserve.server.ingest.archives import BoundedZip
 from leanserve.server.repository.manifest import FORMAT_NAME, FORMAT_VERSION, Manifest, ManifestLimits, jsonable
 from leanserve.server.runtime.plan import Plan
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST", "WEIGHTS", "plan_manifest", "plan_to_files",
-           "plan_from_files", "read_zip", "write_zip", "zip_bytes"]
-
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024

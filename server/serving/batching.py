@@ -89,6 +89,26 @@ class _Item:
         self.enqueued = time.monotonic()
 
 
+class Ready:
+    """The result of a request that ran at once: the Future interface the callers use, without its lock."""
+
+    __slots__ = ("_value", "_error")
+
+    def __init__(self, value: np.ndarray | None = None, error: BaseException | None = None) -> None:
+        self._value, self._error = value, error
+
+    def result(self, timeout: float | None = None) -> np.ndarray:
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]
+
+    def cancel(self) -> bool:
+        return False
+
+    def done(self) -> bool:
+        return True
+
+
 def _drop_reason(item: _Item, now: float) -> Exception | None:
     """Why a queued request must not be computed (None = compute it)."""
     if item.ctx.deadline is not None and item.ctx.deadline <= now:
@@ -125,34 +145,48 @@ class Batcher:
         """Worker threads alive right now (0 while idle)."""
         return len(self._threads)
 
-    def submit(self, x: np.ndarray, ctx: RequestContext = NO_CONTEXT) -> Future[np.ndarray]:
-        """Queue one validated request; the future resolves to its output rows.
+    def submit(self, x: np.ndarray, ctx: RequestContext = NO_CONTEXT) -> "Future[np.ndarray] | Ready":
+        """Queue one validated request; the result resolves to its output rows.
 
+        A request that finds the model idle (nothing queued, a worker slot free) runs at once on the caller's
+        thread and comes back as a ``Ready`` result: no Future, no hand-off, no wake-up of a batch thread.
         Raises ResourceExhausted when ``max_queue_size`` requests are already waiting.
         """
-        item = _Item(x, ctx)
         with self._cond:
             if self._stopped:
-                reason = "inline"
+                idle = False
             elif not self._queue and self._busy < self.config.workers:
-                reason = "idle"
+                idle = True
                 self._busy += 1
             else:
                 if len(self._queue) >= self.config.max_queue_size:
                     raise ResourceExhausted(
                         f"model {self._name}: the batch queue is full ({len(self._queue)} requests waiting)"
                     )
+                item = _Item(x, ctx)
                 self._queue.append(item)
                 self._queued_rows += item.rows
                 self._ensure_worker()
                 self._cond.notify_all()
                 return item.future
         try:
-            self._execute([item], reason)
+            return self._run_alone(x, ctx, "idle" if idle else "inline")
         finally:
-            if reason == "idle":
+            if idle:
                 self._release()
-        return item.future
+
+    def _run_alone(self, x: np.ndarray, ctx: RequestContext, reason: str) -> "Ready":
+        """Run one request by itself on the caller's thread."""
+        start = time.monotonic()
+        if ctx.deadline is not None and ctx.deadline <= start:
+            return Ready(error=DeadlineExceeded("the deadline passed before the request could run"))
+        t0 = time.perf_counter_ns()
+        try:
+            y = self._runner(x)
+        except Exception as exc:  # noqa: BLE001 -- the caller's result carries it, as a queued request's future would
+            return Ready(error=exc)
+        self._stats.record_batch(int(x.shape[0]), 1, 0, time.perf_counter_ns() - t0, reason)
+        return Ready(y)
 
     def stop(self, timeout: float | None = None) -> None:
         """Finish what is queued, then end the workers. Idempotent."""
@@ -215,7 +249,8 @@ class Batcher:
     def _release(self) -> None:
         with self._cond:
             self._busy -= 1
-            self._cond.notify_all()
+            if self._queue:  # only a worker waiting for a free slot needs to know
+                self._cond.notify_all()
 
     def _take(self) -> list[_Item]:
         """Pop the next batch (caller holds the lock): whole requests, same row shape, up to max rows."""

@@ -150,8 +150,9 @@ def test_two_server_processes_uploading_one_name_never_collide(tmp_path: Path) -
     x = np.random.default_rng(0).normal(size=(2, 8)).astype(np.float32)
     per_server = 4
     polling = server_env(LEANSERVE_REPOSITORY_POLL_SECONDS="0.1")
+    # two independent servers (each sweeps the staging area as it starts, so both start before any upload)
     with ServerProcess(repo, log=tmp_path / "a.log", env=polling) as a, \
-            ServerProcess(repo, log=tmp_path / "b.log", env=dict(polling, LEANSERVE_PROCESS_INDEX="1")) as b:
+            ServerProcess(repo, log=tmp_path / "b.log", env=polling) as b:
         clients = [Client(a.address, timeout=300), Client(b.address, timeout=300)]
         try:
             barrier = threading.Barrier(2 * per_server)

@@ -43,7 +43,7 @@ def measure(name: str, data: bytes, send) -> dict[str, object]:
 
 def attacks(work: Path, keras_file: Path) -> dict[str, tuple[bytes, str]]:
     """name -> (bytes, "upload" | "optimize")."""
-    manifest, tensors = hostile.files(hostile.plan("dense_f32"))
+    manifest, _ = hostile.files(hostile.plan("dense_f32"))
     text = json.dumps(manifest).encode()
     own_bomb = hostile.bomb_zip({artifacts.MANIFEST: text, artifacts.WEIGHTS: 600 * MB})
     with zipfile.ZipFile(keras_file) as zf:

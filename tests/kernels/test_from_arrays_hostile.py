@@ -5,7 +5,8 @@ ones too), a non-monotone indptr, unsupported blocks, inexact dtypes, non-contig
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -91,7 +92,7 @@ def test_sparse_index_attacks_are_refused(fmt: str, options: dict[str, Any]) -> 
         "indices as bool": with_("indices", lambda a: a.astype(bool)),
         "values 2-D": with_("values", lambda a: a.reshape(a.shape[0], -1)) if fmt.startswith("bsr") else None,
     }
-    for what, bad in cases.items():
+    for bad in cases.values():
         if bad is not None:
             _refused(fmt, bad, meta)
 
