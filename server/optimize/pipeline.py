@@ -3,8 +3,10 @@ kernels) until one is within budget → tuning → measurements. Transport-free 
 and the report; ``service.Optimizer`` stores and serves them.
 
 Three kinds of rows, never mixed: fine-tuning learns from the training rows; the selection rows choose (early
-stopping, "is this candidate within budget?"); the held-out rows (``x_val``, else a seeded share of ``x`` set
-aside before anything else) give the verdict on the candidate the search stops at. The report says "within
+stopping, "is this candidate within budget?"); the held-out rows give the verdict on the candidate the search
+stops at. Without ``x_val`` all three are seeded shares of ``x`` (held-out rows set aside before anything else);
+with it, ``x`` trains and ``x_val`` is halved into selection and held-out rows (rows the original model was
+trained on flatter it: a pruned model cannot keep what it memorised, so they would judge it unfairly). The report says "within
 budget" only from that verdict, so a search that tried many candidates cannot pass one by luck on the rows it
 chose with.
 """
@@ -168,6 +170,12 @@ def split_sets(data: OptimizeData | None, opts: OptimizeOptions, input_shape: tu
         raise InvalidArgument(f"fine-tuning (epochs > 0) needs more rows: {len(x)} left after the held-out rows")
     if not (train and enough):
         return Sets(EvalSet(x, y, "rest"), verdict)
+    if verdict.source == "x_val" and len(verdict.x) >= 2:
+        # the caller's validation rows choose and judge (half each); x, often what the original was trained on
+        # and so flattering it, is all for training
+        keep, sel = _split(len(verdict.x), 0.5, SPLIT_SEED + 1)
+        return Sets(EvalSet(verdict.x[sel], _take(verdict.y, sel), "x_val"),
+                    EvalSet(verdict.x[keep], _take(verdict.y, keep), "x_val"), x, y)
     keep, sel = _split(len(x), val_fraction, SPLIT_SEED + 1)
     return Sets(EvalSet(x[sel], _take(y, sel), "split"), verdict, x[keep], _take(y, keep))
 

@@ -81,7 +81,9 @@ def test_held_out_rows_are_set_aside_before_anything_else() -> None:
     assert sets.train_x is not None and sets.train_y is None and sets.verdict.metric == "agreement"
     sets = pipeline.split_sets(OptimizeData(x, y, xv, np.zeros(30, np.int64)),
                                OptimizeOptions("m", target_sparsity=0.5), (4,), 0.2, "softmax")
-    assert sets.verdict.source == "x_val" and len(sets.select.x) + len(sets.train_x) == 200
+    assert sets.verdict.source == sets.select.source == "x_val" and len(sets.train_x) == 200
+    halves = [set(a[:, 0].astype(int)) for a in (sets.verdict.x, sets.select.x)]
+    assert len(halves[0]) == len(halves[1]) == 15 and not halves[0] & halves[1]
     # one-shot only (epochs 0, or an output fine-tuning cannot train): no training rows, nothing else changes
     for opts, act in ((OptimizeOptions("m", target_sparsity=0.5, epochs=0), "softmax"),
                       (OptimizeOptions("m", target_sparsity=0.5), "sigmoid")):
