@@ -53,8 +53,15 @@ STAGES: tuple[tuple[str, re.Pattern[str]], ...] = tuple((name, re.compile(p)) fo
 ))
 
 
+#: stacks of start-up and the model upload (conversion, reference check, autotuning, imports): not request work
+SETUP = re.compile(r"(ingest/|UploadModel|tensorflow|keras|tuning\.py|autotune|warmup|load_all|frozen importlib|"
+                   r"create_server|cmd_serve|plan\.py:\d+\);.*reference)")
+
+
 def classify(stack: str) -> str:
     """The stage of one collapsed stack (outermost frame first, ``;``-separated)."""
+    if SETUP.search(stack):
+        return "setup"
     frames = stack.split(";")
     for frame in reversed(frames):
         for name, pattern in STAGES:
@@ -97,13 +104,14 @@ def run_one(system: str, args: argparse.Namespace, tmp: Path, h5: Path) -> dict[
         point = common.measure(load, system=system)
     finally:
         stop_profiled(server)
+    shutil.copy(raw, args.out.with_name(f"profile-{system}.raw.tmp"))  # kept for a closer look (not committed)
     stages = parse_raw(raw)
     total = sum(stages.values())
     # samples cover the whole run (start, upload, warm-up, load, stop): only those taken while the load ran count,
     # which are the ones of the request path; idle threads are not sampled (--gil)
     seconds = total / args.rate
     requests = max(point.throughput * (args.duration + args.warmup), 1)
-    per_request_us = {k: v / args.rate / requests * 1e6 for k, v in stages.items() if k != "other"}
+    per_request_us = {k: v / args.rate / requests * 1e6 for k, v in stages.items() if k not in ("setup",)}
     return {"system": system, "throughput": point.throughput, "p99_ms": point.p99_ms, "samples": dict(stages),
             "gil_seconds": seconds, "us_per_request": per_request_us}
 

@@ -169,12 +169,17 @@ def create_server(settings: Settings) -> ServerHandle:
         )
 
     address = f"{settings.host}:{settings.port}"
-    if certificates is not None:
-        port = server.add_secure_port(address, certificates.credentials())
-    else:
-        port = server.add_insecure_port(address)
+    try:
+        if certificates is not None:
+            port = server.add_secure_port(address, certificates.credentials())
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError:  # grpc's "Failed to bind to address"
+        port = 0
     if port == 0:
-        raise OSError(f"could not bind {settings.host}:{settings.port}")
+        dataplane.close()
+        stream_pool.shutdown(wait=False)
+        raise OSError(f"cannot listen on {address}: in use by another process, or not an address of this machine")
     metrics = None
     if settings.metrics:
         try:

@@ -151,6 +151,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigurationError as exc:  # raised before anything is loaded or bound
         print(f"leanserve serve: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # e.g. the port is taken
+        print(f"leanserve serve: {exc}", file=sys.stderr)
+        return 1
     signal.signal(signal.SIGHUP, lambda *_: handle.reload_credentials())  # rotate certificates and tokens now
     extra = None
     if settings.processes > 1 and settings.process_index == 0:

@@ -31,6 +31,7 @@ class BatchOverride(BaseModel):
     max_queue_delay_us: int | None = Field(None, ge=0, description="Longest wait for more rows when busy (µs).")
     max_queue_size: int | None = Field(None, ge=1, description="Most queued requests before RESOURCE_EXHAUSTED.")
     workers: int | None = Field(None, ge=1, description="Batches of this model executing at once.")
+    inline_below_us: int | None = Field(None, ge=0, description="See Settings.batch_inline_below_us.")
 
 
 class Settings(BaseSettings):
@@ -195,6 +196,14 @@ class Settings(BaseSettings):
         gt=0,
         description="A model version's batch threads start with its first queued request and end after this long "
         "without work, so threads follow the versions in use, not the versions stored.",
+    )
+    batch_inline_below_us: int = Field(
+        100,
+        ge=0,
+        description="A model whose single-request kernel call takes less than this (µs, measured while serving) "
+        "runs each request at once on its caller's thread even while another batch executes: handing it to the "
+        "batch thread would cost more than batching could save. Larger models queue and batch as usual. "
+        "0 = always queue while busy.",
     )
     batch_overrides: dict[str, BatchOverride] = Field(
         default_factory=dict,

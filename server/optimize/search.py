@@ -2,7 +2,7 @@
 
 The budget search (the default) goes the way a practitioner would, from what was asked towards what is safe, and
 stops at the first candidate within budget: the requested configuration (one-shot when that is free to check,
-then fine-tuned), fine-tuned longer, the block shapes the kernels serve fastest (only when no block was asked
+then fine-tuned), fine-tuned longer (again from the original weights, over twice the epochs), the block shapes the kernels serve fastest (only when no block was asked
 for: 1x16 before 16x1, same sparsity, smaller and faster than unstructured), lower sparsities in steps, and
 finally int8 without pruning. Each step is smaller/faster than the ones after it, so the first candidate within
 budget is the one to keep.

@@ -51,6 +51,7 @@ class BatchConfig:
     max_queue_size: int = 1024
     workers: int = 1
     idle_seconds: float = 30.0
+    inline_below_us: int = 100
 
     @classmethod
     def for_model(cls, settings: Settings, name: str, manifest: dict[str, Any] | None = None) -> "BatchConfig":
@@ -62,6 +63,7 @@ class BatchConfig:
             "max_queue_size": settings.batch_max_queue_size,
             "workers": settings.batch_workers,
             "idle_seconds": settings.batch_thread_idle_seconds,
+            "inline_below_us": settings.batch_inline_below_us,
         }
         layers = []
         if manifest and manifest.get("batching"):
@@ -132,6 +134,9 @@ class Batcher:
         self._busy = 0  # batches executing right now
         self._cond = threading.Condition(threading.Lock())
         self._stopped = not config.enabled
+        #: smoothed kernel time of one request run by itself (ns); None until one has run
+        self._solo_ns: float | None = None
+        self._inline_below_ns = config.inline_below_us * 1000
         self._threads: list[threading.Thread] = []  # alive workers; started on demand, see _ensure_worker
         self._started = 0  # workers ever started (names them)
 
@@ -158,6 +163,10 @@ class Batcher:
             elif not self._queue and self._busy < self.config.workers:
                 idle = True
                 self._busy += 1
+            elif not self._queue and self._solo_ns is not None and self._solo_ns < self._inline_below_ns:
+                # a model this cheap costs less to run again than to hand over to the batch thread: batching it
+                # could only save part of its kernel time, the hand-off costs more than all of it
+                idle = False
             else:
                 if len(self._queue) >= self.config.max_queue_size:
                     raise ResourceExhausted(
@@ -170,7 +179,7 @@ class Batcher:
                 self._cond.notify_all()
                 return item.future
         try:
-            return self._run_alone(x, ctx, "idle" if idle else "inline")
+            return self._run_alone(x, ctx, "idle" if idle else "inline" if self._stopped else "cheap")
         finally:
             if idle:
                 self._release()
@@ -185,7 +194,9 @@ class Batcher:
             y = self._runner(x)
         except Exception as exc:  # noqa: BLE001 -- the caller's result carries it, as a queued request's future would
             return Ready(error=exc)
-        self._stats.record_batch(int(x.shape[0]), 1, 0, time.perf_counter_ns() - t0, reason)
+        ns = time.perf_counter_ns() - t0
+        self._solo_ns = ns if self._solo_ns is None else 0.9 * self._solo_ns + 0.1 * ns
+        self._stats.record_batch(int(x.shape[0]), 1, 0, ns, reason)
         return Ready(y)
 
     def stop(self, timeout: float | None = None) -> None:

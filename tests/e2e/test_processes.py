@@ -169,3 +169,50 @@ def test_a_bad_processes_value_is_refused(tmp_path: Path, value: str) -> None:
                           stdin=subprocess.DEVNULL)
     assert proc.returncode != 0 and "listening on" not in proc.stdout
     assert "processes" in proc.stderr, proc.stderr[-2000:]
+
+
+def _free_port_pair() -> int:
+    """A port P with P + 1 free too (each extra process serves metrics on the first one's port + its index)."""
+    import socket
+
+    for _ in range(100):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+            with socket.socket() as b:
+                try:
+                    b.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+                return port
+    raise AssertionError("no two consecutive free ports")
+
+
+def _scraped_successes(port: int, model: str) -> float:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=60).read().decode()
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == "nv_inference_request_success_total" and s.labels.get("model") == model)
+
+
+def test_each_process_serves_its_own_metrics(tmp_path: Path) -> None:
+    port = _free_port_pair()
+    env = server_env(LEANSERVE_METRICS_PORT=str(port), LEANSERVE_REPOSITORY_POLL_SECONDS="0.1")
+    path, _ = _model(tmp_path)
+    x = np.random.default_rng(1).normal(size=(3, 5)).astype(np.float32)
+    with ServerProcess(tmp_path / "repo", "--processes", "2", log=tmp_path / "server.log", env=env) as server:
+        clients = one_connection_per_process(server.address)
+        try:
+            clients[0].upload(path, "m")
+            wait_until(lambda: clients[1].models() == {"m": [1]}, "the extra process serves the upload")
+            for i, c in clients.items():
+                for _ in range(2 + 3 * i):  # 2 through the first process, 5 through the extra one
+                    c.predict("m", x)
+            for i, c in clients.items():  # process i's endpoint counts exactly what process i answered
+                assert _scraped_successes(port + i, "m") == _successes(c, "m") == 2 + 3 * i
+        finally:
+            for c in clients.values():
+                c.close()

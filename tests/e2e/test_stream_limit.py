@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from leanserve.client import Client, common
-from leanserve.v1 import inference_service_pb2 as pb
 
 
 def test_streams_past_the_limit_are_refused_and_unary_still_served(client: Client, model_files) -> None:

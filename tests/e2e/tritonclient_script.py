@@ -1,8 +1,9 @@
 """Runs in its own process (tritonclient's `inference` descriptors clash with ours in one pool, kserve#3099).
 
 ``python tritonclient_script.py client <url> <model> <x.npy>``: talks to a server with tritonclient.grpc and prints
-one JSON object with what it saw. ``python tritonclient_script.py matrix ...``: one failing request (see ``matrix``). ``python tritonclient_script.py descriptors``: prints tritonclient's compiled
-``inference`` messages and RPCs (see ``describe``) so a test can compare them with ours.
+one JSON object with what it saw. ``python tritonclient_script.py matrix ...``: one failing request (see
+``matrix``). ``python tritonclient_script.py descriptors``: prints tritonclient's compiled ``inference`` messages
+and RPCs (see ``describe``) so a test can compare them with ours.
 """
 
 from __future__ import annotations

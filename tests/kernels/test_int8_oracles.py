@@ -150,7 +150,7 @@ def test_outputs_within_the_quantization_bound_of_fp32(fmt, block, path, shape, 
     ref = x.astype(np.float64) @ w.astype(np.float64) + b
     bound = int8_error_bound(x, w, b, "linear")
     excess = np.abs(out - ref) - bound
-    assert (excess <= 0).all(), f"max excess over the bound {excess.max():.3g} (bound there {bound.flat[excess.argmax()]:.3g})"
+    assert (excess <= 0).all(), f"exceeds the bound by {excess.max():.3g} (bound {bound.flat[excess.argmax()]:.3g})"
 
 
 @pytest.mark.parametrize("fmt,block,path", CONFIGS, ids=config_id)

@@ -18,7 +18,7 @@ def _rows(value: float) -> np.ndarray:
 def test_no_thread_until_a_request_queues_then_none_once_idle() -> None:
     runner = GatedRunner()
     stats = ModelStats()
-    b = Batcher(runner, BatchConfig(idle_seconds=0.2, max_queue_delay_us=0), stats, "lazy")
+    b = Batcher(runner, BatchConfig(idle_seconds=0.2, max_queue_delay_us=0, inline_below_us=0), stats, "lazy")
     assert b.threads == 0
     # a lone request runs inline on the caller's thread: still no worker
     np.testing.assert_array_equal(b.submit(_rows(1)).result(5), _rows(2))
@@ -46,7 +46,7 @@ def test_no_thread_until_a_request_queues_then_none_once_idle() -> None:
 
 def test_stop_drains_the_queue_and_ends_the_worker() -> None:
     runner = GatedRunner()
-    b = Batcher(runner, BatchConfig(idle_seconds=60), ModelStats(), "stopping")
+    b = Batcher(runner, BatchConfig(idle_seconds=60, inline_below_us=0), ModelStats(), "stopping")
     runner.gate.clear()
     held = threading.Thread(target=lambda: b.submit(_rows(1)))
     held.start()

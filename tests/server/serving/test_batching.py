@@ -28,7 +28,7 @@ def runner() -> GatedRunner:
 
 def _batcher(runner: GatedRunner, **config: object) -> tuple[Batcher, ModelStats]:
     stats = ModelStats()
-    return Batcher(runner, BatchConfig(**config), stats, "toy"), stats
+    return Batcher(runner, BatchConfig(**{"inline_below_us": 0, **config}), stats, "toy"), stats
 
 
 def _submit_in_thread(b: Batcher, x: np.ndarray) -> Future:
@@ -190,3 +190,42 @@ def test_config_from_settings_manifest_and_overrides() -> None:
     assert not BatchConfig.for_model(Settings(batching=False), "m").enabled
     with pytest.raises(InvalidArgument, match="batching"):
         BatchConfig.for_model(settings, "m", {"batching": {"max_batch_size": 0}})
+
+
+class _SecondCallBlocks:
+    """``y = 2x``; the second call blocks until released (it holds the batcher's only slot meanwhile)."""
+
+    def __init__(self) -> None:
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.threads: list[threading.Thread] = []
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        self.threads.append(threading.current_thread())
+        if len(self.threads) == 2:
+            self.entered.set()
+            assert self.release.wait(30), "test never released the call"
+        return x * 2
+
+
+@pytest.mark.parametrize("inline_below_us,queues", [(10**9, False), (0, True)], ids=["cheap-model", "threshold-0"])
+def test_a_model_cheaper_than_the_hand_off_runs_at_once_even_while_busy(inline_below_us: int, queues: bool) -> None:
+    """While a batch executes, a request to a model measured cheaper than ``inline_below_us`` runs on its caller's
+    thread at once (no queue, no batch thread); with the threshold at 0 it queues for the batch thread."""
+    runner = _SecondCallBlocks()
+    b = Batcher(runner, BatchConfig(inline_below_us=inline_below_us, max_queue_delay_us=0), ModelStats(), "cheap")
+    np.testing.assert_array_equal(b.submit(_rows(1, 1.0)).result(), _rows(1, 2.0))  # measured alone: idle
+    holder = _submit_in_thread(b, _rows(1, 3.0))
+    assert runner.entered.wait(30)  # the second call holds the only worker slot
+    third = b.submit(_rows(2, 5.0))
+    try:
+        assert third.done() is not queues
+        if not queues:
+            np.testing.assert_array_equal(third.result(), _rows(2, 10.0))
+            assert runner.threads[-1] is threading.current_thread() and b.threads == 0
+    finally:
+        runner.release.set()
+    np.testing.assert_array_equal(third.result(30), _rows(2, 10.0))
+    np.testing.assert_array_equal(holder.result(30).result(30), _rows(1, 6.0))
+    if queues:
+        assert b.threads == 1 and runner.threads[-1] is not threading.current_thread()
+    b.stop(30)
