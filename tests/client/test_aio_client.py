@@ -30,6 +30,7 @@ def _model(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # an optimization builds a TensorFlow reference and measures latency
 def test_optimize_reports_progress_and_promotes_within_budget(server: ServerHandle, tmp_path: Path) -> None:
     async def scenario() -> None:
         async with AsyncClient(f"127.0.0.1:{server.port}", timeout=300) as c:
@@ -44,6 +45,7 @@ def test_optimize_reports_progress_and_promotes_within_budget(server: ServerHand
     asyncio.run(scenario())
 
 
+@pytest.mark.slow  # an optimization builds a TensorFlow reference and measures latency
 def test_promote_over_budget_is_not_promoted(server: ServerHandle, tmp_path: Path) -> None:
     """Asked to promote, but pruning 95 % changes answers beyond a zero budget: the version is stored, the report
     says why, and the default stays where it was."""
