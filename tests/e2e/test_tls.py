@@ -157,12 +157,14 @@ def test_non_loopback_host_without_credentials_refuses_to_start(tmp_path: Path) 
 
 
 def test_insecure_flag_starts_on_a_non_loopback_host(tmp_path: Path) -> None:
-    proc = subprocess.Popen([*LEANSERVE, "serve", "--host", "0.0.0.0", "--port", "0", "--insecure",
-                             "--repository", str(tmp_path / "repo")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_serve_env())
+    log = tmp_path / "serve.log"
+    with open(log, "w") as err:  # a file, not a pipe: nobody has to drain it while the server runs
+        proc = subprocess.Popen([*LEANSERVE, "serve", "--host", "0.0.0.0", "--port", "0", "--insecure",
+                                 "--repository", str(tmp_path / "repo")],
+                                stdout=subprocess.PIPE, stderr=err, text=True, env=_serve_env())
     try:
         line = proc.stdout.readline()  # type: ignore[union-attr]
-        assert line.startswith("listening on 0.0.0.0:"), line + proc.stderr.read()  # type: ignore[union-attr]
+        assert line.startswith("listening on 0.0.0.0:"), line + log.read_text()
         proc.send_signal(signal.SIGTERM)  # nothing is sent to it: it only has to start
         assert proc.wait(timeout=60) == 0
     finally:
