@@ -263,7 +263,9 @@ class Settings(BaseSettings):
         "started yet), so training leaves cores to predictions.",
     )
     optimize_val_fraction: float = Field(
-        0.2, gt=0, lt=1, description="Share of x held out to judge candidates when fine-tuning without x_val."
+        0.2, gt=0, lt=1, description="Share of x set aside (seeded) when no x_val is sent: first the held-out rows "
+        "that judge the result, then, when fine-tuning, from the rest the rows that choose candidates and stop "
+        "training.",
     )
     optimize_latency_repeats: int = Field(
         15, ge=1, description="Timed samples per batch size and round when the optimizer measures latency."

@@ -1,14 +1,15 @@
 """Gradual magnitude pruning with TensorFlow fine-tuning, as a Keras 3 callback.
 
-Why a callback and not tensorflow-model-optimization: tfmot's ``prune_low_magnitude`` wraps layers with the
-legacy ``tf_keras`` API and does not support Keras 3 (tfmot#1119, #1141); using it would mean a second Keras
+Why a callback and not tensorflow-model-optimization: tfmot's ``prune_low_magnitude`` wraps layers with the legacy
+``tf_keras`` API and does not support Keras 3 (tfmot#1119, #1141); using it would mean a second Keras
 (``TF_USE_LEGACY_KERAS=1``) in the server process, which would also change how every uploaded model loads. The
-callback does what tfmot's wrapper does, on plain Keras 3 Dense layers: every ``frequency`` steps it recomputes
-the masks from the current weights at the sparsity of a polynomial schedule, and after *every* train batch it
-multiplies the kernels by their masks, so the optimizer's update never brings a pruned weight back into the next
-forward pass. The schedule reaches the target at ``END_FRACTION`` of the planned steps; the remaining epochs
-fine-tune with the final masks fixed and the learning rate decaying linearly to a tenth, watched by early stopping
-on the selection rows (the best epoch's weights are kept). The same callback checks for cancellation and for the search's deadline after every batch.
+callback does what tfmot's wrapper does, on plain Keras 3 Dense layers: every ``frequency`` steps it recomputes the
+masks from the current weights at the sparsity of a polynomial schedule, and after *every* train batch it multiplies
+the kernels by their masks, so the optimizer's update never brings a pruned weight back into the next forward pass.
+The schedule reaches the target at ``END_FRACTION`` of the planned steps; the remaining epochs fine-tune with the
+final masks fixed and the learning rate decaying linearly to a tenth, watched by early stopping on the selection
+rows (the best epoch's weights are kept). The same callback checks for cancellation and for the search's deadline
+after every batch.
 
 What the model learns from (``transfer_set``): knowledge distillation from the original model. Labelled rows get
 targets half one-hot label, half the original's probabilities; on top, as many mixup rows (random convex

@@ -3,12 +3,12 @@ kernels) until one is within budget → tuning → measurements. Transport-free 
 and the report; ``service.Optimizer`` stores and serves them.
 
 Three kinds of rows, never mixed: fine-tuning learns from the training rows; the selection rows choose (early
-stopping, "is this candidate within budget?"); the held-out rows give the verdict on the candidate the search
-stops at. Without ``x_val`` all three are seeded shares of ``x`` (held-out rows set aside before anything else);
-with it, ``x`` trains and ``x_val`` is halved into selection and held-out rows (rows the original model was
-trained on flatter it: a pruned model cannot keep what it memorised, so they would judge it unfairly). The report says "within
-budget" only from that verdict, so a search that tried many candidates cannot pass one by luck on the rows it
-chose with.
+stopping, "is this candidate within budget?"); the held-out rows give the verdict on the candidate the search stops
+at. Without ``x_val`` all three are seeded shares of ``x`` (held-out rows set aside before anything else); with it,
+``x`` trains and ``x_val`` is halved into selection and held-out rows (rows the original model was trained on
+flatter it: a pruned model cannot keep what it memorised, so they would judge it unfairly). The report says "within
+budget" only from that verdict, so a search that tried many candidates cannot pass one by luck on the rows it chose
+with.
 """
 
 from __future__ import annotations
@@ -181,8 +181,8 @@ def split_sets(data: OptimizeData | None, opts: OptimizeOptions, input_shape: tu
 
 
 class Trainer:
-    """The Keras model fine-tuning trains, built on first use; resets to the original weights for every fresh
-    candidate and continues from the last one for "fine-tune longer"."""
+    """The Keras model fine-tuning trains, built on first use (with the rows and targets it learns from); every
+    candidate starts from the original weights, except in the sweep, which continues level after level."""
 
     def __init__(self, base: ServedModel, folder: Path, opts: OptimizeOptions, sets: Sets, settings: Settings,
                  job: JobControl) -> None:
@@ -193,7 +193,6 @@ class Trainer:
         self.data: Any = None
         self.lr = 0.0
         self.epochs = 0
-        self.last: Recipe | None = None  # the recipe whose weights the model holds
 
     def _load(self, fraction: float) -> None:
         from leanserve.server.optimize import finetune
@@ -216,16 +215,15 @@ class Trainer:
         self.epochs = self.opts.epochs or finetune.auto_epochs(len(self.data.x))
 
     def run(self, recipe: Recipe, label: str, lo: float, span: float, deadline: float,
-            initial: float = 0.0) -> tuple[list[LayerSpec], dict[str, Any]] | None:
-        """Fine-tune for ``recipe``; None when "fine-tune longer" has nothing to continue from."""
+            initial: float = 0.0) -> tuple[list[LayerSpec], dict[str, Any]]:
+        """Fine-tune for ``recipe`` (from ``initial`` sparsity: 0 = from the original weights); returns the
+        layers and a summary of the training."""
         from leanserve.server.optimize.finetune import fine_tune
         from leanserve.server.optimize.keras_model import specs_from_keras
 
         if self.model is None:
             self._load(lo)
         longer = recipe.method == search.LONGER
-        if longer and (self.last is None or (self.last.sparsity, self.last.block) != (recipe.sparsity, recipe.block)):
-            return None  # only right after the same recipe's fine-tuning (the deadline may have cut it short)
         if initial == 0.0:
             self.model.set_weights(self.initial)
         # longer: again from the original weights, over twice the epochs: the sparsity rises more slowly and the
@@ -245,15 +243,14 @@ class Trainer:
                            final=recipe.sparsity, granularity=self.opts.granularity, block=recipe.block,
                            epochs=epochs, learning_rate=self.lr, time_allowed=time_allowed, deadline=deadline,
                            seed=SPLIT_SEED, cancelled=self.job.cancelled, on_epoch=on_epoch)
-        self.last = recipe
         names = list(plan.layer_names)
         specs = [LayerSpec(names[i] if i < len(names) else s.name, s.weights, s.bias, s.activation)
                  for i, s in enumerate(specs_from_keras(self.model))]
         assert self.sets.train_x is not None
+        targets = ("labels + original's probabilities" if self.sets.train_y is not None
+                   else "original's probabilities (distillation)")
         info = {**result.to_dict(), "model": self.origin, "train_rows": int(len(self.sets.train_x)),
-                "mixup_rows": self.data.mixup_rows,
-            "targets": "labels + original's probabilities" if self.sets.train_y is not None
-            else "original's probabilities (distillation)"}
+                "mixup_rows": self.data.mixup_rows, "targets": targets}
         return specs, info
 
 
@@ -293,9 +290,9 @@ class Search:
         return self._sizes[key]
 
     def build(self, recipe: Recipe, index: int, total: int, initial: float = 0.0,
-              made: tuple[list[LayerSpec], dict[str, Any] | None] | None = None) -> Candidate | None:
-        """Make and judge one candidate on the selection rows; None when there was nothing to build.
-        ``made``: weights already made for this recipe's sparsity (the sweep quantizes one fine-tuning twice)."""
+              made: tuple[list[LayerSpec], dict[str, Any] | None] | None = None) -> Candidate:
+        """Make and judge one candidate on the selection rows. ``made``: weights already made for this recipe's
+        sparsity (the sweep quantizes one fine-tuning twice)."""
         t0 = time.monotonic()
         label = f"[{index + 1}/{total} {recipe.label}]"
         lo, span = 0.08 + 0.72 * index / total, 0.72 / total
@@ -304,10 +301,7 @@ class Search:
             specs, info = made
         elif recipe.method in (search.FINE_TUNE, search.LONGER):
             assert self.trainer is not None
-            trained = self.trainer.run(recipe, label, lo, span, self.deadline, initial)
-            if trained is None:
-                return None
-            specs, info = trained
+            specs, info = self.trainer.run(recipe, label, lo, span, self.deadline, initial)
         else:
             self.job.progress("prune" if recipe.sparsity else "quantize", lo, f"{label} building")
             specs = self.one_shot(recipe)
@@ -358,7 +352,7 @@ class Search:
                 self.skipped.append({"label": recipe.label, "reason": "not smaller than the last resort"})
                 continue
             cand = self.build(recipe, i, len(ladder))
-            if cand is not None and cand.within_budget and self.check_held_out(cand):
+            if cand.within_budget and self.check_held_out(cand):
                 self.stopped = "within budget"
                 return cand
         self.stopped = self.stopped or "every candidate tried"
@@ -379,7 +373,7 @@ class Search:
                 # fp32 and int8 of one level share its weights
                 cand = self.build(recipe, index, total, initial=previous, made=self.made if k else None)
                 index += 1
-                ok = ok or bool(cand and cand.within_budget)
+                ok = ok or cand.within_budget
             previous = level[0].sparsity
             if not ok:
                 break

@@ -1,11 +1,11 @@
 """Which candidates an optimization tries, in order: pure lists of recipes, built and judged by ``pipeline``.
 
 The budget search (the default) goes the way a practitioner would, from what was asked towards what is safe, and
-stops at the first candidate within budget: the requested configuration (one-shot when that is free to check,
-then fine-tuned), fine-tuned longer (again from the original weights, over twice the epochs), the block shapes the kernels serve fastest (only when no block was asked
-for: 1x16 before 16x1, same sparsity, smaller and faster than unstructured), lower sparsities in steps, and
-finally int8 without pruning. Each step is smaller/faster than the ones after it, so the first candidate within
-budget is the one to keep.
+stops at the first candidate within budget: the requested configuration (one-shot when that is free to check, then
+fine-tuned), fine-tuned longer (again from the original weights, over twice the epochs), the block shapes the
+kernels serve fastest (only when no block was asked for: 1x16 before 16x1, same sparsity, smaller and faster than
+unstructured), lower sparsities in steps, and finally int8 without pruning. Each step is smaller/faster than the
+ones after it, so the first candidate within budget is the one to keep.
 
 The sweep (``search=True``, the older mode) tries ascending sparsities up to the target, fp32 next to int8, and
 keeps the smallest candidate within budget.

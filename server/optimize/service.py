@@ -111,7 +111,8 @@ class Optimizer:
 
     def start(self, opts: OptimizeOptions, chunks: Iterable[bytes], ctx: RequestContext = NO_CONTEXT) -> Job:
         """Check the options, take a slot (ResourceExhausted when busy), receive the data, start the work."""
-        validate(opts, max_epochs=self.settings.optimize_max_epochs, max_data_bytes=self.settings.optimize_max_data_bytes,
+        validate(opts, max_epochs=self.settings.optimize_max_epochs,
+                 max_data_bytes=self.settings.optimize_max_data_bytes,
                  max_time_budget_seconds=self.settings.optimize_max_time_budget_seconds)
         validate_name(opts.model_name)
         base = self.dp.registry.get(opts.model_name, opts.version or None)
