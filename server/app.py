@@ -29,6 +29,7 @@ from leanserve.server.optimize.service import Optimizer
 from leanserve.server.grpc.v2_servicer import V2Servicer
 from leanserve.server.serving.metrics import MetricsServer
 from leanserve.server.serving.registry import ModelRegistry
+from leanserve.server.serving.workers import WorkerPool
 from leanserve.server.repository.poll import RepositoryPoller
 from leanserve.server.repository.open import open_repository
 from leanserve.server.settings import Settings
@@ -56,6 +57,7 @@ class ServerHandle:
     certificates: ServerCertificates | None = None
     tokens: TokenFile | None = None
     stream_pool: futures.ThreadPoolExecutor | None = None
+    rpc_pool: WorkerPool | None = None
 
     def reload_credentials(self) -> None:
         """Re-read the TLS files (for the next handshake) and the token file now, changed or not (SIGHUP)."""
@@ -76,8 +78,9 @@ class ServerHandle:
         if self.poller is not None:
             self.poller.stop()
         self.server.stop(grace).wait()
-        if self.stream_pool is not None:
-            self.stream_pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self.stream_pool, self.rpc_pool):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
         self.dataplane.close()
         if self.metrics is not None:
             self.metrics.stop()
@@ -144,8 +147,10 @@ def create_server(settings: Settings) -> ServerHandle:
 
     # streams hold a thread for their whole life: they get a pool of their own, sized by their slots
     stream_pool = futures.ThreadPoolExecutor(max_workers=settings.stream_threads, thread_name_prefix="leanserve-stream")
+    rpc_pool = WorkerPool(settings.worker_threads, max(settings.worker_threads, settings.max_worker_threads),
+                          "leanserve-rpc")
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=settings.worker_threads, thread_name_prefix="leanserve-rpc"),
+        rpc_pool,
         # auth first: a refused call costs no more than the refusal; no token file = no auth interceptor at all
         interceptors=[*([AuthInterceptor(tokens, settings.client_error_log_per_second)] if tokens else []),
                       ErrorInterceptor(settings.client_error_log_per_second, stream_pool)],
@@ -179,6 +184,7 @@ def create_server(settings: Settings) -> ServerHandle:
     if port == 0:
         dataplane.close()
         stream_pool.shutdown(wait=False)
+        rpc_pool.shutdown(wait=False)
         raise OSError(f"cannot listen on {address}: in use by another process, or not an address of this machine")
     metrics = None
     if settings.metrics:
@@ -195,4 +201,5 @@ def create_server(settings: Settings) -> ServerHandle:
              "mTLS" if settings.tls_client_ca_file else "TLS" if certificates else "plaintext",
              f"tokens from {settings.auth_tokens_file}" if tokens else "no authentication")
     return ServerHandle(server=server, port=port, dataplane=dataplane, health=health_servicer, metrics=metrics,
-                        poller=poller, certificates=certificates, tokens=tokens, stream_pool=stream_pool)
+                        poller=poller, certificates=certificates, tokens=tokens, stream_pool=stream_pool,
+                        rpc_pool=rpc_pool)

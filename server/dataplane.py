@@ -31,6 +31,7 @@ from leanserve.server.repository.store import Repository, folder_bytes, validate
 from leanserve.server.settings import Settings
 from leanserve.server.ingest.uploads import check_header, receive
 from leanserve.server.serving.validation import select_input, validate_batch
+from leanserve.server.serving.workers import blocking
 
 log = logging.getLogger(__name__)
 
@@ -293,6 +294,8 @@ class DataPlane:
 class PendingPredict:
     """A queued request; ``result()`` waits for its rows, post-processes them and counts the outcome."""
 
+    __slots__ = ("model", "_future", "_postprocess", "_top_k", "_ctx", "_started")
+
     def __init__(self, model: ServedModel, future: "Future[np.ndarray] | Ready", postprocess: PostProcess, top_k: int,
                  ctx: RequestContext, started_ns: int) -> None:
         self.model, self._future, self._postprocess, self._top_k = model, future, postprocess, top_k
@@ -311,9 +314,14 @@ class PendingPredict:
         """The outputs, or the request's error (DeadlineExceeded when the deadline passes first)."""
         model = self.model
         try:
-            timeout = None if self._ctx.deadline is None else max(0.0, self._ctx.deadline - time.monotonic())
+            future = self._future
             try:
-                y = self._future.result(timeout)
+                if future.done():  # ran at once, or already answered
+                    y = future.result()
+                else:
+                    deadline = self._ctx.deadline
+                    with blocking():  # the thread waits for the batch: another may take a call meanwhile
+                        y = future.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
             except FutureTimeout:
                 self._future.cancel()  # still queued: the batcher skips it
                 raise DeadlineExceeded("the deadline passed before the request was answered") from None
@@ -325,4 +333,4 @@ class PendingPredict:
             model.stats.record_request(False, time.perf_counter_ns() - self._started)
             raise
         model.stats.record_request(True, time.perf_counter_ns() - self._started)
-        return PredictResult(model_name=model.name, model_version=model.version, outputs=outputs)
+        return PredictResult(model.name, model.version, outputs)

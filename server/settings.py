@@ -102,12 +102,18 @@ class Settings(BaseSettings):
     )
 
     worker_threads: int = Field(
-        16,
+        4,
         ge=1,
-        description="gRPC threads for unary calls (Predict, ModelInfer, metadata, admin calls). Streaming calls have "
-        "their own pool. Few threads serve small models best: each runnable handler thread competes for the GIL, "
-        "and past a handful they mostly wait for it. Requests waiting for a busy batcher hold a thread, so the "
-        "largest batch a model can form from concurrent unary callers is about this many rows.",
+        description="gRPC threads running unary calls (Predict, ModelInfer, metadata, admin calls) at once. Few serve "
+        "best: each runnable thread competes for the GIL, and every hand-off costs context switches. A call waiting "
+        "for a busy batcher does not count (another thread takes the next call, up to max_worker_threads), so "
+        "models still batch every concurrent caller. Streaming calls have their own pool.",
+    )
+    max_worker_threads: int = Field(
+        64,
+        ge=1,
+        description="Most unary threads in all, counting calls waiting for a batch: about the largest batch "
+        "concurrent unary callers can form (at least worker_threads).",
     )
     max_open_streams: int = Field(
         96,

@@ -17,7 +17,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -217,4 +217,4 @@ def caller_context(context: grpc.ServicerContext) -> RequestContext:
     """Who is calling (token label, else client certificate CN, else "anonymous") and from where, for the audit
     log of changes to the repository."""
     who = _CALLER.get() or peer_common_name(context) or "anonymous"
-    return replace(request_context(context), principal=who, peer=context.peer())
+    return request_context(context)._replace(principal=who, peer=context.peer())

@@ -7,8 +7,9 @@ message's bytes); typed ``contents`` are accepted too. Outputs always go out as 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -56,9 +57,8 @@ _MAX_TENSOR_BYTES = 2**63 - 1
 _ECHO = 64  # characters of a client-sent name echoed in an error message
 
 
-@dataclass(frozen=True)
-class InferCall:
-    """A ModelInferRequest in domain terms."""
+class InferCall(NamedTuple):
+    """A ModelInferRequest in domain terms (a tuple: one is built per request)."""
 
     model_name: str
     version: int | None
@@ -67,6 +67,12 @@ class InferCall:
     top_k: int
     outputs: tuple[str, ...]
     id: str
+
+
+#: (datatype, dims) already checked -> (dtype, shape, element count, bytes); filled by the first request of each
+#: signature so the next ones skip the checks; bounded, as clients choose the keys
+_CHECKED: dict[tuple[str, tuple[int, ...]], tuple[np.dtype, tuple[int, ...], int, int]] = {}
+_CHECKED_MAX = 4096
 
 
 def parse_version(version: str) -> int | None:
@@ -88,11 +94,28 @@ def v2_datatype(dtype: str | np.dtype) -> str:
     return name
 
 
+def _signature(t: pb.ModelInferRequest.InferInputTensor, max_bytes: int) -> tuple[np.dtype, tuple[int, ...], int]:
+    """dtype, shape and element count of an input tensor, checked (see ``tensor_shape``) before anything is
+    allocated."""
+    key = (t.datatype, tuple(t.shape[:]))
+    known = _CHECKED.get(key)
+    if known is None:
+        dtype = DTYPES.get(key[0])
+        if dtype is None:
+            raise InvalidArgument(f"input {t.name[:_ECHO]!r}: unsupported datatype {key[0][:_ECHO]!r}")
+        shape, count = tensor_shape(t.name[:_ECHO], key[1], dtype.itemsize, _MAX_TENSOR_BYTES)
+        # a 0 dimension counts as 1 against the cap, as in tensor_shape
+        known = (dtype, shape, count, math.prod(d or 1 for d in shape) * dtype.itemsize)
+        if len(_CHECKED) >= _CHECKED_MAX:
+            _CHECKED.clear()
+        _CHECKED[key] = known
+    if known[3] > max_bytes:
+        raise InvalidArgument(f"tensor {t.name[:_ECHO]!r}: shape {list(known[1])} describes more than {max_bytes} bytes")
+    return known[0], known[1], known[2]
+
+
 def _tensor(t: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, max_bytes: int) -> np.ndarray:
-    dtype = DTYPES.get(t.datatype)
-    if dtype is None:
-        raise InvalidArgument(f"input {t.name[:_ECHO]!r}: unsupported datatype {t.datatype[:_ECHO]!r}")
-    shape, count = tensor_shape(t.name[:_ECHO], t.shape, dtype.itemsize, max_bytes)
+    dtype, shape, count = _signature(t, max_bytes)
     if raw is not None:
         if len(raw) != count * dtype.itemsize:
             raise InvalidArgument(
@@ -114,29 +137,30 @@ def _tensor(t: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, max_byt
 def infer_request(req: pb.ModelInferRequest, max_bytes: int = _MAX_TENSOR_BYTES) -> InferCall:
     """Inputs by name, options from the request parameters, requested output names. No input tensor may describe
     more than ``max_bytes`` (the largest message)."""
-    raws = req.raw_input_contents
-    if raws and len(raws) != len(req.inputs):
-        raise InvalidArgument(f"raw_input_contents has {len(raws)} entries for {len(req.inputs)} inputs")
+    tensors = req.inputs
+    raws = req.raw_input_contents[:]  # one list; each indexing of the repeated field would copy its bytes again
+    if raws and len(raws) != len(tensors):
+        raise InvalidArgument(f"raw_input_contents has {len(raws)} entries for {len(tensors)} inputs")
     inputs: dict[str, np.ndarray] = {}
-    for i, t in enumerate(req.inputs):
-        if t.name in inputs:
-            raise InvalidArgument(f"input {t.name[:_ECHO]!r} given twice")
+    for i, t in enumerate(tensors):
+        name = t.name
+        if name in inputs:
+            raise InvalidArgument(f"input {name[:_ECHO]!r} given twice")
         if raws and t.HasField("contents"):
-            raise InvalidArgument(f"input {t.name[:_ECHO]!r}: contents and raw_input_contents must not both be used")
-        inputs[t.name] = _tensor(t, raws[i] if raws else None, max_bytes)
+            raise InvalidArgument(f"input {name[:_ECHO]!r}: contents and raw_input_contents must not both be used")
+        inputs[name] = _tensor(t, raws[i] if raws else None, max_bytes)
+    kind, top_k = PostProcess.RAW, 0
     params = req.parameters
-    kind = PostProcess.RAW
-    if "postprocess" in params:
-        kind = _POSTPROCESS.get(params["postprocess"].string_param)
-        if kind is None:
-            raise InvalidArgument(f"parameter postprocess must be one of {', '.join(_POSTPROCESS)}")
-    top_k = int(params["top_k"].int64_param) if "top_k" in params else 0
-    if top_k < 0:
-        raise InvalidArgument("top_k must not be negative")
-    return InferCall(
-        model_name=req.model_name, version=parse_version(req.model_version), inputs=inputs, postprocess=kind,
-        top_k=top_k, outputs=tuple(o.name for o in req.outputs), id=req.id,
-    )
+    if params:
+        if "postprocess" in params:
+            kind = _POSTPROCESS.get(params["postprocess"].string_param)
+            if kind is None:
+                raise InvalidArgument(f"parameter postprocess must be one of {', '.join(_POSTPROCESS)}")
+        top_k = int(params["top_k"].int64_param) if "top_k" in params else 0
+        if top_k < 0:
+            raise InvalidArgument("top_k must not be negative")
+    outputs = tuple(o.name for o in req.outputs) if req.outputs else ()
+    return InferCall(req.model_name, parse_version(req.model_version), inputs, kind, top_k, outputs, req.id)
 
 
 def infer_response(result: PredictResult, call: InferCall) -> pb.ModelInferResponse:

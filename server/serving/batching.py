@@ -111,6 +111,10 @@ class Ready:
         return True
 
 
+#: ``Batcher._solo_ns`` before any request ran alone: never below ``inline_below_us``
+_UNMEASURED = float("inf")
+
+
 def _drop_reason(item: _Item, now: float) -> Exception | None:
     """Why a queued request must not be computed (None = compute it)."""
     if item.ctx.deadline is not None and item.ctx.deadline <= now:
@@ -132,10 +136,12 @@ class Batcher:
         self._queue: deque[_Item] = deque()
         self._queued_rows = 0
         self._busy = 0  # batches executing right now
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._stopped = not config.enabled
-        #: smoothed kernel time of one request run by itself (ns); None until one has run
-        self._solo_ns: float | None = None
+        self._workers = config.workers
+        #: smoothed kernel time of one request run by itself (ns); _UNMEASURED until one has run
+        self._solo_ns: float = _UNMEASURED
         self._inline_below_ns = config.inline_below_us * 1000
         self._threads: list[threading.Thread] = []  # alive workers; started on demand, see _ensure_worker
         self._started = 0  # workers ever started (names them)
@@ -157,13 +163,13 @@ class Batcher:
         thread and comes back as a ``Ready`` result: no Future, no hand-off, no wake-up of a batch thread.
         Raises ResourceExhausted when ``max_queue_size`` requests are already waiting.
         """
-        with self._cond:
+        with self._lock:  # the condition's own lock: entering it directly skips Condition's Python wrapper
             if self._stopped:
                 idle = False
-            elif not self._queue and self._busy < self.config.workers:
+            elif not self._queue and self._busy < self._workers:
                 idle = True
                 self._busy += 1
-            elif not self._queue and self._solo_ns is not None and self._solo_ns < self._inline_below_ns:
+            elif not self._queue and self._solo_ns < self._inline_below_ns:
                 # a model this cheap costs less to run again than to hand over to the batch thread: batching it
                 # could only save part of its kernel time, the hand-off costs more than all of it
                 idle = False
@@ -178,24 +184,26 @@ class Batcher:
                 self._ensure_worker()
                 self._cond.notify_all()
                 return item.future
-        try:
-            return self._run_alone(x, ctx, "idle" if idle else "inline" if self._stopped else "cheap")
-        finally:
+        if ctx.deadline is not None and ctx.deadline <= time.monotonic():
             if idle:
                 self._release()
-
-    def _run_alone(self, x: np.ndarray, ctx: RequestContext, reason: str) -> "Ready":
-        """Run one request by itself on the caller's thread."""
-        start = time.monotonic()
-        if ctx.deadline is not None and ctx.deadline <= start:
             return Ready(error=DeadlineExceeded("the deadline passed before the request could run"))
         t0 = time.perf_counter_ns()
         try:
             y = self._runner(x)
         except Exception as exc:  # noqa: BLE001 -- the caller's result carries it, as a queued request's future would
+            if idle:
+                self._release()
             return Ready(error=exc)
         ns = time.perf_counter_ns() - t0
-        self._solo_ns = ns if self._solo_ns is None else 0.9 * self._solo_ns + 0.1 * ns
+        reason = "idle" if idle else "inline" if self._stopped else "cheap"
+        if idle:
+            self._release()
+        # a low quantile, not a mean: time spent waiting to get the GIL back after the kernel only ever adds (up to
+        # the interpreter's switch interval), and under load it would make every cheap model look expensive and
+        # send it through the batch thread. Down at once, up by at most 1 % a request.
+        solo = self._solo_ns
+        self._solo_ns = ns if ns < solo else solo + 0.01 * min(ns - solo, solo)
         self._stats.record_batch(int(x.shape[0]), 1, 0, ns, reason)
         return Ready(y)
 
@@ -258,7 +266,7 @@ class Batcher:
                 self._release()
 
     def _release(self) -> None:
-        with self._cond:
+        with self._lock:
             self._busy -= 1
             if self._queue:  # only a worker waiting for a free slot needs to know
                 self._cond.notify_all()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -69,10 +69,8 @@ class ServedModel:
 
 
 
-
-@dataclass(frozen=True)
-class PredictResult:
-    """Outputs of one predict call, keyed by output name."""
+class PredictResult(NamedTuple):
+    """Outputs of one predict call, keyed by output name (a tuple: one is built per request)."""
 
     model_name: str
     model_version: int
