@@ -304,3 +304,73 @@ def v2_probe(target: str, model: str, input_name: str, x: np.ndarray, timeout: f
         if p.is_alive():
             p.kill()
     return status == "ok", value
+
+
+def _v2_stream_rows(target: str, model: str, input_name: str, batches: int, batch: int, in_features: int,
+                    window: int, out: Any) -> None:
+    try:
+        import tritonclient.grpc as tc
+
+        pool = [np.random.default_rng(i).random((batch, in_features), dtype=np.float32) for i in range(4)]
+        inputs = []
+        for x in pool:
+            inp = tc.InferInput(input_name, list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            inputs.append([inp])
+        client = tc.InferenceServerClient(target, channel_args=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                                                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+        free = threading.Semaphore(window)  # requests in flight, as our client's stream window
+        done, rows, errors = threading.Event(), [0], []
+        expected = [0]
+
+        def answer(result: Any, error: Any) -> None:
+            if error is not None:
+                errors.append(str(error)[:300])
+            else:
+                rows[0] += result.get_response().outputs[0].shape[0]
+            free.release()
+            expected[0] -= 1
+            if expected[0] == 0:
+                done.set()
+
+        client.start_stream(callback=answer)
+        for warm in range(4):  # the same warm-up as the native stream
+            expected[0] += 1
+            free.acquire()
+            client.async_stream_infer(model, inputs[warm])
+        done.wait(REQUEST_TIMEOUT_S)
+        done.clear()
+        rows[0] = 0
+        expected[0] = batches
+        t = time.perf_counter()
+        for i in range(batches):
+            if not free.acquire(timeout=REQUEST_TIMEOUT_S):
+                raise TimeoutError("no stream answer in time")
+            client.async_stream_infer(model, inputs[i % len(inputs)])
+        if not done.wait(REQUEST_TIMEOUT_S):
+            raise TimeoutError("the stream did not answer every request")
+        seconds = time.perf_counter() - t
+        client.stop_stream()
+        client.close()
+        out.put(("ok", (rows[0], seconds, errors[:3])))
+    except Exception as exc:  # noqa: BLE001
+        out.put(("error", f"{type(exc).__name__}: {str(exc)[:500]}"))
+
+
+def v2_stream_rows(target: str, model: str, input_name: str, batches: int, batch: int, in_features: int,
+                   window: int = 8, timeout: float = 600.0) -> tuple[int, float, list[str]]:
+    """tritonclient's ModelStreamInfer with ``window`` requests in flight: (rows answered, seconds, errors)."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    p = ctx.Process(target=_v2_stream_rows,
+                    args=(target, model, input_name, batches, batch, in_features, window, out), daemon=True)
+    p.start()
+    try:
+        status, value = out.get(timeout=timeout)
+    finally:
+        p.join(10)
+        if p.is_alive():
+            p.kill()
+    if status != "ok":
+        raise RuntimeError(f"tritonclient stream failed: {value}")
+    return value

@@ -47,12 +47,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--modes", nargs="+", default=["unary", "stream"], choices=["unary", "stream"])
     p.add_argument("--rows", type=int, help="stream-throughput rows (default 1,000,000, quick 200,000)")
     p.add_argument("--stream-batch", type=int, default=256, help="rows per request in the stream-throughput test")
+    p.add_argument("--stream-only", action="store_true", help="only the stream-throughput test (native and V2)")
     p.add_argument("--no-batching-check", action="store_true", help="skip the batching on/off comparison")
-    p.add_argument("--out", type=Path, default=common.RESULTS / "serve.json")
+    p.add_argument("--out", type=Path, help="default bench/results/serve.json (serve_stream.json with --stream-only)")
     args = p.parse_args(argv)
     args.duration = args.duration or (2.0 if args.quick else 5.0)
     args.concurrency = args.concurrency or list(QUICK_SWEEP if args.quick else SWEEP)
     args.rows = args.rows or (200_000 if args.quick else 1_000_000)
+    args.out = args.out or common.RESULTS / ("serve_stream.json" if args.stream_only else "serve.json")
     return args
 
 
@@ -173,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                 console.print(f"[yellow]V2 endpoint not available, native only: {v2_value}")
             protocols = [p for p in args.protocols if p == "native" or v2]
 
-            for protocol in protocols:
+            for protocol in protocols if not args.stream_only else ():
                 for mode in args.modes:
                     for conc in args.concurrency:
                         load = loadgen.Load(target, protocol, mode, common.MODEL_NAME, input_name,
@@ -187,32 +189,44 @@ def main(argv: list[str] | None = None) -> int:
                     points.append(common.measure(load))
 
             plan, plan_source = load_plan(repository, h5)
-            report["stream_throughput"] = stream_throughput(target, args.rows, args.stream_batch, plan)
-            report["stream_throughput"]["kernel_plan"] = plan_source
+            report["stream_throughput"] = st = stream_throughput(target, args.rows, args.stream_batch, plan)
+            st["kernel_plan"] = plan_source
+            if v2:
+                # the same batches through tritonclient's ModelStreamInfer, as many in flight as the server reads ahead
+                rows, seconds, errors = loadgen.v2_stream_rows(target, common.MODEL_NAME, input_name,
+                                                              max(1, args.rows // args.stream_batch),
+                                                              args.stream_batch, common.IN_FEATURES)
+                st.update(v2_stream_rows=rows, v2_stream_s=seconds, v2_stream_rows_per_s=rows / seconds,
+                          v2_stream_errors=errors, v2_vs_native=rows / seconds / st["stream_rows_per_s"])
         finally:
             if server is not None:
                 server.stop()
 
-        if not args.target and not args.no_batching_check:
+        if not args.target and not args.no_batching_check and not args.stream_only:
             batch_points, report["batching_overhead"] = batching_overhead(h5, tmp, args, v2, input_name)
             points += batch_points
-            report["batching_module_present"] = (common.ROOT / "server" / "batching.py").exists()
 
     report["points"] = points
     common.write_json(args.out, report)
-    png = common.plot_sweep([p for p in points if not p.label], args.out.with_name("serve_sweep.png"),
-                            "leanserve, seed MLP, batch-1 requests")
-    console.print(common.points_table(points, "leanserve load points"))
+    png = None
+    if points:
+        png = common.plot_sweep([p for p in points if not p.label], args.out.with_name("serve_sweep.png"),
+                                "leanserve, seed MLP, batch-1 requests")
+        console.print(common.points_table(points, "leanserve load points"))
     st = report["stream_throughput"]
     console.print(
         f"stream throughput: {st['stream_rows_per_s']:,.0f} rows/s through one PredictStream (batch {st['batch']}), "
         f"kernel in-process {st.get('kernel_rows_per_s', float('nan')):,.0f} rows/s "
         f"→ {100 * st.get('stream_vs_kernel', float('nan')):.0f} % (target ≥ 50 %)"
     )
+    if "v2_stream_rows_per_s" in st:
+        console.print(f"tritonclient ModelStreamInfer, same batches: {st['v2_stream_rows_per_s']:,.0f} rows/s → "
+                      f"{100 * st['v2_vs_native']:.0f} % of the native stream (target ≥ 80 %)"
+                      + (f"; errors: {st['v2_stream_errors']}" if st["v2_stream_errors"] else ""))
     for protocol, b in report.get("batching_overhead", {}).items():
         console.print(f"batching overhead at concurrency 1 ({protocol}): p50 {b['p50_on_ms']:.3f} ms on vs "
                       f"{b['p50_off_ms']:.3f} ms off ({b['overhead_ms'] * 1e3:+.0f} µs)")
-    console.print(f"wrote {args.out} and {png}")
+    console.print(f"wrote {args.out}" + (f" and {png}" if png else ""))
     return 0
 
 
