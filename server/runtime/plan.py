@@ -44,7 +44,9 @@ class Plan:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """Run the plan on float32 ``x[B, *input_shape]`` (already validated by the caller)."""
-        h = np.ascontiguousarray(x.reshape(x.shape[0], -1), dtype=np.float32)
+        h = x
+        if x.ndim != 2 or x.dtype != np.float32 or not x.flags.c_contiguous:
+            h = np.ascontiguousarray(x.reshape(x.shape[0], -1), dtype=np.float32)
         for layer in self.layers:
             h = layer(h)
         return h

@@ -43,6 +43,9 @@ def select_input(model: ServedModel, inputs: dict[str, np.ndarray]) -> np.ndarra
 def validate_batch(model: ServedModel, x: np.ndarray, max_batch_size: int) -> np.ndarray:
     """Check dtype, shape and batch size; return a C-contiguous array ready for the runner."""
     sig = model.input
+    if x.shape[1:] == sig.shape and x.dtype == sig.np_dtype and 1 <= x.shape[0] <= max_batch_size \
+            and x.flags.c_contiguous:
+        return x  # the usual request: exactly the signature
     if x.dtype != sig.np_dtype:
         raise InvalidArgument(f"input {sig.name!r} of model {model.name!r}: expected dtype {sig.dtype}, got {x.dtype}")
     expected = ["batch", *sig.shape]
