@@ -49,7 +49,7 @@ STAGES: tuple[tuple[str, re.Pattern[str]], ...] = tuple((name, re.compile(p)) fo
     ("grpc: serialize + send", r"(_send_response|_serialize_response|SerializeToString|_unary_response_in_pool)"),
     ("grpc: receive + deserialize", r"(_unary_request|FromString|_deserialize)"),
     ("grpc: poll + dispatch", r"grpc/_server\.py"),
-    ("thread pool", r"concurrent/futures/thread\.py|threading\.py"),
+    ("thread pool", r"concurrent/futures/thread\.py|threading\.py|serving/workers\.py"),
 ))
 
 

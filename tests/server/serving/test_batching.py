@@ -229,3 +229,30 @@ def test_a_model_cheaper_than_the_hand_off_runs_at_once_even_while_busy(inline_b
     if queues:
         assert b.threads == 1 and runner.threads[-1] is not threading.current_thread()
     b.stop(30)
+
+
+def test_one_slow_run_does_not_make_a_cheap_model_queue() -> None:
+    """The single-request time is a low quantile: a run slowed by waiting for the GIL (here: a 0.3 s stall) may
+    move it up by at most 1 %, so a cheap model keeps running at once while busy instead of queueing for the batch
+    thread; a model that really got slower moves it up run after run."""
+    stall = threading.Event()
+
+    def runner(x: np.ndarray) -> np.ndarray:
+        if stall.is_set():
+            time.sleep(0.3)
+        return x * 2
+
+    b = Batcher(runner, BatchConfig(inline_below_us=50_000), ModelStats(), "cheap")
+    try:
+        b.submit(_rows(1, 1.0)).result()
+        fast = b._solo_ns
+        assert fast < 50_000_000
+        stall.set()
+        b.submit(_rows(1, 1.0)).result()
+        stall.clear()
+        assert b._solo_ns <= fast * 1.011
+        for _ in range(3):
+            b.submit(_rows(1, 1.0)).result()
+        assert b._solo_ns < 50_000_000
+    finally:
+        b.stop(30)
