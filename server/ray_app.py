@@ -33,6 +33,7 @@ from leanserve.v1 import inference_service_pb2 as v1_pb
 from leanserve.v1 import inference_service_pb2_grpc as v1_grpc
 from leanserve.v2 import grpc_service_pb2 as v2_pb
 from leanserve.v2 import grpc_service_pb2_grpc as v2_grpc
+from leanserve.server.serving.workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,10 @@ class LeanserveReplica:
         self._metadata.extensions.extend([f"leanserve_ray_node={self.node_id}",
                                           f"leanserve_ray_replica={self.replica_id}"])
         self._timeout = request_timeout_s
-        self._pool = ThreadPoolExecutor(self.settings.worker_threads, thread_name_prefix="leanserve-ray")
+        # as in create_server: unary calls on a pool bounding the threads computing, streams on threads of their own
+        self._pool = WorkerPool(self.settings.worker_threads,
+                                max(self.settings.worker_threads, self.settings.max_worker_threads), "leanserve-ray")
+        self._stream_pool = ThreadPoolExecutor(self.settings.stream_threads, thread_name_prefix="leanserve-ray-stream")
         interval = self.settings.poll_seconds or 1.0  # replicas always follow the store: that is how they agree
         self._poller = RepositoryPoller(self.dataplane, interval)
         log.info("replica %s on node %s serves %s from %s", self.replica_id, self.node_id,
@@ -204,7 +208,7 @@ class LeanserveReplica:
             else:
                 loop.call_soon_threadsafe(answers.put_nowait, (_END, None))
 
-        worker = loop.run_in_executor(self._pool, run)
+        worker = loop.run_in_executor(self._stream_pool, run)
         try:
             while True:
                 answer, exc = await answers.get()
