@@ -108,6 +108,17 @@ def measure(load: Any, system: str = "leanserve", label: str = "") -> Point:
     return point
 
 
+def ratio(new: Point, base: Point) -> dict[str, float]:
+    """``new`` over ``base``: throughput (higher is better), p50 and p99 latency (lower is better)."""
+    return {"throughput_ratio": new.throughput / base.throughput, "p50_ratio": new.p50_ms / base.p50_ms,
+            "p99_ratio": new.p99_ms / base.p99_ms}
+
+
+def ratio_text(r: dict[str, float]) -> str:
+    """One line for a ``ratio``: "throughput ×1.20, p50 ×0.80, p99 ×0.90"."""
+    return f"throughput ×{r['throughput_ratio']:.2f}, p50 ×{r['p50_ratio']:.2f}, p99 ×{r['p99_ratio']:.2f}"
+
+
 def machine_info() -> dict[str, Any]:
     return {
         "python": platform.python_version(), "cpus": os.cpu_count(), "machine": platform.machine(),

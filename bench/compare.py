@@ -225,10 +225,7 @@ def ratios(points: list[common.Point]) -> dict[str, Any]:
             for p in points:
                 if p.system == peer and p.concurrency in lean and p.throughput > 0:
                     lp = lean[p.concurrency]
-                    out.setdefault(f"{lean_name} / {peer}", {})[str(p.concurrency)] = {
-                        "throughput_ratio": lp.throughput / p.throughput, "p99_ratio": lp.p99_ms / p.p99_ms,
-                        "p50_ratio": lp.p50_ms / p.p50_ms,
-                    }
+                    out.setdefault(f"{lean_name} / {peer}", {})[str(p.concurrency)] = common.ratio(lp, p)
     return out
 
 
@@ -286,8 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     console.print(common.points_table(points, "same V2 load, same model, same machine"))
     for pair, by_conc in report["ratios_leanserve_over_peer"].items():
         for conc, r in by_conc.items():
-            console.print(f"{pair} at {conc} clients: throughput ×{r['throughput_ratio']:.2f}, "
-                          f"p50 ×{r['p50_ratio']:.2f}, p99 ×{r['p99_ratio']:.2f}")
+            console.print(f"{pair} at {conc} clients: {common.ratio_text(r)}")
     for pair, goal in report.get("goals_at_32", {}).items():
         console.print(f"goal at 32 clients for {pair} (throughput ≥ ×{goal['throughput_goal']}"
                       f"{', p99 ≤ ×1' if 'p99_goal' in goal else ''}): {'MET' if goal['met'] else 'NOT MET'}")

@@ -148,8 +148,7 @@ def ratios(points: list[common.Point]) -> dict[str, dict[str, float]]:
         one = next((p for p in points if p.label == f"{kind}=1"), None)
         two = next((p for p in points if p.label == f"{kind}=2"), None)
         if one and two and one.throughput:
-            out[kind] = {"throughput_ratio": two.throughput / one.throughput,
-                         "p50_ratio": two.p50_ms / one.p50_ms, "p99_ratio": two.p99_ms / one.p99_ms}
+            out[kind] = common.ratio(two, one)
     return out
 
 
@@ -174,8 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     common.write_json(args.out, report)
     console.print(common.points_table(points, f"seed MLP, batch-1 V2 ModelInfer, {args.concurrency} clients"))
     for kind, r in report["ratios_2_over_1"].items():
-        console.print(f"{kind} 2 vs 1: throughput ×{r['throughput_ratio']:.2f}, p50 ×{r['p50_ratio']:.2f}, "
-                      f"p99 ×{r['p99_ratio']:.2f}")
+        console.print(f"{kind} 2 vs 1: {common.ratio_text(r)}")
     console.print(f"wrote {args.out}")
     return 0
 

@@ -24,7 +24,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    "folders (KServe's /mnt/models) is served the same way, each file named after its stem")
     p.add_argument("--model-name", help="the name of the one model file in a --repository folder of model files "
                    "(e.g. the InferenceService's name)")
-    p.add_argument("--workers", type=int, dest="worker_threads", help="unary gRPC calls computing at once per process (calls waiting for a batch do not count)")
+    p.add_argument("--workers", type=int, dest="worker_threads",
+                   help="unary gRPC calls computing at once per process (calls waiting for a batch do not count)")
     p.add_argument("--processes", type=int,
                    help="server processes sharing the port, e.g. one per core (env LEANSERVE_PROCESSES, default 1)")
     # set by the first process for the extra ones it starts (server/processes.py)

@@ -139,8 +139,7 @@ class Batcher:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._stopped = not config.enabled
-        self._workers = config.workers
-        #: smoothed kernel time of one request run by itself (ns); _UNMEASURED until one has run
+        #: low quantile of the kernel time of one request run by itself (ns); _UNMEASURED until one has run
         self._solo_ns: float = _UNMEASURED
         self._inline_below_ns = config.inline_below_us * 1000
         self._threads: list[threading.Thread] = []  # alive workers; started on demand, see _ensure_worker
@@ -166,7 +165,7 @@ class Batcher:
         with self._lock:  # the condition's own lock: entering it directly skips Condition's Python wrapper
             if self._stopped:
                 idle = False
-            elif not self._queue and self._busy < self._workers:
+            elif not self._queue and self._busy < self.config.workers:
                 idle = True
                 self._busy += 1
             elif not self._queue and self._solo_ns < self._inline_below_ns:
@@ -184,21 +183,22 @@ class Batcher:
                 self._ensure_worker()
                 self._cond.notify_all()
                 return item.future
-        if ctx.deadline is not None and ctx.deadline <= time.monotonic():
+        try:
+            return self._run_alone(x, ctx, "idle" if idle else "inline" if self._stopped else "cheap")
+        finally:
             if idle:
                 self._release()
+
+    def _run_alone(self, x: np.ndarray, ctx: RequestContext, reason: str) -> "Ready":
+        """Run one request by itself on the caller's thread."""
+        if ctx.deadline is not None and ctx.deadline <= time.monotonic():
             return Ready(error=DeadlineExceeded("the deadline passed before the request could run"))
         t0 = time.perf_counter_ns()
         try:
             y = self._runner(x)
         except Exception as exc:  # noqa: BLE001 -- the caller's result carries it, as a queued request's future would
-            if idle:
-                self._release()
             return Ready(error=exc)
         ns = time.perf_counter_ns() - t0
-        reason = "idle" if idle else "inline" if self._stopped else "cheap"
-        if idle:
-            self._release()
         # a low quantile, not a mean: time spent waiting to get the GIL back after the kernel only ever adds (up to
         # the interpreter's switch interval), and under load it would make every cheap model look expensive and
         # send it through the batch thread. Down at once, up by at most 1 % a request.
