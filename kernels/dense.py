@@ -9,10 +9,14 @@ Single-threaded, this kernel has beaten ``numpy.dot`` + epilogue at every batch 
 default at every batch.
 ``numpy_min_batch=M`` routes batches of ``M`` rows or more to OpenBLAS GEMM + a Numba epilogue (e.g. for a
 machine where a multithreaded BLAS wins); that keeps a Keras-layout copy of the weights.
+
+``dense_f32_chain`` runs several such layers in one call (``DenseF32Chain``, built by ``fuse_dense_chains``): a
+small model's request pays one Numba dispatch, one output allocation and one GIL release instead of one per layer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -46,6 +50,74 @@ def dense_f32_forward(x: np.ndarray, wp: np.ndarray, bias: np.ndarray, code: int
     if code != 0:
         for r in range(B):
             activate_row(out[r], code)
+
+
+@njit(nogil=True, cache=True)
+def dense_f32_chain(x: np.ndarray, packed: np.ndarray, w_starts: np.ndarray, biases: np.ndarray, b_starts: np.ndarray,
+                    codes: np.ndarray, out: np.ndarray) -> None:
+    """Several ``dense_f32`` layers in one call: layer ``i`` reads ``packed[w_starts[i]:w_starts[i + 1]]`` and
+    ``biases[b_starts[i]:b_starts[i + 1]]``; the last writes ``out``. One dispatch (and one GIL release) for the
+    chain instead of one per layer; the intermediate rows live only inside the call."""
+    B = x.shape[0]
+    last = codes.shape[0] - 1
+    n = b_starts[1] - b_starts[0]
+    h = out if last == 0 else np.empty((B, n), dtype=np.float32)
+    dense_f32_forward(x, packed[w_starts[0]:w_starts[1]], biases[b_starts[0]:b_starts[1]], codes[0], h)
+    for i in range(1, last + 1):
+        n = b_starts[i + 1] - b_starts[i]
+        o = out if i == last else np.empty((B, n), dtype=np.float32)
+        dense_f32_forward(h, packed[w_starts[i]:w_starts[i + 1]], biases[b_starts[i]:b_starts[i + 1]], codes[i], o)
+        h = o
+
+
+class DenseF32Chain:
+    """Consecutive ``DenseF32`` layers run by one ``dense_f32_chain`` call (batches below every layer's
+    ``numpy_min_batch``; larger ones go layer by layer). The layers' packed weights and biases move into one buffer
+    each and the layers keep views into them, so nothing is held twice."""
+
+    def __init__(self, layers: list["DenseF32"]) -> None:
+        if len(layers) < 2 or any(type(layer) is not DenseF32 for layer in layers):
+            raise KernelInputError("a dense_f32 chain needs two or more DenseF32 layers")
+        for a, b in zip(layers, layers[1:]):
+            if a.out_features != b.in_features:
+                raise KernelInputError(f"layer widths do not chain: {a.out_features} -> {b.in_features}")
+        self.layers = list(layers)
+        self.out_features = layers[-1].out_features
+        self._min_batch = min(layer.numpy_min_batch for layer in layers)
+        self._w_starts = np.cumsum([0] + [layer._packed.size for layer in layers], dtype=np.int64)
+        self._b_starts = np.cumsum([0] + [layer.out_features for layer in layers], dtype=np.int64)
+        self._packed = np.concatenate([layer._packed for layer in layers])
+        self._biases = np.concatenate([layer._bias for layer in layers])
+        self._codes = np.array([layer._code for layer in layers], dtype=np.int64)
+        for i, layer in enumerate(layers):
+            layer._packed = self._packed[self._w_starts[i]:self._w_starts[i + 1]]
+            layer._bias = self._biases[self._b_starts[i]:self._b_starts[i + 1]]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """The chain on float32 C-contiguous ``x[B, K]`` (unchecked, as ``LayerKernel.__call__``)."""
+        if x.shape[0] >= self._min_batch:
+            for layer in self.layers:
+                x = layer(x)
+            return x
+        out = np.empty((x.shape[0], self.out_features), dtype=np.float32)
+        dense_f32_chain(x, self._packed, self._w_starts, self._biases, self._b_starts, self._codes, out)
+        return out
+
+
+def fuse_dense_chains(layers: list[LayerKernel]) -> list[Callable[[np.ndarray], np.ndarray]]:
+    """The callables that run ``layers`` in order: each run of two or more consecutive ``DenseF32`` layers becomes
+    one ``DenseF32Chain``, every other layer stays itself."""
+    steps: list[Callable[[np.ndarray], np.ndarray]] = []
+    run: list[DenseF32] = []
+    for layer in [*layers, None]:
+        if type(layer) is DenseF32 and (not run or run[-1].out_features == layer.in_features):
+            run.append(layer)
+            continue
+        steps.extend([DenseF32Chain(run)] if len(run) > 1 else run)
+        run = [layer] if type(layer) is DenseF32 else []
+        if layer is not None and type(layer) is not DenseF32:
+            steps.append(layer)
+    return steps
 
 
 class DenseF32(LayerKernel):

@@ -6,12 +6,14 @@ A Plan takes one float32 input of shape ``[B, *input_shape]``, flattens it to ``
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from leanserve.kernels import QUANTIZED_INPUT_FORMATS, LayerKernel, activate_numpy, get_format, quantize_rows
+from leanserve.kernels import (QUANTIZED_INPUT_FORMATS, LayerKernel, activate_numpy, fuse_dense_chains, get_format,
+                               quantize_rows)
 
 
 @dataclass(frozen=True)
@@ -26,13 +28,18 @@ class LayerSpec:
 
 @dataclass
 class Plan:
-    """A ready-to-run chain of prepared layers."""
+    """A ready-to-run chain of prepared layers (fixed once built: consecutive fp32 dense layers are fused into one
+    kernel call at construction)."""
 
     input_shape: tuple[int, ...]
     layers: list[LayerKernel]
     layer_names: list[str]
     #: per layer: the autotune record (candidate format -> seconds per batch size), empty when not tuned
     tuning: list[dict[str, Any]] = field(default_factory=list)
+    _steps: list[Callable[[np.ndarray], np.ndarray]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._steps = fuse_dense_chains(self.layers)
 
     @property
     def in_features(self) -> int:
@@ -47,14 +54,18 @@ class Plan:
         h = x
         if x.ndim != 2 or x.dtype != np.float32 or not x.flags.c_contiguous:
             h = np.ascontiguousarray(x.reshape(x.shape[0], -1), dtype=np.float32)
-        for layer in self.layers:
-            h = layer(h)
+        for step in self._steps:
+            h = step(h)
         return h
 
     def warmup(self, batch_sizes: tuple[int, ...] = (1, 8)) -> None:
-        """Touch every kernel specialisation so the first request pays no compilation."""
+        """Touch every kernel specialisation so the first request pays no compilation: writable inputs and
+        read-only ones (a request's tensor is a view of the message's bytes; Numba compiles each kind apart)."""
         for batch in batch_sizes:
-            self(np.zeros((batch, *self.input_shape), dtype=np.float32))
+            x = np.zeros((batch, *self.input_shape), dtype=np.float32)
+            self(x)
+            x.flags.writeable = False
+            self(x)
 
     def reference(self, x: np.ndarray) -> np.ndarray:
         """The same computation in plain numpy float64 on the effective weights (the kernels' oracle).
