@@ -39,8 +39,10 @@ def autotune(
     activation, **options)`` and return ``(best_format, best_options, record)``.
 
     ``record`` maps ``candidate_key`` -> {batch: median seconds per call}. Every candidate is warmed first; the
-    samples are taken round-robin across candidates so machine noise hits them alike; the winner has the least
-    sum of medians over ``batch_sizes``. Accuracy is the caller's concern (pass only acceptable candidates).
+    samples are taken round-robin across candidates so machine noise hits them alike. The winner is the least slow
+    relative to the fastest candidate at each batch size, summed over ``batch_sizes`` (every batch size weighs the
+    same: a sum of raw times would let the largest batch decide alone, and batch 1 is what a lone request pays).
+    Accuracy is the caller's concern (pass only acceptable candidates).
     """
     if not candidates:
         raise ValueError("autotune needs at least one candidate")
@@ -64,5 +66,7 @@ def autotune(
         candidate_key(fmt, options): {b: float(np.median(ts)) for b, ts in per_batch.items()}
         for (fmt, options), per_batch in zip(candidates, samples)
     }
-    best = min(range(len(candidates)), key=lambda i: sum(record[candidate_key(*candidates[i])].values()))
+    fastest = {b: min(per_batch[b] for per_batch in record.values()) for b in batch_sizes}
+    best = min(range(len(candidates)),
+               key=lambda i: sum(t / fastest[b] for b, t in record[candidate_key(*candidates[i])].items()))
     return candidates[best][0], dict(candidates[best][1]), record

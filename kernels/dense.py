@@ -4,11 +4,12 @@ A Numba kernel over weights packed in 64-channel panels (``_simd.pack_panels``):
 weights exactly once, contiguously; larger batches use a 4-row x 64-channel register tile (fp32 FMA), so each
 weight vector loaded serves 4 rows and the tile's 16 accumulators stay in registers.
 
-Single-threaded, this kernel has beaten ``numpy.dot`` + epilogue at every batch 1..128 on every shape
-``bench/kernels.py`` tries (the gap is largest at small batches, where BLAS call overhead dominates), so Numba is the
-default at every batch.
-``numpy_min_batch=M`` routes batches of ``M`` rows or more to OpenBLAS GEMM + a Numba epilogue (e.g. for a
-machine where a multithreaded BLAS wins); that keeps a Keras-layout copy of the weights.
+Where the crossover to BLAS lies depends on the machine: on AVX-512 hosts this kernel beat ``numpy.dot`` + epilogue at
+every batch 1..128 ``bench/kernels.py`` tried; on AVX2-only hosts (half the vector registers, so the 4x64 tile spills)
+OpenBLAS wins from batch 8-32 on, and for weights that do not fit in cache even at batch 1.
+``numpy_min_batch=M`` routes batches of ``M`` rows or more to GEMM + a Numba epilogue and keeps a Keras-layout copy
+of the weights (``M=1``: every batch, and no panels are packed). The server's load-time tuner measures the choices
+on the machine it runs on (server/runtime/tuning.py); the default here is the panel kernel at every batch.
 
 ``dense_f32_chain`` runs several such layers in one call (``DenseF32Chain``, built by ``fuse_dense_chains``): a
 small model's request pays one Numba dispatch, one output allocation and one GIL release instead of one per layer.
@@ -76,8 +77,8 @@ class DenseF32Chain:
     each and the layers keep views into them, so nothing is held twice."""
 
     def __init__(self, layers: list["DenseF32"]) -> None:
-        if len(layers) < 2 or any(type(layer) is not DenseF32 for layer in layers):
-            raise KernelInputError("a dense_f32 chain needs two or more DenseF32 layers")
+        if len(layers) < 2 or any(not _chains(layer) for layer in layers):
+            raise KernelInputError("a dense_f32 chain needs two or more DenseF32 layers that use the panel kernel")
         for a, b in zip(layers, layers[1:]):
             if a.out_features != b.in_features:
                 raise KernelInputError(f"layer widths do not chain: {a.out_features} -> {b.in_features}")
@@ -110,14 +111,18 @@ def fuse_dense_chains(layers: list[LayerKernel]) -> list[Callable[[np.ndarray], 
     steps: list[Callable[[np.ndarray], np.ndarray]] = []
     run: list[DenseF32] = []
     for layer in [*layers, None]:
-        if type(layer) is DenseF32 and (not run or run[-1].out_features == layer.in_features):
+        if _chains(layer) and (not run or run[-1].out_features == layer.in_features):
             run.append(layer)
             continue
         steps.extend([DenseF32Chain(run)] if len(run) > 1 else run)
-        run = [layer] if type(layer) is DenseF32 else []
-        if layer is not None and type(layer) is not DenseF32:
+        run = [layer] if _chains(layer) else []
+        if layer is not None and not _chains(layer):
             steps.append(layer)
     return steps
+
+
+def _chains(layer: object) -> bool:
+    return type(layer) is DenseF32 and layer.uses_panels
 
 
 class DenseF32(LayerKernel):
@@ -135,8 +140,9 @@ class DenseF32(LayerKernel):
         self._bias = bias
         self._code = activation_code(activation)
         self.numpy_min_batch = DEFAULT_NUMPY_MIN_BATCH if numpy_min_batch is None else int(numpy_min_batch)
-        self._packed = pack_panels(weights)
-        # Keep the Keras layout only when the GEMM path can run; otherwise unpack on demand (rarely needed).
+        # The panels only when some batch runs the Numba kernel (numpy_min_batch 1 = every batch on GEMM); the
+        # Keras layout only when the GEMM path can run (otherwise unpacked on demand, rarely needed).
+        self._packed: np.ndarray | None = pack_panels(weights) if self.numpy_min_batch > 1 else None
         self._w: np.ndarray | None = weights if self.numpy_min_batch < DEFAULT_NUMPY_MIN_BATCH else None
 
     @classmethod
@@ -170,6 +176,11 @@ class DenseF32(LayerKernel):
         return unpack_panels(self._packed, self.in_features, self.out_features)
 
     @property
+    def uses_panels(self) -> bool:
+        """True when small batches run the Numba panel kernel (so the layer can join a ``DenseF32Chain``)."""
+        return self._packed is not None
+
+    @property
     def nbytes(self) -> int:
         """Bytes persisted by ``arrays()`` (Keras-layout fp32 weights + bias), without unpacking them."""
         return 4 * (self.in_features * self.out_features + self.out_features)
@@ -190,6 +201,7 @@ class DenseF32(LayerKernel):
         """Compile both paths (Numba panel kernel and the GEMM epilogue) whatever the batch sizes given."""
         x = np.zeros((1, self.in_features), dtype=np.float32)
         out = np.empty((1, self.out_features), dtype=np.float32)
-        dense_f32_forward(x, self._packed, self._bias, self._code, out)
+        if self._packed is not None:
+            dense_f32_forward(x, self._packed, self._bias, self._code, out)
         bias_activate_rows(out, self._bias, self._code)
         super().warmup(batch_sizes)

@@ -178,7 +178,10 @@ class Settings(BaseSettings):
     reference_rtol: float = Field(1e-3, ge=0, description="Relative tolerance of the reference check.")
 
     autotune: bool = Field(True, description="Measure candidate kernel formats per layer at load and keep the fastest.")
-    autotune_batch_sizes: tuple[int, ...] = Field((1, 32), description="Batch sizes the autotuner measures.")
+    autotune_batch_sizes: tuple[int, ...] = Field((1, 8, 32), description="Batch sizes the autotuner measures.")
+    blas_threads: int = Field(
+        1, ge=1, description="Threads BLAS may use per GEMM call (layers the tuner put on GEMM for larger batches); "
+        "requests already run in parallel, so more threads than 1 oversubscribe the cores.")
     warmup_batch_sizes: tuple[int, ...] = Field((1, 8, 64), description="Batch sizes compiled/warmed at model load.")
 
     batching: bool = Field(

@@ -1,7 +1,7 @@
 """Format choice at load time: per layer, measure the formats that compute the same numbers and keep the fastest.
 
-Only numerically equivalent candidates compete: an fp32 layer may move between dense, CSR and BSR (the same
-weights, zeros skipped); an int8 layer between int8, CSR-int8 and BSR-int8 (the same quantized weights). Turning
+Only numerically equivalent candidates compete: an fp32 layer may move between dense (the Numba panel kernel, or BLAS
+GEMM from some batch size on), CSR and BSR (the same weights, zeros skipped); an int8 layer between int8, CSR-int8 and BSR-int8 (the same quantized weights). Turning
 fp32 into int8 changes results and is the optimizer's decision, never the loader's.
 """
 
@@ -34,6 +34,10 @@ BSR_BLOCKS: dict[str, tuple[tuple[int, int], ...]] = {
 }
 #: below this fraction of zeros a sparse format cannot win; skip measuring it
 MIN_SPARSITY_FOR_SPARSE = 0.3
+#: dense fp32 layers are also measured with batches of this many rows or more on BLAS GEMM instead of the Numba panel
+#: kernel (the same numbers up to float rounding): where GEMM starts to win depends on the CPU's vector registers
+#: and on whether the weights stay in cache (see kernels/dense.py)
+NUMPY_MIN_BATCHES = (1, 8, 32)
 
 
 def candidates_for(layer_format: str, sparsity: float,
@@ -52,6 +56,8 @@ def candidates_for(layer_format: str, sparsity: float,
             if block is not None and tuple(block) not in blocks and supported(*block):
                 blocks.append(tuple(block))
             out.extend((family[2], {"block": b}) for b in blocks)
+    if family is FP32_FAMILY and family[0] in known:
+        out[1:1] = [(family[0], {"numpy_min_batch": m}) for m in NUMPY_MIN_BATCHES]
     if not any(fmt == layer_format for fmt, _ in out):
         out.insert(0, (layer_format, {}))
     return out

@@ -79,3 +79,15 @@ def test_a_chain_needs_chaining_dense_layers(rng):
         DenseF32Chain(a + b)
     with pytest.raises(KernelInputError):
         DenseF32Chain(a)
+
+
+def test_layers_all_on_gemm_hold_no_panels_and_stay_out_of_chains(rng):
+    gemm = _layers(rng, (30, 20, 10), numpy_min_batch=1)
+    assert not any(layer.uses_panels for layer in gemm)
+    panel = _layers(rng, (10, 8, 4))
+    steps = fuse_dense_chains([*gemm, *panel])
+    assert steps[:2] == gemm and isinstance(steps[2], DenseF32Chain) and len(steps) == 3
+    x = rng.standard_normal((1, 30)).astype(np.float32)
+    np.testing.assert_allclose(_one_by_one(steps, x), _one_by_one([*gemm, *panel], x), rtol=1e-5, atol=1e-6)
+    again = DenseF32.from_arrays(gemm[0].arrays(), gemm[0].meta())
+    assert not again.uses_panels and again.meta()["numpy_min_batch"] == 1

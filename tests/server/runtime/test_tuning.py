@@ -11,7 +11,7 @@ import pytest
 from leanserve.kernels import get_format, prune_magnitude
 from leanserve.server.runtime.plan import Plan, build_plan
 from leanserve.server.runtime.tuning import (BSR_BLOCKS, FP32_FAMILY, INT8_FAMILY, MIN_SPARSITY_FOR_SPARSE,
-                                             candidates_for, jsonable_options, tune_plan)
+                                             NUMPY_MIN_BATCHES, candidates_for, jsonable_options, tune_plan)
 from leanserve.server.runtime.plan import LayerSpec
 
 
@@ -24,8 +24,10 @@ def test_a_dense_layer_is_only_measured_in_its_own_dense_format(layer_format: st
     family = INT8_FAMILY if layer_format in INT8_FAMILY else FP32_FAMILY
     cands = candidates_for(layer_format, 0.0)
     # below the sparsity threshold the family's dense format, plus the layer's own format if it is another one
-    assert _formats(cands) == ([family[0]] if layer_format == family[0] else [layer_format, family[0]])
-    assert all(options == {} for _, options in cands)
+    assert set(_formats(cands)) == ({family[0]} if layer_format == family[0] else {layer_format, family[0]})
+    crossovers = [(family[0], {"numpy_min_batch": m}) for m in NUMPY_MIN_BATCHES] if family is FP32_FAMILY else []
+    assert [c for c in cands if c[1]] == crossovers  # fp32 dense: also on BLAS GEMM from a few batch sizes on
+    assert (family[0], {}) in cands
 
 
 @pytest.mark.parametrize("layer_format", FP32_FAMILY + INT8_FAMILY)
@@ -69,7 +71,8 @@ def test_tune_plan_keeps_the_numbers_and_records_the_measurements() -> None:
         assert after.format in family and record["chosen"] == after.format
         np.testing.assert_array_equal(after.dense_weights(), before.dense_weights())
         json.dumps(record)  # stored in the manifest as it is
-    assert tuned.tuning[0]["timings"] == {}  # a dense layer has one candidate: nothing to measure
+    # a dense fp32 layer: the panel kernel against BLAS GEMM from each crossover batch size on
+    assert set(tuned.tuning[0]["timings"]) == {"dense_f32[]", *(f"dense_f32[numpy_min_batch={m}]" for m in NUMPY_MIN_BATCHES)}
     assert tuned.layers[0].format == "dense_f32"
     for record in tuned.tuning[1:]:
         assert set(record["timings"]) >= {"dense_f32[]", "csr_f32[]"} or set(record["timings"]) >= {
@@ -95,3 +98,16 @@ def test_a_plan_built_from_specs_is_tuned_the_same_way() -> None:
     spec = LayerSpec("o", rng.normal(size=(6, 3)).astype(np.float32), np.zeros(3, np.float32), "linear")
     tuned = tune_plan(build_plan((6,), [spec]), (1,))
     assert [layer.format for layer in tuned.layers] == ["dense_f32"]
+
+
+def test_the_gemm_crossover_the_tuner_picks_is_stored_and_loaded_back() -> None:
+    rng = np.random.default_rng(3)
+    spec = LayerSpec("o", rng.normal(size=(96, 40)).astype(np.float32), np.zeros(40, np.float32), "relu")
+    tuned = tune_plan(build_plan((96,), [spec]), (1, 8, 32))
+    layer, record = tuned.layers[0], tuned.tuning[0]
+    chosen = record["options"].get("numpy_min_batch")
+    assert layer.meta()["numpy_min_batch"] == chosen  # what the manifest stores
+    again = get_format("dense_f32").from_arrays(layer.arrays(), layer.meta())
+    x = rng.normal(size=(33, 96)).astype(np.float32)
+    np.testing.assert_allclose(again(x), tuned(x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(tuned(x), tuned.reference(x), rtol=1e-4, atol=1e-5)
