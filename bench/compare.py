@@ -16,10 +16,12 @@ Each client thread is an independent client with its own connection (``--shared-
 one connection per client process), so the kernel can spread connections over a multi-process server.
 
 Every system's answer (but the floor's, which computes nothing) is checked against a numpy oracle before it is
-loaded. Goals (issue "Performance to the floor"): leanserve ≥ 0.85× the floor and ≥ 1.6× MLServer's best setup at 32
+loaded. ``--rounds N`` measures every system N times in alternation (floor, leanserve, ..., floor, leanserve, ...):
+each point reported is the round with the median throughput, and the ratios are also given per round (systems
+measured minutes apart in one round share the machine's state), so the spread shows how much the noise moves them. Goals (issue "Performance to the floor"): leanserve ≥ 0.85× the floor and ≥ 1.6× MLServer's best setup at 32
 concurrent batch-1 clients, p99 no worse than MLServer's.
 
-    python bench/compare.py [--quick] [--systems floor leanserve mlserver seed-keras]
+    python bench/compare.py [--quick] [--rounds 3] [--systems floor leanserve mlserver seed-keras]
 
 Writes bench/results/compare.json, compare.png and prints a rich table.
 """
@@ -90,6 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--concurrency", type=int, nargs="+", help=f"closed-loop sweep (default {' '.join(map(str, SWEEP))})")
     p.add_argument("--procs", type=int, default=2, help="client processes per point")
+    p.add_argument("--rounds", type=int, default=1, help="measure every system this many times, in alternation")
     p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     p.add_argument("--shared-connection", action="store_true",
                    help="one connection per client process (gRPC's default) instead of one per client thread")
@@ -215,6 +218,15 @@ def wait_all_processes(target: str, timeout: float = 60.0) -> None:
             time.sleep(0.2)
 
 
+def median_points(points: list[common.Point]) -> list[common.Point]:
+    """Per (system, concurrency), the round with the median throughput (a real point, not a mix of rounds)."""
+    out = []
+    for key in dict.fromkeys((p.system, p.concurrency) for p in points):
+        runs = sorted((p for p in points if (p.system, p.concurrency) == key), key=lambda p: p.throughput)
+        out.append(runs[(len(runs) - 1) // 2])
+    return out
+
+
 def ratios(points: list[common.Point]) -> dict[str, Any]:
     """Each leanserve configuration / each peer: throughput (higher is better), p50 and p99 (lower is better)."""
     out: dict[str, Any] = {}
@@ -238,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"machine": common.machine_info(), "args": {k: str(v) for k, v in vars(args).items()},
                               "systems": {}}
     points: list[common.Point] = []
+    rounds: list[list[common.Point]] = []
     with tempfile.TemporaryDirectory(prefix="leanserve-compare-") as tmpdir:
         tmp = Path(tmpdir)
         h5, npz = common.save_seed_model(tmp / "model")
@@ -246,9 +259,11 @@ def main(argv: list[str] | None = None) -> int:
         runs = [n for n in args.systems if n != "mlserver"]
         if "mlserver" in args.systems:
             runs += [f"mlserver:{s}" for s in args.mlserver_setups]
-        for name in runs:
-            console.print(f"[bold]{name}[/]: starting")
-            server, config = start_system(name, tmp, h5, npz, args)
+        for round_no, name in ((r, n) for r in range(args.rounds) for n in runs):
+            if name == runs[0]:
+                rounds.append([])
+            console.print(f"[bold]{name}[/]: starting (round {round_no + 1} of {args.rounds})")
+            server, config = start_system(name, tmp / f"round{round_no}", h5, npz, args)
             try:
                 ok, value = loadgen.v2_probe(server.target, common.MODEL_NAME, "input", x, timeout=120)
                 if not ok:
@@ -260,13 +275,16 @@ def main(argv: list[str] | None = None) -> int:
                     load = loadgen.Load(server.target, "v2", "unary", common.MODEL_NAME, "input", common.IN_FEATURES,
                                         conc, duration=args.duration, warmup=args.warmup, procs=args.procs,
                                         own_connection=not args.shared_connection)
-                    points.append(common.measure(load, system=name))
+                    rounds[-1].append(common.measure(load, system=name))
             finally:
                 server.stop()
 
-    points = [p for p in points if not p.system.startswith("mlserver:")] + best_mlserver(points)
+    rounds = [[p for p in got if not p.system.startswith("mlserver:")] + best_mlserver(got) for got in rounds]
+    points = median_points([p for got in rounds for p in got])
     report["points"] = points
     report["ratios_leanserve_over_peer"] = ratios(points)
+    if args.rounds > 1:
+        report["rounds"] = [{"points": got, "ratios_leanserve_over_peer": ratios(got)} for got in rounds]
     for pair, by_conc in report["ratios_leanserve_over_peer"].items():
         at = by_conc.get(str(HEADLINE))
         if at and pair.endswith("/ floor"):
@@ -283,7 +301,10 @@ def main(argv: list[str] | None = None) -> int:
     console.print(common.points_table(points, "same V2 load, same model, same machine"))
     for pair, by_conc in report["ratios_leanserve_over_peer"].items():
         for conc, r in by_conc.items():
-            console.print(f"{pair} at {conc} clients: {common.ratio_text(r)}")
+            each = [got["ratios_leanserve_over_peer"].get(pair, {}).get(conc) for got in report.get("rounds", [])]
+            spread = ", ".join(f"×{e['throughput_ratio']:.2f}" for e in each if e)
+            console.print(f"{pair} at {conc} clients: {common.ratio_text(r)}"
+                          + (f" (throughput per round: {spread})" if spread else ""))
     for pair, goal in report.get("goals_at_32", {}).items():
         console.print(f"goal at 32 clients for {pair} (throughput ≥ ×{goal['throughput_goal']}"
                       f"{', p99 ≤ ×1' if 'p99_goal' in goal else ''}): {'MET' if goal['met'] else 'NOT MET'}")
