@@ -3,7 +3,8 @@
 One run starts, in turn, each system on 127.0.0.1 with the seed MLP (1000→128→64→10, seeded random weights) and
 hits it with the same closed-loop tritonclient.grpc load (batch-1 requests, several client processes):
 
-* ``floor``      — the physical floor: a bare grpcio V2 server answering a canned response (floor_server.py);
+* ``floor``      — the physical floor: a bare grpcio V2 server answering a canned response (floor_server.py),
+  measured with 1, 2 and 4 worker threads; the series is the best per point (named in its label);
 * ``mlserver``   — MLServer 1.7.1 in its own virtualenv (made on first use under ~/.cache/leanserve-bench), a custom
   numpy MLModel computing the MLP from the same weights (.npz). Measured in each setup its users would try
   (``parallel_workers`` 0 and 1 × adaptive batching on and off); the ``mlserver`` series is the best setup per
@@ -54,6 +55,8 @@ SYSTEMS = ("floor", "leanserve", "leanserve-2p", "mlserver", "seed-keras")
 #: MLServer setups measured: (parallel_workers, adaptive batching max_batch_size; <= 1 = off)
 MLSERVER_SETUPS = ((0, 1), (0, 64), (1, 1), (1, 64))
 MLSERVER_DEFAULT = (1, 1)
+#: worker threads the floor is measured with (few threads = fewer GIL hand-offs; which count wins is the machine's)
+FLOOR_WORKERS = (1, 2, 4)
 SWEEP = (1, 4, 16, 32, 64)
 QUICK_SWEEP = (1, 32)
 HEADLINE = 32
@@ -100,7 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="MLServer setups as WORKERS:BATCH (parallel_workers : adaptive max_batch_size, <= 1 = off)")
     p.add_argument("--mlserver-batch-time", type=float, default=0.0005,
                    help="MLServer adaptive batching max_batch_time (s)")
-    p.add_argument("--floor-workers", type=int, default=4, help="worker threads of the bare grpcio floor server")
+    p.add_argument("--floor-workers", type=int, nargs="+", default=list(FLOOR_WORKERS),
+                   help="worker threads of the bare grpcio floor server: each is measured, the best per point is the floor")
     p.add_argument("--out", type=Path, default=common.RESULTS / "compare.json")
     args = p.parse_args(argv)
     args.duration = args.duration or (2.0 if args.quick else 5.0)
@@ -162,10 +166,10 @@ def start_system(name: str, tmp: Path, h5: Path, npz: Path, args: argparse.Names
         common.upload_seed(server.target, h5)
         wait_all_processes(server.target)
         return server, {"settings": f"defaults except {env or 'nothing'}; V2 endpoint"}
-    if name == "floor":
-        argv = [str(common.VENV_BIN / "python"), str(common.ROOT / "bench" / "floor_server.py"),
-                "--workers", str(args.floor_workers)]
-        return common.ServerProcess("floor", argv).start(), {"settings": f"bare grpcio, {args.floor_workers} threads"}
+    if name.startswith("floor:"):
+        workers = name.split(":")[1]
+        argv = [str(common.VENV_BIN / "python"), str(common.ROOT / "bench" / "floor_server.py"), "--workers", workers]
+        return common.ServerProcess(name, argv).start(), {"settings": f"bare grpcio, {workers} threads"}
     if name.startswith("mlserver:"):
         workers, batch = (int(v) for v in name.split(":")[1:])
         return start_mlserver(tmp / name.replace(":", "-"), npz, args, workers, batch)
@@ -175,25 +179,32 @@ def start_system(name: str, tmp: Path, h5: Path, npz: Path, args: argparse.Names
     raise ValueError(f"unknown system {name!r}")
 
 
-def mlserver_label(workers: int, batch: int) -> str:
+def setup_label(system: str) -> str:
+    """What a measured setup ("mlserver:W:B", "floor:T") was, in words."""
+    kind, *values = system.split(":")
+    if kind == "floor":
+        return f"{values[0]} worker thread(s)"
+    workers, batch = (int(v) for v in values)
     return f"parallel_workers={workers}, adaptive batching {'max_batch_size=' + str(batch) if batch > 1 else 'off'}"
 
 
-def best_mlserver(points: list[common.Point]) -> list[common.Point]:
-    """Per concurrency, the MLServer setup with the highest throughput (``mlserver``), and its default setup
-    (``mlserver-default``), as series of their own."""
+def best_setups(points: list[common.Point]) -> list[common.Point]:
+    """The points of systems measured in several setups ("floor:T", "mlserver:W:B") replaced by, per system and
+    concurrency, the setup with the highest throughput (series ``floor``, ``mlserver``; the setup named in its
+    label) and, for MLServer, its out-of-the-box setup (``mlserver-default``). Other points pass unchanged."""
     from dataclasses import replace
 
-    setups = [p for p in points if p.system.startswith("mlserver:")]
-    out = []
-    for conc in sorted({p.concurrency for p in setups}):
-        at = [p for p in setups if p.concurrency == conc]
-        best = max(at, key=lambda p: p.throughput)
-        workers, batch = (int(v) for v in best.system.split(":")[1:])
-        out.append(replace(best, system="mlserver", label=f"best: {mlserver_label(workers, batch)}"))
-        default = next((p for p in at if p.system == f"mlserver:{MLSERVER_DEFAULT[0]}:{MLSERVER_DEFAULT[1]}"), None)
-        if default is not None:
-            out.append(replace(default, system="mlserver-default", label=""))
+    out = [p for p in points if ":" not in p.system]
+    for kind in dict.fromkeys(p.system.split(":")[0] for p in points if ":" in p.system):
+        setups = [p for p in points if p.system.startswith(kind + ":")]
+        for conc in sorted({p.concurrency for p in setups}):
+            at = [p for p in setups if p.concurrency == conc]
+            best = max(at, key=lambda p: p.throughput)
+            out.append(replace(best, system=kind, label=f"best: {setup_label(best.system)}"))
+            default = next((p for p in at if p.system == f"mlserver:{MLSERVER_DEFAULT[0]}:{MLSERVER_DEFAULT[1]}"),
+                           None)
+            if default is not None:
+                out.append(replace(default, system="mlserver-default", label=""))
     return out
 
 
@@ -256,9 +267,14 @@ def main(argv: list[str] | None = None) -> int:
         h5, npz = common.save_seed_model(tmp / "model")
         oracle = common.numpy_mlp(npz)
         x = np.random.default_rng(7).random((1, common.IN_FEATURES), dtype=np.float32)
-        runs = [n for n in args.systems if n != "mlserver"]
-        if "mlserver" in args.systems:
-            runs += [f"mlserver:{s}" for s in args.mlserver_setups]
+        runs = []
+        for name in args.systems:
+            if name == "floor":
+                runs += [f"floor:{w}" for w in args.floor_workers]
+            elif name == "mlserver":
+                runs += [f"mlserver:{s}" for s in args.mlserver_setups]
+            else:
+                runs.append(name)
         for round_no, name in ((r, n) for r in range(args.rounds) for n in runs):
             if name == runs[0]:
                 rounds.append([])
@@ -268,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
                 ok, value = loadgen.v2_probe(server.target, common.MODEL_NAME, "input", x, timeout=120)
                 if not ok:
                     raise RuntimeError(f"{name} failed its first request: {value}\n{server.log_tail()}")
-                if name != "floor":  # the floor computes nothing: its answer is zeros by design
+                if not name.startswith("floor"):  # the floor computes nothing: its answer is zeros by design
                     config["max_abs_error_vs_numpy"] = float(np.abs(np.asarray(value) - oracle(x)).max())
                 report["systems"][name] = config
                 for conc in args.concurrency:
@@ -279,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 server.stop()
 
-    rounds = [[p for p in got if not p.system.startswith("mlserver:")] + best_mlserver(got) for got in rounds]
+    rounds = [best_setups(got) for got in rounds]
     points = median_points([p for got in rounds for p in got])
     report["points"] = points
     report["ratios_leanserve_over_peer"] = ratios(points)

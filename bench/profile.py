@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--procs", type=int, default=4)
     p.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
-    p.add_argument("--floor-workers", type=int, default=4)
+    p.add_argument("--floor-workers", type=int, default=2, help="threads of the floor server (2: its best here)")
     p.add_argument("--systems", nargs="+", default=["floor", "leanserve"])
     p.add_argument("--env", nargs="*", default=[], help="LEANSERVE_* settings for the leanserve run, as K=V")
     p.add_argument("--out", type=Path, default=common.RESULTS / "profile.json")

@@ -102,10 +102,11 @@ class Settings(BaseSettings):
     )
 
     worker_threads: int = Field(
-        4,
+        2,
         ge=1,
         description="gRPC threads running unary calls (Predict, ModelInfer, metadata, admin calls) at once. Few serve "
-        "best: each runnable thread competes for the GIL, and every hand-off costs context switches. A call waiting "
+        "best: each runnable thread competes for the GIL, and every hand-off costs context switches (bench/compare.py "
+        "measures the bare grpcio floor at 1, 2 and 4 threads; 2 won for it and for leanserve). A call waiting "
         "for a busy batcher does not count (another thread takes the next call, up to max_worker_threads), so "
         "models still batch every concurrent caller. Streaming calls have their own pool.",
     )
