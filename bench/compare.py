@@ -19,7 +19,8 @@ one connection per client process), so the kernel can spread connections over a 
 Every system's answer (but the floor's, which computes nothing) is checked against a numpy oracle before it is
 loaded. ``--rounds N`` measures every system N times in alternation (floor, leanserve, ..., floor, leanserve, ...):
 each point reported is the round with the median throughput, and the ratios are also given per round (systems
-measured minutes apart in one round share the machine's state), so the spread shows how much the noise moves them. Goals (issue "Performance to the floor"): leanserve ≥ 0.85× the floor and ≥ 1.6× MLServer's best setup at 32
+measured minutes apart in one round share the machine's state), so the spread shows how much the noise moves them.
+Goals (issue "Performance to the floor"): leanserve ≥ 0.85× the floor and ≥ 1.6× MLServer's best setup at 32
 concurrent batch-1 clients, p99 no worse than MLServer's.
 
     python bench/compare.py [--quick] [--rounds 3] [--systems floor leanserve mlserver seed-keras]
@@ -104,7 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mlserver-batch-time", type=float, default=0.0005,
                    help="MLServer adaptive batching max_batch_time (s)")
     p.add_argument("--floor-workers", type=int, nargs="+", default=list(FLOOR_WORKERS),
-                   help="worker threads of the bare grpcio floor server: each is measured, the best per point is the floor")
+                   help="worker threads of the bare grpcio floor server: each is measured, the best per point is "
+                   "the floor")
     p.add_argument("--out", type=Path, default=common.RESULTS / "compare.json")
     args = p.parse_args(argv)
     args.duration = args.duration or (2.0 if args.quick else 5.0)

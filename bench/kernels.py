@@ -6,7 +6,8 @@ per gRPC worker thread, so per-call single-core speed is what matters, and it is
 
 Ratios are *speedups*: ``reference seconds / kernel seconds`` (> 1 = the kernel is faster), against numpy fp32 and
 against the best peer (fastest non-leanserve entry on the same shape, batch and sparsity). A last section runs the
-seed MLP whole: leanserve's fused fp32 chain, the same layers one call each, numpy, and ORT running the graph. Batch-1 rows also
+seed MLP whole: leanserve's fused fp32 chain, the same layers one call each, numpy, and ORT running the graph.
+Batch-1 rows also
 report ``weight bytes / time / measured read bandwidth``: above 1.0 means the weights were served from cache
 (L3 is 32 MB here, so int8 4096x4096 = 16 MB fits while fp32 = 64 MB does not).
 
@@ -196,8 +197,9 @@ def ort_mlp(layers: list[tuple[np.ndarray, np.ndarray]]) -> Callable[[np.ndarray
         nodes.append(helper.make_node("Gemm", [h, f"W{i}", f"b{i}"], [f"g{i}"]))
         h = f"a{i}" if i < len(layers) - 1 else "y"
         nodes.append(helper.make_node("Relu" if i < len(layers) - 1 else "Softmax", [f"g{i}"], [h]))
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", layers[0][0].shape[0]])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", layers[-1][0].shape[1]])], inits)
+    x_in = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", layers[0][0].shape[0]])
+    y_out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", layers[-1][0].shape[1]])
+    graph = helper.make_graph(nodes, "mlp", [x_in], [y_out], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     opts = ort.SessionOptions()
@@ -213,8 +215,8 @@ def run_model(batches: list[int], budget: float) -> list[dict[str, object]]:
 
     rng = np.random.default_rng(0)
     dims, acts = (1000, 128, 64, 10), ("relu", "relu", "softmax")
-    weights = [((rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32), rng.standard_normal(n).astype(np.float32))
-               for k, n in zip(dims, dims[1:])]
+    weights = [((rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32),
+                rng.standard_normal(n).astype(np.float32)) for k, n in zip(dims, dims[1:])]
     layers = [get_format("dense_f32").from_dense(w, b, a) for (w, b), a in zip(weights, acts)]
     one_by_one = list(layers)
     fused = fuse_dense_chains(layers)

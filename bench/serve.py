@@ -82,6 +82,10 @@ def stream_throughput(target: str, rows: int, batch: int, plan: Any) -> dict[str
         stream_s = time.perf_counter() - t
     result: dict[str, Any] = {"rows": served, "batch": batch, "stream_s": stream_s, "stream_rows_per_s": served / stream_s}
     if plan is not None:
+        from leanserve.server.runtime.blas import limit_blas_threads
+        from leanserve.server.settings import Settings
+
+        limit_blas_threads(Settings().blas_threads)  # the BLAS threads the server computes with, for a fair ratio
         for b in pool[:4]:
             plan(b)
         t = time.perf_counter()

@@ -29,6 +29,6 @@ from leanserve.kernels._simd import has_avx512_vnni
 __all__ = [
     "ACTIVATIONS", "QUANTIZED_INPUT_FORMATS", "KernelInputError", "LayerKernel", "activate_numpy", "autotune",
     "available_formats", "candidate_key", "check_activation", "check_input", "check_layer", "dense",
-    "f32_block_supported", "fuse_dense_chains", "get_format", "has_avx512_vnni", "int8_block_supported", "prepare", "prune_magnitude",
-    "quantize_rows", "quantize_weights_per_channel", "register", "unregister",
+    "f32_block_supported", "fuse_dense_chains", "get_format", "has_avx512_vnni", "int8_block_supported", "prepare",
+    "prune_magnitude", "quantize_rows", "quantize_weights_per_channel", "register", "unregister",
 ]

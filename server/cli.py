@@ -125,7 +125,6 @@ def settings_from_args(args: argparse.Namespace):
 def cmd_serve(args: argparse.Namespace) -> int:
     from leanserve.server.app import ConfigurationError, create_server
     from leanserve.server.processes import READY, ExtraProcesses, watch_first_process
-
     from leanserve.server.runtime.blas import limit_blas_threads
 
     settings = settings_from_args(args)

@@ -1,8 +1,9 @@
 """Format choice at load time: per layer, measure the formats that compute the same numbers and keep the fastest.
 
 Only numerically equivalent candidates compete: an fp32 layer may move between dense (the Numba panel kernel, or BLAS
-GEMM from some batch size on), CSR and BSR (the same weights, zeros skipped); an int8 layer between int8, CSR-int8 and BSR-int8 (the same quantized weights). Turning
-fp32 into int8 changes results and is the optimizer's decision, never the loader's.
+GEMM from some batch size on), CSR and BSR (the same weights, zeros skipped); an int8 layer between int8, CSR-int8
+and BSR-int8 (the same quantized weights). Turning fp32 into int8 changes results and is the optimizer's decision,
+never the loader's.
 """
 
 from __future__ import annotations

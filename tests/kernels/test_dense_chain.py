@@ -10,8 +10,8 @@ WIDTHS = [(37, 70, 16, 3), (1000, 128, 64, 10), (5, 1, 1), (64, 65)]
 
 
 def _layers(rng, widths, activations=("relu", "tanh", "softmax", "sigmoid"), **options):
-    return [DenseF32.from_dense(rng.standard_normal((k, n)).astype(np.float32), rng.standard_normal(n).astype(np.float32),
-                                activations[i % len(activations)], **options)
+    return [DenseF32.from_dense(rng.standard_normal((k, n)).astype(np.float32),
+                                rng.standard_normal(n).astype(np.float32), activations[i % len(activations)], **options)
             for i, (k, n) in enumerate(zip(widths, widths[1:]))]
 
 
