@@ -35,6 +35,7 @@ from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 
 from leanserve.kernels import available_formats, get_format  # noqa: E402
 from leanserve.kernels import quantize_weights_per_channel  # noqa: E402
+from whole_model import print_model, run_model  # noqa: E402  (bench/ is on sys.path: this script's folder)
 
 RESULTS = ROOT / "bench" / "results"
 SHAPES = [(1000, 128), (128, 64), (64, 10), (768, 3072), (3072, 768), (4096, 4096)]
@@ -185,71 +186,6 @@ def scipy_csr(w: np.ndarray, b: np.ndarray) -> tuple[Callable[[np.ndarray], obje
     return (lambda x: (wt @ x.T).T + b), wt.data.nbytes + wt.indices.nbytes + wt.indptr.nbytes
 
 
-def ort_mlp(layers: list[tuple[np.ndarray, np.ndarray]]) -> Callable[[np.ndarray], object]:
-    """The whole MLP (Gemm + Relu ..., Softmax last) as one ORT fp32 session, 1 thread, all graph optimizations."""
-    import onnx
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
-    nodes, inits, h = [], [], "x"
-    for i, (w, b) in enumerate(layers):
-        inits += [numpy_helper.from_array(w, f"W{i}"), numpy_helper.from_array(b, f"b{i}")]
-        nodes.append(helper.make_node("Gemm", [h, f"W{i}", f"b{i}"], [f"g{i}"]))
-        h = f"a{i}" if i < len(layers) - 1 else "y"
-        nodes.append(helper.make_node("Relu" if i < len(layers) - 1 else "Softmax", [f"g{i}"], [h]))
-    x_in = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", layers[0][0].shape[0]])
-    y_out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", layers[-1][0].shape[1]])
-    graph = helper.make_graph(nodes, "mlp", [x_in], [y_out], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return lambda x: sess.run(None, {"x": x})[0]
-
-
-def run_model(batches: list[int], budget: float) -> list[dict[str, object]]:
-    """The seed MLP (1000→128→64→10, relu, relu, softmax) end to end: leanserve's Plan with the fp32 layers fused
-    into one call, the same layers called one by one, numpy, and ORT running the whole graph."""
-    from leanserve.kernels import fuse_dense_chains
-
-    rng = np.random.default_rng(0)
-    dims, acts = (1000, 128, 64, 10), ("relu", "relu", "softmax")
-    weights = [((rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32),
-                rng.standard_normal(n).astype(np.float32)) for k, n in zip(dims, dims[1:])]
-    layers = [get_format("dense_f32").from_dense(w, b, a) for (w, b), a in zip(weights, acts)]
-    one_by_one = list(layers)
-    fused = fuse_dense_chains(layers)
-
-    def chain(steps):
-        def run(x):
-            for step in steps:
-                x = step(x)
-            return x
-        return run
-
-    def numpy_mlp(x):
-        for i, (w, b) in enumerate(weights):
-            x = x @ w + b
-            x = np.maximum(x, 0) if i < len(weights) - 1 else x
-        e = np.exp(x - x.max(axis=1, keepdims=True))
-        return e / e.sum(axis=1, keepdims=True)
-
-    systems = {"leanserve fused": chain(fused), "leanserve layer by layer": chain(one_by_one), "numpy": numpy_mlp,
-               "ort_fp32 graph": ort_mlp(weights)}
-    out = []
-    for batch in batches:
-        x = rng.standard_normal((batch, dims[0])).astype(np.float32)
-        ref = numpy_mlp(x)
-        times = {}
-        for name, fn in systems.items():
-            np.testing.assert_allclose(fn(x), ref, rtol=1e-3, atol=1e-5)
-            times[name] = median_seconds(lambda fn=fn: fn(x), budget)
-        out += [{"model": "seed MLP 1000-128-64-10", "batch": batch, "system": name, "median_s": t,
-                 "ratio_fused": t / times["leanserve fused"]} for name, t in times.items()]
-    return out
-
-
 # ---- runner --------------------------------------------------------------------------------------------------
 
 
@@ -353,12 +289,6 @@ def print_tables(records: list[Record], info: dict) -> None:
     console.print(table)
 
 
-def print_model(model: list[dict[str, object]]) -> None:
-    for m in model:
-        print(f"{m['model']} batch {m['batch']:>3}: {m['system']:<26} {m['median_s'] * 1e6:8.1f} µs "
-              f"(× {m['ratio_fused']:.2f} the fused plan's time)")
-
-
 def plot(records: list[Record]) -> list[Path]:
     import matplotlib
 
@@ -415,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     threadpool_limits(1)
     if args.model_only:
-        print_model(run_model(batches, budget))
+        print_model(run_model(batches, lambda fn: median_seconds(fn, budget)))
         return
     info = {
         "machine": platform.processor() or platform.machine(),
@@ -432,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
     records = run(shapes, batches, sparsities, budget, lambda m: print(f"[{time.perf_counter() - t0:6.1f}s] {m}",
                                                                         file=sys.stderr, flush=True))
     add_ratios(records, info["bandwidth"]["read_GBps"])
-    model = run_model(batches, budget)
+    model = run_model(batches, lambda fn: median_seconds(fn, budget))
     out = RESULTS / "kernels.json"
     out.write_text(json.dumps({"info": info, "records": [asdict(r) for r in records], "model": model}, indent=1))
     print(f"wrote {out}")
