@@ -6,7 +6,10 @@ MLP (1000→128→64→10, seeded random weights) and measures, with several cli
 * closed loop over a concurrency sweep and open loop at ``--rate``: unary and stream, native (leanserve.v1) and
   v2 (tritonclient.grpc, when the server has the Open Inference Protocol endpoint);
 * stream throughput: ``--rows`` rows through one PredictStream in batches of ``--stream-batch``, against the same
-  batches run by the Plan in this process (target ≥ 50 %);
+  batches run by the Plan in this process (target ≥ 50 %), and against the stream floor: the same client and batches
+  through a bare grpcio server that decodes and computes nothing (floor_server.py). The server moves each message and
+  then computes it, so ``1 / (1/floor + 1/Plan)`` rows/s is what a server with grpcio's transport and this Plan could
+  reach on one core; the stream is reported against that bound too;
 * batching overhead at concurrency 1: p50 with ``LEANSERVE_BATCHING=true`` vs ``false`` (two fresh servers).
 
     .venv/bin/python bench/serve.py [--quick] [--target HOST:PORT] [--rate 2000] [--duration 5]
@@ -82,7 +85,7 @@ def stream_throughput(target: str, rows: int, batch: int, plan: Any) -> dict[str
         stream_s = time.perf_counter() - t
     result: dict[str, Any] = {"rows": served, "batch": batch, "stream_s": stream_s, "stream_rows_per_s": served / stream_s}
     if plan is not None:
-        from leanserve.server.runtime.blas import limit_blas_threads
+        from leanserve.server.runtime.process import limit_blas_threads
         from leanserve.server.settings import Settings
 
         limit_blas_threads(Settings().blas_threads)  # the BLAS threads the server computes with, for a fair ratio
@@ -94,6 +97,21 @@ def stream_throughput(target: str, rows: int, batch: int, plan: Any) -> dict[str
         kernel_s = time.perf_counter() - t
         result.update(kernel_s=kernel_s, kernel_rows_per_s=n_batches * batch / kernel_s)
         result["stream_vs_kernel"] = result["stream_rows_per_s"] / result["kernel_rows_per_s"]
+    return result
+
+
+def stream_floor(rows: int, batch: int, v2: bool, input_name: str) -> dict[str, Any]:
+    """The same streams through floor_server.py (grpcio alone: nothing decoded, nothing computed)."""
+    argv = [str(common.VENV_BIN / "python"), str(common.ROOT / "bench" / "floor_server.py"), "--workers", "4"]
+    floor = common.ServerProcess("floor", argv).start()
+    try:
+        result = {"floor_rows_per_s": stream_throughput(floor.target, rows, batch, None)["stream_rows_per_s"]}
+        if v2:
+            n, seconds, _ = loadgen.v2_stream_rows(floor.target, common.MODEL_NAME, input_name, max(1, rows // batch),
+                                                   batch, common.IN_FEATURES)
+            result["floor_v2_rows_per_s"] = n / seconds
+    finally:
+        floor.stop()
     return result
 
 
@@ -202,6 +220,11 @@ def main(argv: list[str] | None = None) -> int:
                                                               args.stream_batch, common.IN_FEATURES)
                 st.update(v2_stream_rows=rows, v2_stream_s=seconds, v2_stream_rows_per_s=rows / seconds,
                           v2_stream_errors=errors, v2_vs_native=rows / seconds / st["stream_rows_per_s"])
+            st.update(stream_floor(args.rows, args.stream_batch, v2, input_name))
+            st["stream_vs_floor"] = st["stream_rows_per_s"] / st["floor_rows_per_s"]
+            if "kernel_rows_per_s" in st:
+                st["bound_rows_per_s"] = 1 / (1 / st["floor_rows_per_s"] + 1 / st["kernel_rows_per_s"])
+                st["stream_vs_bound"] = st["stream_rows_per_s"] / st["bound_rows_per_s"]
         finally:
             if server is not None:
                 server.stop()
@@ -223,9 +246,15 @@ def main(argv: list[str] | None = None) -> int:
         f"kernel in-process {st.get('kernel_rows_per_s', float('nan')):,.0f} rows/s "
         f"→ {100 * st.get('stream_vs_kernel', float('nan')):.0f} % (target ≥ 50 %)"
     )
+    console.print(
+        f"stream floor (bare grpcio, nothing decoded or computed, same client): {st['floor_rows_per_s']:,.0f} rows/s "
+        f"→ the stream is {100 * st['stream_vs_floor']:.0f} % of it; transport + compute bound "
+        f"{st.get('bound_rows_per_s', float('nan')):,.0f} rows/s → {100 * st.get('stream_vs_bound', float('nan')):.0f} %"
+    )
     if "v2_stream_rows_per_s" in st:
         console.print(f"tritonclient ModelStreamInfer, same batches: {st['v2_stream_rows_per_s']:,.0f} rows/s → "
-                      f"{100 * st['v2_vs_native']:.0f} % of the native stream (target ≥ 80 %)"
+                      f"{100 * st['v2_vs_native']:.0f} % of the native stream (target ≥ 80 %); "
+                      f"V2 stream floor {st.get('floor_v2_rows_per_s', float('nan')):,.0f} rows/s"
                       + (f"; errors: {st['v2_stream_errors']}" if st["v2_stream_errors"] else ""))
     for protocol, b in report.get("batching_overhead", {}).items():
         console.print(f"batching overhead at concurrency 1 ({protocol}): p50 {b['p50_on_ms']:.3f} ms on vs "

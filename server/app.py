@@ -32,7 +32,7 @@ from leanserve.server.serving.registry import ModelRegistry
 from leanserve.server.serving.workers import WorkerPool
 from leanserve.server.repository.poll import RepositoryPoller
 from leanserve.server.repository.open import open_repository
-from leanserve.server.runtime.blas import limit_blas_threads
+from leanserve.server.runtime.process import apply_process_settings
 from leanserve.server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ def create_server(settings: Settings) -> ServerHandle:
         tokens = TokenFile(settings.auth_tokens_file) if settings.auth_tokens_file is not None else None
     except (OSError, ValueError) as exc:
         raise ConfigurationError(str(exc)) from exc
-    limit_blas_threads(settings.blas_threads)  # before any model is tuned or served
+    apply_process_settings(settings)  # before any model is tuned or served
     # only the first process sweeps leftovers: the others would delete its uploads in flight
     repository = open_repository(settings.repository, settings, sweep=settings.process_index == 0)
     registry = ModelRegistry()

@@ -125,11 +125,11 @@ def settings_from_args(args: argparse.Namespace):
 def cmd_serve(args: argparse.Namespace) -> int:
     from leanserve.server.app import ConfigurationError, create_server
     from leanserve.server.processes import READY, ExtraProcesses, watch_first_process
-    from leanserve.server.runtime.blas import limit_blas_threads
+    from leanserve.server.runtime.process import apply_process_settings
 
     settings = settings_from_args(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    limit_blas_threads(settings.blas_threads)  # --model files are converted and tuned before create_server
+    apply_process_settings(settings)  # --model files are converted and tuned before create_server
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -185,10 +185,10 @@ def cmd_publish(args: argparse.Namespace) -> int:
     """Prints the new version number on stdout (and what it became on stderr); exit 1 with the reason if refused."""
     from leanserve.server.errors import LeanserveError
     from leanserve.server.ingest.publish import publish_file
-    from leanserve.server.runtime.blas import limit_blas_threads
+    from leanserve.server.runtime.process import apply_process_settings
 
     settings = settings_from_args(args)
-    limit_blas_threads(settings.blas_threads)  # the tuner measures under the limit the server will serve with
+    apply_process_settings(settings)  # the tuner measures under the limits the server will serve with
     logging.basicConfig(level=(args.log_level or "WARNING").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

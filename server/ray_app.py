@@ -111,7 +111,7 @@ class LeanserveReplica:
         from leanserve.server.grpc.inference_servicer import InferenceServicer
         from leanserve.server.grpc.v2_servicer import V2Servicer
         from leanserve.server.repository.open import open_repository
-        from leanserve.server.runtime.blas import limit_blas_threads
+        from leanserve.server.runtime.process import apply_process_settings
         from leanserve.server.repository.poll import RepositoryPoller
         from leanserve.server.serving.registry import ModelRegistry
         from leanserve.server.settings import Settings
@@ -125,7 +125,7 @@ class LeanserveReplica:
         context = serve.get_replica_context()
         self.node_id = ray.get_runtime_context().get_node_id()
         self.replica_id = str(getattr(context.replica_id, "unique_id", context.replica_id))
-        limit_blas_threads(self.settings.blas_threads)
+        apply_process_settings(self.settings)
         repository = open_repository(self.settings.repository, self.settings, sweep=False)
         self.dataplane = DataPlane(self.settings, repository, ModelRegistry())
         self.dataplane.load_all()

@@ -183,6 +183,12 @@ class Settings(BaseSettings):
     blas_threads: int = Field(
         1, ge=1, description="Threads BLAS may use per GEMM call (layers the tuner put on GEMM for larger batches); "
         "requests already run in parallel, so more threads than 1 oversubscribe the cores.")
+    malloc_trim_threshold_bytes: int = Field(
+        32 * 1024 * 1024, ge=0, description="glibc malloc: free memory an arena keeps instead of returning it to the "
+        "kernel (0 = glibc's default); large messages then reuse memory instead of page-faulting it in again.")
+    malloc_mmap_threshold_bytes: int = Field(
+        4 * 1024 * 1024, ge=0, le=32 * 1024 * 1024, description="glibc malloc: blocks at least this large are mapped "
+        "apart and unmapped when freed (0 = glibc's default, which starts at 128 KiB).")
     warmup_batch_sizes: tuple[int, ...] = Field((1, 8, 64), description="Batch sizes compiled/warmed at model load.")
 
     batching: bool = Field(
