@@ -134,11 +134,9 @@ def _tensor(t: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, max_byt
     return np.fromiter(values, dtype=wire_dtype, count=count).astype(dtype, copy=False).reshape(shape)
 
 
-def infer_request(req: pb.ModelInferRequest, max_bytes: int = _MAX_TENSOR_BYTES) -> InferCall:
-    """Inputs by name, options from the request parameters, requested output names. No input tensor may describe
-    more than ``max_bytes`` (the largest message)."""
-    tensors = req.inputs
-    raws = req.raw_input_contents[:]  # one list; each indexing of the repeated field would copy its bytes again
+def _inputs(tensors: Iterable[pb.ModelInferRequest.InferInputTensor], raws: list[bytes],
+            max_bytes: int) -> dict[str, np.ndarray]:
+    tensors = list(tensors)
     if raws and len(raws) != len(tensors):
         raise InvalidArgument(f"raw_input_contents has {len(raws)} entries for {len(tensors)} inputs")
     inputs: dict[str, np.ndarray] = {}
@@ -149,6 +147,21 @@ def infer_request(req: pb.ModelInferRequest, max_bytes: int = _MAX_TENSOR_BYTES)
         if raws and t.HasField("contents"):
             raise InvalidArgument(f"input {name[:_ECHO]!r}: contents and raw_input_contents must not both be used")
         inputs[name] = _tensor(t, raws[i] if raws else None, max_bytes)
+    return inputs
+
+
+def infer_request(req: pb.ModelInferRequest, max_bytes: int = _MAX_TENSOR_BYTES) -> InferCall:
+    """Inputs by name, options from the request parameters, requested output names. No input tensor may describe
+    more than ``max_bytes`` (the largest message)."""
+    tensors = req.inputs
+    raw_field = req.raw_input_contents
+    if len(tensors) == 1 and len(raw_field) == 1:  # the usual request: one input, raw (no list, no loop)
+        t = tensors[0]
+        if t.HasField("contents"):
+            raise InvalidArgument(f"input {t.name[:_ECHO]!r}: contents and raw_input_contents must not both be used")
+        inputs = {t.name: _tensor(t, raw_field[0], max_bytes)}
+    else:
+        inputs = _inputs(tensors, raw_field[:], max_bytes)  # one list: each indexing copies the bytes again
     kind, top_k = PostProcess.RAW, 0
     params = req.parameters
     if params:
@@ -164,9 +177,16 @@ def infer_request(req: pb.ModelInferRequest, max_bytes: int = _MAX_TENSOR_BYTES)
 
 
 def infer_response(result: PredictResult, call: InferCall) -> pb.ModelInferResponse:
-    """Requested outputs (all when none requested) as raw little-endian bytes, built in place (a finished tensor
-    passed to a parent's constructor is deep-copied)."""
-    resp = pb.ModelInferResponse(model_name=result.model_name, model_version=str(result.model_version), id=call.id)
+    """Requested outputs (all when none requested) as raw little-endian bytes."""
+    return fill_infer_response(pb.ModelInferResponse(), result, call)
+
+
+def fill_infer_response(resp: pb.ModelInferResponse, result: PredictResult, call: InferCall) -> pb.ModelInferResponse:
+    """``infer_response`` written into ``resp`` (e.g. a stream response's field: a finished message passed to a
+    parent's constructor is deep-copied)."""
+    resp.model_name = result.model_name
+    resp.model_version = str(result.model_version)
+    resp.id = call.id
     for name in call.outputs or result.outputs:
         a = result.outputs.get(name)
         if a is None:

@@ -9,7 +9,7 @@ import grpc
 
 from leanserve.v2 import grpc_service_pb2 as pb
 from leanserve.v2 import grpc_service_pb2_grpc as pb_grpc
-from leanserve.server.dataplane import DataPlane
+from leanserve.server.dataplane import DataPlane, PendingPredict
 from leanserve.server.errors import LeanserveError, NotFound, shown
 from leanserve.server.grpc import v2_converters as conv
 from leanserve.server.grpc.auth import caller_context
@@ -61,17 +61,18 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     # -- inference -------------------------------------------------------------------------------------------
     def _submit(
         self, request: pb.ModelInferRequest, ctx: RequestContext, context: grpc.ServicerContext | None = None
-    ) -> Callable[[], pb.ModelInferResponse]:
+    ) -> tuple[conv.InferCall, PendingPredict]:
         call = conv.infer_request(request, self.dp.settings.max_message_bytes)
         pending = self.dp.submit(call.model_name, call.version, call.inputs, call.postprocess, call.top_k, ctx)
         if context is not None and not pending.done:
             # a cancelled RPC leaves the queue at once; False = it ended already, before the callback was in place
             if not context.add_callback(pending.cancel):
                 pending.cancel()
-        return lambda: conv.infer_response(pending.result(), call)
+        return call, pending
 
     def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.ServicerContext) -> pb.ModelInferResponse:
-        return self._submit(request, request_context(context), context)()
+        call, pending = self._submit(request, request_context(context), context)
+        return conv.infer_response(pending.result(), call)
 
     def ModelStreamInfer(
         self, request_iterator: Iterator[pb.ModelInferRequest], context: grpc.ServicerContext
@@ -79,8 +80,14 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         ctx = request_context(context)
 
         def submit(request: pb.ModelInferRequest) -> Callable[[], pb.ModelStreamInferResponse]:
-            wait = self._submit(request, ctx)
-            return lambda: pb.ModelStreamInferResponse(infer_response=wait())
+            call, pending = self._submit(request, ctx)
+
+            def answer() -> pb.ModelStreamInferResponse:
+                resp = pb.ModelStreamInferResponse()
+                conv.fill_infer_response(resp.infer_response, pending.result(), call)
+                return resp
+
+            return answer
 
         def on_error(request: pb.ModelInferRequest, exc: LeanserveError) -> pb.ModelStreamInferResponse:
             return pb.ModelStreamInferResponse(
