@@ -1,8 +1,15 @@
 """bench/kernels.py's last section: the seed MLP whole, leanserve's fused fp32 chain beside the same layers called one
-by one, numpy and onnxruntime running the whole graph (1 thread everywhere, as the rest of kernels.py)."""
+by one, numpy and onnxruntime running the whole graph (1 thread everywhere, as the rest of kernels.py).
+
+At batch 1 each system is also timed with cold caches: right after a read of a buffer three times the last-level
+cache, as a server's kernel runs when other work (clients, other tenants of the host) ran since the last request.
+Beside them the memory floor: copying the model's weight bytes once, cold. The seed's first layer alone is 512 KB, so
+at one client a request's latency holds this read whatever the kernel does.
+"""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -70,7 +77,48 @@ def run_model(batches: list[int], timer: Callable[[Callable[[], object]], float]
             times[name] = timer(lambda fn=fn: fn(x))
         out += [{"model": "seed MLP 1000-128-64-10", "batch": batch, "system": name, "median_s": t,
                  "ratio_fused": t / times["leanserve fused"]} for name, t in times.items()]
+    out += cold_rows(systems, weights, rng.standard_normal((1, dims[0])).astype(np.float32))
     return out
+
+
+def last_level_cache_bytes(default: int = 32 << 20) -> int:
+    """The largest CPU cache's size (Linux sysfs), or ``default``."""
+    from pathlib import Path
+
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip().upper()
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        try:
+            sizes.append(int(text.rstrip("KMG")) * scale)
+        except ValueError:
+            continue
+    return max(sizes, default=default)
+
+
+def cold_median_seconds(fn: Callable[[], object], evict: np.ndarray, repeats: int = 60) -> float:
+    """Median seconds of ``fn()`` right after reading every cache line of ``evict`` (bigger than the caches)."""
+    times = []
+    for _ in range(repeats):
+        float(evict[::16].sum())  # one float32 per 64-byte line: the whole buffer passes through the caches
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def cold_rows(systems: dict[str, Callable[[np.ndarray], object]], weights: list[tuple[np.ndarray, np.ndarray]],
+              x: np.ndarray) -> list[dict[str, object]]:
+    """Batch 1 with cold caches for each system, and the memory floor (the weight bytes copied once, cold)."""
+    evict = np.ones(3 * last_level_cache_bytes() // 4, dtype=np.float32)
+    blob = np.concatenate([a.ravel() for pair in weights for a in pair])
+    dst = np.empty_like(blob)
+    times = {f"{name} (cold cache)": cold_median_seconds(lambda fn=fn: fn(x), evict) for name, fn in systems.items()}
+    times[f"memory floor: copy the {blob.nbytes // 1024} KB of weights (cold)"] = cold_median_seconds(
+        lambda: np.copyto(dst, blob), evict)
+    fused = times["leanserve fused (cold cache)"]
+    return [{"model": "seed MLP 1000-128-64-10", "batch": 1, "system": name, "median_s": t, "ratio_fused": t / fused}
+            for name, t in times.items()]
 
 
 def print_model(model: list[dict[str, object]]) -> None:

@@ -29,6 +29,28 @@ _I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
 
 
+def has_avx512f() -> bool:
+    """True if the host CPU (as LLVM sees it) has AVX-512F: 32 vector registers of 16 float32 lanes."""
+    import llvmlite.binding as ll
+
+    return bool(ll.get_host_cpu_features().get("avx512f", False))
+
+
+def _f32_layout() -> tuple[int, tuple[int, ...]]:
+    """``(F32_PANEL, F32_TILE_NV)`` for this host: fp32 panel width and, per tile height ``mr``, the tile's vectors.
+
+    The tile's accumulators must stay in registers. AVX-512 (32 registers of 16 lanes): 64-channel panels and a
+    4 x 64 tile (16 accumulators). AVX2 (16 registers of 8 lanes, two per 16-lane vector): that tile would spill, so
+    panels of 16 channels and tiles of 4 rows x 16 channels, 2 x 32 or 1 x 64 (at most 8 registers of accumulators);
+    a tile wider than a panel reads one panel per vector, so each stream of weights stays contiguous.
+    """
+    return (PANEL, (0, 4, 4, 4, 4)) if has_avx512f() else (LANES, (0, 4, 2, 1, 1))
+
+
+#: see ``_f32_layout``; module globals, so Numba compiles them in as constants
+F32_PANEL, F32_TILE_NV = _f32_layout()
+
+
 def has_avx512_vnni() -> bool:
     """True if the host CPU (as LLVM sees it, i.e. what Numba compiles for) has AVX512_VNNI."""
     import llvmlite.binding as ll
@@ -37,18 +59,19 @@ def has_avx512_vnni() -> bool:
     return bool(features.get("avx512vnni", False)) and bool(features.get("avx512f", False))
 
 
-def pack_panels(w: np.ndarray, group: int = 1) -> np.ndarray:
+def pack_panels(w: np.ndarray, group: int = 1, panel: int = PANEL) -> np.ndarray:
     """Pack ``w[K, N]`` into the panel layout the tiles stream (flat, zero padded).
 
-    Panels of 64 channels (the last one of ``ceil(rest / 16) * 16``); inside a panel, for each k-group of
-    ``group`` rows, the ``group`` values of channel 0, then channel 1, ... (``group=4`` is vpdpbusd's layout:
-    one 32-bit lane holds 4 consecutive k's of one channel). ``K`` must be a multiple of ``group``.
+    Panels of ``panel`` channels (64, or 16 for ``F32_PANEL`` on AVX2; the last one of ``ceil(rest / 16) * 16``);
+    inside a panel, for each k-group of ``group`` rows, the ``group`` values of channel 0, then channel 1, ...
+    (``group=4`` is vpdpbusd's layout: one 32-bit lane holds 4 consecutive k's of one channel). ``K`` must be a
+    multiple of ``group``.
     """
     K, N = w.shape
     assert K % group == 0
     out = []
-    for n0 in range(0, N, PANEL):
-        width = min(PANEL, N - n0)
+    for n0 in range(0, N, panel):
+        width = min(panel, N - n0)
         padded = -(-width // LANES) * LANES
         block = np.zeros((K // group, padded, group), dtype=w.dtype)
         block[:, :width, :] = w[:, n0 : n0 + width].reshape(K // group, group, width).transpose(0, 2, 1)
@@ -64,19 +87,21 @@ def _splat(builder: ir.IRBuilder, vec: ir.VectorType, scalar: ir.Value) -> ir.Va
     return builder.shuffle_vector(first, undef, ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES))
 
 
-def _emit_tile(context, builder, elt, op, a_ptr, a_off, lda, w_ptr, w_off, c_ptr, kdim, mr, nv):
-    """One mr x (nv*16) tile: c[r*nv*16 + j] = sum_k op(a[a_off + r*lda + k], w[w_off + k*nv*16 + j])."""
+def _emit_tile(context, builder, elt, op, a_ptr, a_off, lda, w_ptr, w_off, ldw, vstride, c_ptr, kdim, mr, nv):
+    """One mr x (nv*16) tile: c[r*nv*16 + 16*v + i] = sum_k op(a[a_off + r*lda + k], w[w_off + v*vstride + k*ldw + i])
+    (vector ``v`` of the tile starts ``vstride`` elements after the previous one: 16 inside one panel, a whole
+    panel when each vector is a panel of its own)."""
     vec = ir.VectorType(elt, LANES)
     vptr = vec.as_pointer()
     zero = ir.Constant(vec, [0.0 if isinstance(elt, ir.FloatType) else 0] * LANES)
     accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(nv)] for _ in range(mr)]
-    step = ir.Constant(_I64, nv * LANES)
     with cgutils.for_range(builder, kdim) as loop:
         k = loop.index
-        wbase = builder.add(w_off, builder.mul(k, step))
+        wbase = builder.add(w_off, builder.mul(k, ldw))
         wv = []
         for j in range(nv):
-            p = builder.gep(w_ptr, [builder.add(wbase, ir.Constant(_I64, j * LANES))])
+            offset = builder.add(wbase, builder.mul(vstride, ir.Constant(_I64, j)))
+            p = builder.gep(w_ptr, [offset])
             wv.append(builder.load(builder.bitcast(p, vptr), align=4))
         for r in range(mr):
             idx = builder.add(builder.add(a_off, builder.mul(lda, ir.Constant(_I64, r))), k)
@@ -105,15 +130,16 @@ def _vnni_op(builder, b, w, acc):
 
 def _make_tile(elt_factory, op, doc):
     @intrinsic
-    def tile(typingctx, a, a_off, lda, w, w_off, c, kdim, mr, nv):
-        sig = types.void(a, types.intp, types.intp, w, types.intp, c, types.intp, types.intp, types.intp)
+    def tile(typingctx, a, a_off, lda, w, w_off, ldw, vstride, c, kdim, mr, nv):
+        sig = types.void(a, types.intp, types.intp, w, types.intp, types.intp, types.intp, c, types.intp, types.intp,
+                         types.intp)
 
         def codegen(context, builder, signature, args):
             elt = elt_factory()
-            a_arr, a_off_v, lda_v, w_arr, w_off_v, c_arr, kdim_v, mr_v, nv_v = args
+            a_arr, a_off_v, lda_v, w_arr, w_off_v, ldw_v, vstride_v, c_arr, kdim_v, mr_v, nv_v = args
             ptrs = [
                 builder.bitcast(context.make_array(ty)(context, builder, val).data, elt.as_pointer())
-                for ty, val in ((signature.args[0], a_arr), (signature.args[3], w_arr), (signature.args[5], c_arr))
+                for ty, val in ((signature.args[0], a_arr), (signature.args[3], w_arr), (signature.args[7], c_arr))
             ]
             key = builder.add(builder.mul(mr_v, ir.Constant(_I64, 8)), nv_v)
             done = builder.append_basic_block("tile.done")
@@ -123,8 +149,8 @@ def _make_tile(elt_factory, op, doc):
                     case = builder.append_basic_block(f"tile.{m}x{n}")
                     switch.add_case(ir.Constant(_I64, m * 8 + n), case)
                     builder.position_at_end(case)
-                    _emit_tile(context, builder, elt, op, ptrs[0], a_off_v, lda_v, ptrs[1], w_off_v, ptrs[2],
-                               kdim_v, m, n)
+                    _emit_tile(context, builder, elt, op, ptrs[0], a_off_v, lda_v, ptrs[1], w_off_v, ldw_v,
+                               vstride_v, ptrs[2], kdim_v, m, n)
                     builder.branch(done)
             builder.position_at_end(done)
             return context.get_dummy_value()
@@ -138,7 +164,9 @@ def _make_tile(elt_factory, op, doc):
 f32_tile = _make_tile(
     ir.FloatType,
     _fma_op,
-    """fp32 tile: ``c[r*nv*16 + j] = sum_k a[a_off + r*lda + k] * w[w_off + k*nv*16 + j]`` for r < mr, j < nv*16.
+    """fp32 tile: ``c[r*nv*16 + 16*v + i] = sum_k a[a_off + r*lda + k] * w[w_off + v*vstride + k*ldw + i]`` for
+    r < mr, v < nv, i < 16: ``ldw`` is the panel's width (its k stride), ``vstride`` 16 for vectors of one panel or
+    the panel size for one vector per panel (``F32_PANEL`` = 16).
 
     ``a``, ``w``, ``c`` are float32 arrays (only their data pointers are used; offsets in elements);
     ``1 <= mr <= 4``, ``1 <= nv <= 4``; ``c`` must hold ``mr * nv * 16`` values.""",
@@ -148,17 +176,17 @@ vnni_tile = _make_tile(
     lambda: _I32,
     _vnni_op,
     """VNNI int8 tile, same shape as ``f32_tile`` over int32 words: ``a`` holds u8 activations viewed as int32
-    (4 k's per word), ``w`` s8 weights packed with ``pack_panels(group=4)`` viewed as int32, ``kdim = Kp / 4``;
-    ``c`` (int32) receives ``sum_k u8 * s8`` per channel.""",
+    (4 k's per word), ``w`` s8 weights packed with ``pack_panels(group=4)`` viewed as int32 (``ldw`` the panel's
+    width in words, ``vstride`` 16), ``kdim = Kp / 4``; ``c`` (int32) receives ``sum_k u8 * s8`` per channel.""",
 )
 
 
-def unpack_panels(packed: np.ndarray, k: int, n: int, group: int = 1) -> np.ndarray:
+def unpack_panels(packed: np.ndarray, k: int, n: int, group: int = 1, panel: int = PANEL) -> np.ndarray:
     """Inverse of ``pack_panels``: the ``[k, n]`` matrix (``k`` a multiple of ``group``)."""
     w = np.empty((k, n), dtype=packed.dtype)
     off = 0
-    for n0 in range(0, n, PANEL):
-        width = min(PANEL, n - n0)
+    for n0 in range(0, n, panel):
+        width = min(panel, n - n0)
         padded = -(-width // LANES) * LANES
         block = packed[off : off + k * padded].reshape(k // group, padded, group)
         w[:, n0 : n0 + width] = block[:, :width, :].transpose(0, 2, 1).reshape(k, width)

@@ -1,12 +1,13 @@
 """Format ``dense_f32``: fp32 weights, fused ``act(x @ W + b)``.
 
-A Numba kernel over weights packed in 64-channel panels (``_simd.pack_panels``): batch 1 streams the packed
-weights exactly once, contiguously; larger batches use a 4-row x 64-channel register tile (fp32 FMA), so each
-weight vector loaded serves 4 rows and the tile's 16 accumulators stay in registers.
+A Numba kernel over weights packed in panels (``_simd.pack_panels``): batch 1 streams the packed weights exactly
+once, contiguously; larger batches use a register tile of up to 4 rows (fp32 FMA), so each weight vector loaded
+serves every row of the tile and the accumulators stay in registers: 64-channel panels and a 4 x 64 tile on AVX-512,
+16-channel panels and a 4 x 16 tile on AVX2, whose 16 registers the larger tile would spill (``_simd._f32_layout``).
 
 Where the crossover to BLAS lies depends on the machine: on AVX-512 hosts this kernel beat ``numpy.dot`` + epilogue at
-every batch 1..128 ``bench/kernels.py`` tried; on AVX2-only hosts (half the vector registers, so the 4x64 tile spills)
-OpenBLAS wins from batch 8-32 on, and for weights that do not fit in cache even at batch 1.
+every batch 1..128 ``bench/kernels.py`` tried; on AVX2-only hosts OpenBLAS wins for weights that do not fit in cache,
+even at batch 1.
 ``numpy_min_batch=M`` routes batches of ``M`` rows or more to GEMM + a Numba epilogue and keeps a Keras-layout copy
 of the weights (``M=1``: every batch, and no panels are packed). The server's load-time tuner measures the choices
 on the machine it runs on (server/runtime/tuning.py); the default here is the panel kernel at every batch.
@@ -23,7 +24,8 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-from leanserve.kernels._simd import LANES, MAX_MR, PANEL, f32_tile, pack_panels, unpack_panels
+from leanserve.kernels._simd import (F32_PANEL, F32_TILE_NV, LANES, MAX_MR, PANEL, f32_tile, pack_panels,
+                                      unpack_panels)
 from leanserve.kernels.activations import activate_row, activation_code, bias_activate_rows
 from leanserve.kernels.formats import (KernelInputError, LayerKernel, check_activation, meta_activation, meta_int,
                                        stored_array)
@@ -37,17 +39,27 @@ def dense_f32_forward(x: np.ndarray, wp: np.ndarray, bias: np.ndarray, code: int
     B, K = x.shape
     N = out.shape[1]
     tile = np.empty(MAX_MR * PANEL, dtype=np.float32)
-    for n0 in range(0, N, PANEL):
-        width = min(PANEL, N - n0)
-        nv = (width + LANES - 1) // LANES
-        w_off = n0 * K  # every earlier panel is full: PANEL channels x K
+    vectors = (N + LANES - 1) // LANES  # of 16 channels
+    per_panel = F32_PANEL // LANES
+    # a tile's vectors lie in one panel, or one per panel (panels of one vector)
+    vstride = LANES if per_panel > 1 else F32_PANEL * K
+    width = F32_TILE_NV[min(MAX_MR, B)]
+    v0 = 0
+    while v0 < vectors:
+        p0, first = v0 // per_panel, v0 % per_panel
+        nv = min(width, vectors - v0) if per_panel == 1 else min(width, vectors - v0, per_panel - first)
+        ldw = min(per_panel, vectors - p0 * per_panel) * LANES  # the last panel may be narrower
+        w_off = p0 * F32_PANEL * K + first * LANES  # every earlier panel is full
+        c0 = v0 * LANES
+        cols = min(nv * LANES, N - c0)
         for r0 in range(0, B, MAX_MR):
             mr = min(MAX_MR, B - r0)
-            f32_tile(x, r0 * K, K, wp, w_off, tile, K, mr, nv)
+            f32_tile(x, r0 * K, K, wp, w_off, ldw, vstride, tile, K, mr, nv)
             for r in range(mr):
                 base = r * nv * LANES
-                for j in range(width):
-                    out[r0 + r, n0 + j] = tile[base + j] + bias[n0 + j]
+                for j in range(cols):
+                    out[r0 + r, c0 + j] = tile[base + j] + bias[c0 + j]
+        v0 += nv
     if code != 0:
         for r in range(B):
             activate_row(out[r], code)
@@ -142,7 +154,7 @@ class DenseF32(LayerKernel):
         self.numpy_min_batch = DEFAULT_NUMPY_MIN_BATCH if numpy_min_batch is None else int(numpy_min_batch)
         # The panels only when some batch runs the Numba kernel (numpy_min_batch 1 = every batch on GEMM); the
         # Keras layout only when the GEMM path can run (otherwise unpacked on demand, rarely needed).
-        self._packed: np.ndarray | None = pack_panels(weights) if self.numpy_min_batch > 1 else None
+        self._packed: np.ndarray | None = pack_panels(weights, panel=F32_PANEL) if self.numpy_min_batch > 1 else None
         self._w: np.ndarray | None = weights if self.numpy_min_batch < DEFAULT_NUMPY_MIN_BATCH else None
 
     @classmethod
@@ -173,7 +185,7 @@ class DenseF32(LayerKernel):
     def dense_weights(self) -> np.ndarray:
         if self._w is not None:
             return self._w
-        return unpack_panels(self._packed, self.in_features, self.out_features)
+        return unpack_panels(self._packed, self.in_features, self.out_features, panel=F32_PANEL)
 
     @property
     def uses_panels(self) -> bool:

@@ -72,7 +72,7 @@ def vnni_accumulate(x: np.ndarray, wp: np.ndarray, wsum128: np.ndarray, acc: np.
         w_off = n0 * kg  # int32 words before this panel (earlier panels are full)
         for r0 in range(0, B, MAX_MR):
             mr = min(MAX_MR, B - r0)
-            vnni_tile(xu, r0 * kg, kg, wp, w_off, tile, kg, mr, nv)
+            vnni_tile(xu, r0 * kg, kg, wp, w_off, nv * LANES, LANES, tile, kg, mr, nv)
             for r in range(mr):
                 base = r * nv * LANES
                 for j in range(width):

@@ -153,3 +153,41 @@ def test_api_rejects_bad_input(rng, call, message):
     x = rng.standard_normal((3, 20)).astype(np.float32)
     with pytest.raises(KernelInputError, match=message.replace("[", r"\[").replace("]", r"\]")):
         call(w, b, x)
+
+
+_TILE_PROBE = """
+import sys
+import numpy as np
+from leanserve.kernels import _simd
+panel, tiles = sys.argv[1].split(":")
+_simd.F32_PANEL = int(panel)  # before dense.py binds them
+_simd.F32_TILE_NV = tuple(int(v) for v in tiles.split(","))
+from leanserve.kernels.dense import DenseF32
+rng = np.random.default_rng(3)
+worst = 0.0
+for k, n in [(1, 1), (7, 3), (33, 17), (64, 64), (130, 65), (257, 129), (40, 200)]:
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    layer = DenseF32.from_dense(w, b, "linear")
+    assert np.array_equal(layer.dense_weights(), w)
+    for batch in (1, 2, 3, 4, 5, 8, 9):
+        x = rng.standard_normal((batch, k)).astype(np.float32)
+        ref = x.astype(np.float64) @ w.astype(np.float64) + b
+        worst = max(worst, float(np.abs(layer(x) - ref).max() / (1 + np.abs(ref).max())))
+print(worst)
+"""
+
+
+@pytest.mark.parametrize("layout", ["64:0,4,4,4,4", "16:0,4,2,1,1", "16:0,1,1,1,1", "64:0,1,3,2,1"])
+def test_every_panel_and_tile_width_matches_numpy(layout, tmp_path):
+    """The panel kernel is right with every panel width and tile width, not only with the ones this host picks
+    (AVX-512: 64-channel panels and 4 x 64 tiles; AVX2: 16-channel panels, tiles of one to four panels): each layout
+    compiled apart in a fresh process."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}  # a cached kernel would keep the host's layout
+    out = subprocess.run([sys.executable, "-c", _TILE_PROBE, layout], capture_output=True, text=True, env=env,
+                         timeout=300, check=True)
+    assert float(out.stdout.strip()) < 1e-5
