@@ -123,5 +123,5 @@ def cold_rows(systems: dict[str, Callable[[np.ndarray], object]], weights: list[
 
 def print_model(model: list[dict[str, object]]) -> None:
     for m in model:
-        print(f"{m['model']} batch {m['batch']:>3}: {m['system']:<26} {m['median_s'] * 1e6:8.1f} µs "
+        print(f"{m['model']} batch {m['batch']:>3}: {m['system']:<48} {m['median_s'] * 1e6:8.1f} µs "
               f"(× {m['ratio_fused']:.2f} the fused plan's time)")
