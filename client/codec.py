@@ -58,8 +58,8 @@ def to_numpy(t: tensor_pb.Tensor, *, max_elements: int | None = None) -> np.ndar
             f"got {len(data)}"
         )
     try:
-        return np.frombuffer(data, dtype=dtype).reshape(shape)
-    except ValueError as exc:  # e.g. a 0 beside dims numpy cannot address, or more than 64 dims
+        return np.ndarray(shape, dtype, data)  # a read-only view of the bytes, as frombuffer + reshape but cheaper
+    except (ValueError, TypeError) as exc:  # e.g. a 0 beside dims numpy cannot address, or more than 64 dims
         raise TensorCodecError(f"tensor {t.name[:64]!r}: shape {list(shape)[:8]} is not a valid array: {exc}") from None
 
 

@@ -5,9 +5,9 @@ once, contiguously; larger batches use a register tile of up to 4 rows (fp32 FMA
 serves every row of the tile and the accumulators stay in registers: 64-channel panels and a 4 x 64 tile on AVX-512,
 16-channel panels and a 4 x 16 tile on AVX2, whose 16 registers the larger tile would spill (``_simd._f32_layout``).
 
-Where the crossover to BLAS lies depends on the machine: on AVX-512 hosts this kernel beat ``numpy.dot`` + epilogue at
-every batch 1..128 ``bench/kernels.py`` tried; on AVX2-only hosts OpenBLAS wins for weights that do not fit in cache,
-even at batch 1.
+Where the crossover to BLAS lies depends on the machine and the shape: ``bench/kernels.py`` has this kernel ahead of
+``numpy.dot`` + epilogue (1 thread) at batches 1-32 on both kinds of host, and OpenBLAS ahead at batch 128 for some
+large layers on AVX2.
 ``numpy_min_batch=M`` routes batches of ``M`` rows or more to GEMM + a Numba epilogue and keeps a Keras-layout copy
 of the weights (``M=1``: every batch, and no panels are packed). The server's load-time tuner measures the choices
 on the machine it runs on (server/runtime/tuning.py); the default here is the panel kernel at every batch.
