@@ -29,11 +29,17 @@ _I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
 
 
-def has_avx512f() -> bool:
-    """True if the host CPU (as LLVM sees it) has AVX-512F: 32 vector registers of 16 float32 lanes."""
+def _host_has(*features: str) -> bool:
+    """True if the host CPU, as LLVM sees it (i.e. what Numba compiles for), has every one of ``features``."""
     import llvmlite.binding as ll
 
-    return bool(ll.get_host_cpu_features().get("avx512f", False))
+    host = ll.get_host_cpu_features()
+    return all(bool(host.get(name, False)) for name in features)
+
+
+def has_avx512f() -> bool:
+    """True if the host CPU has AVX-512F: 32 vector registers of 16 float32 lanes."""
+    return _host_has("avx512f")
 
 
 def _f32_layout() -> tuple[int, tuple[int, ...]]:
@@ -53,10 +59,7 @@ F32_PANEL, F32_TILE_NV = _f32_layout()
 
 def has_avx512_vnni() -> bool:
     """True if the host CPU (as LLVM sees it, i.e. what Numba compiles for) has AVX512_VNNI."""
-    import llvmlite.binding as ll
-
-    features = ll.get_host_cpu_features()
-    return bool(features.get("avx512vnni", False)) and bool(features.get("avx512f", False))
+    return _host_has("avx512vnni", "avx512f")
 
 
 def pack_panels(w: np.ndarray, group: int = 1, panel: int = PANEL) -> np.ndarray:
