@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import hashlib
 import json
 import logging
 import os
@@ -61,20 +60,18 @@ from pathlib import Path
 from typing import Any
 
 from leanserve.server.errors import InvalidArgument, LeanserveError, NotFound, ResourceExhausted, Unavailable, shown
+from leanserve.server.repository import version_files
 from leanserve.server.repository.store import MANIFEST, _DEFAULT, _UNLOADED, validate_name
+from leanserve.server.repository.version_files import FILES_INDEX
 
 log = logging.getLogger(__name__)
 
 SCHEME = "s3://"
-#: per version: size and SHA-256 of each file but the manifest (written before the manifest)
-FILES_INDEX = ".files.json"
 _CLAIMS = ".claims"
 _STAGING = ".staging"
-_TRASH = ".trash"
 _CLAIM_ATTEMPTS = 40
 #: an uncommitted version folder (files, no manifest) older than this is a crashed upload: swept at startup
 ABANDONED_AFTER = dt.timedelta(hours=24)
-_HASH_CHUNK = 4 * 1024 * 1024
 
 
 def is_s3_uri(location: object) -> bool:
@@ -271,7 +268,7 @@ class S3Repository:
         if not (staged / MANIFEST).is_file():
             raise InvalidArgument("a version needs a manifest")
         files = sorted(p for p in staged.rglob("*") if p.is_file() and p.name != MANIFEST and p.name != FILES_INDEX)
-        index = {p.relative_to(staged).as_posix(): _file_facts(p) for p in files}
+        index = {p.relative_to(staged).as_posix(): version_files.file_facts(p) for p in files}
         index_bytes = json.dumps(index, indent=2, sort_keys=True).encode()
         (staged / FILES_INDEX).write_bytes(index_bytes)
         manifest_bytes = (staged / MANIFEST).read_bytes()
@@ -320,7 +317,7 @@ class S3Repository:
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             if target.exists():
-                _remove(target, self.root)
+                version_files.remove(target, self.root)
             os.rename(staged, target)
             with self._lock:
                 self._verified[(name, version)] = manifest_bytes
@@ -386,7 +383,7 @@ class S3Repository:
             with self._lock:
                 if self._verified.get((name, version)) == manifest_bytes and folder.is_dir():
                     return folder
-            if _cached_ok(folder, manifest_bytes):
+            if version_files.cached_ok(folder, manifest_bytes):
                 log.info("using the cached copy of %s version %d", name, version)
             else:
                 self._download(name, version, manifest_bytes, folder)
@@ -412,16 +409,16 @@ class S3Repository:
                 if inner == MANIFEST:
                     continue
                 target = tmp / inner
-                if not _inside(target, tmp):
+                if not version_files.inside(target, tmp):
                     raise InvalidArgument(f"unsafe file name in the repository: {shown(inner)}")
                 target.parent.mkdir(parents=True, exist_ok=True)
                 self._fetch(rel, target, obj.size)
             (tmp / MANIFEST).write_bytes(manifest_bytes)
-            problem = _check_folder(tmp, manifest_bytes)
+            problem = version_files.check_folder(tmp, manifest_bytes)
             if problem:
                 raise InvalidArgument(f"{name} version {version} in the repository is corrupt: {problem}")
             if folder.exists():
-                _remove(folder, self.root)
+                version_files.remove(folder, self.root)
             folder.parent.mkdir(parents=True, exist_ok=True)
             os.rename(tmp, folder)
         finally:
@@ -434,7 +431,7 @@ class S3Repository:
         body, got = resp["Body"], 0
         try:
             with open(target, "wb") as out:
-                for chunk in body.iter_chunks(_HASH_CHUNK):
+                for chunk in body.iter_chunks(version_files.CHUNK):
                     got += len(chunk)
                     if got > size:
                         raise InvalidArgument(f"{rel} grew while it was downloaded")
@@ -539,7 +536,7 @@ class S3Repository:
                 self._manifests.pop((name, version), None)
             folder = self.root / name / str(version)
             if folder.is_dir():
-                _remove(folder, self.root)
+                version_files.remove(folder, self.root)
 
     def _sweep(self) -> None:
         """Remove uploads that crashed long ago (files without a manifest) and cached versions the store no longer
@@ -554,7 +551,7 @@ class S3Repository:
                 if now - newest > ABANDONED_AFTER:
                     log.warning("removing an upload that never completed: %s version %d", name, version)
                     self._delete([f"{name}/{version}/{rel}" for rel in files])
-        for leftover in (_STAGING, _TRASH):
+        for leftover in (_STAGING, version_files.TRASH):
             folder = self.root / leftover
             if folder.is_dir():
                 for child in folder.iterdir():
@@ -567,7 +564,7 @@ class S3Repository:
             committed = models.get(model_dir.name, _ModelState()).committed
             for version_dir in model_dir.iterdir():
                 if version_dir.name.isdigit() and int(version_dir.name) not in committed:
-                    _remove(version_dir, self.root)
+                    version_files.remove(version_dir, self.root)
         with self._lock:
             self._state = models
 
@@ -581,65 +578,3 @@ def _valid_name(name: str) -> bool:
         return True
     except InvalidArgument:
         return False
-
-
-def _file_facts(path: Path) -> dict[str, Any]:
-    digest, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return {"size": size, "sha256": digest.hexdigest()}
-
-
-def _check_folder(folder: Path, manifest_bytes: bytes) -> str:
-    """'' when ``folder`` holds exactly the files its index names, with their sizes and SHA-256, the manifest
-    equals ``manifest_bytes`` and the weights match the manifest's ``weights_sha256``; else what is wrong."""
-    from leanserve.server.repository.artifacts import WEIGHTS
-
-    try:
-        if (folder / MANIFEST).read_bytes() != manifest_bytes:
-            return "the manifest differs from the repository's"
-        index = json.loads((folder / FILES_INDEX).read_bytes())
-        manifest = json.loads(manifest_bytes)
-    except (OSError, ValueError) as exc:
-        return f"cannot read {FILES_INDEX} or the manifest: {exc}"
-    if not isinstance(index, dict) or not isinstance(manifest, dict):
-        return f"{FILES_INDEX} or the manifest is not a JSON object"
-    for rel, facts in index.items():
-        path = folder / rel
-        if not _inside(path, folder) or not path.is_file():
-            return f"{rel} is missing"
-        if not isinstance(facts, dict) or path.stat().st_size != facts.get("size"):
-            return f"{rel} has the wrong size"
-        if _file_facts(path)["sha256"] != facts.get("sha256"):
-            return f"{rel} does not match its SHA-256"
-    expected = manifest.get("weights_sha256")
-    if expected:
-        if WEIGHTS not in index or index[WEIGHTS].get("sha256") != expected:
-            return "the weights do not match the manifest's weights_sha256"
-    return ""
-
-
-def _cached_ok(folder: Path, manifest_bytes: bytes) -> bool:
-    if not (folder / MANIFEST).is_file():
-        return False
-    problem = _check_folder(folder, manifest_bytes)
-    if problem and (folder / MANIFEST).read_bytes() == manifest_bytes:
-        log.warning("cached copy %s is damaged (%s); downloading it again", folder, problem)
-    return not problem
-
-
-def _inside(path: Path, folder: Path) -> bool:
-    return os.path.normpath(path).startswith(os.path.normpath(folder) + os.sep)
-
-
-def _remove(folder: Path, root: Path) -> None:
-    """Take ``folder`` out of the cache in one rename (readers see it or nothing), then delete it."""
-    trash = root / _TRASH / uuid.uuid4().hex
-    trash.parent.mkdir(exist_ok=True)
-    try:
-        os.rename(folder, trash)
-    except OSError:
-        return
-    shutil.rmtree(trash, ignore_errors=True)
