@@ -10,6 +10,9 @@ channel values contiguously (see ``pack_panels``), so the k loop streams one con
 * ``f32_tile``: fp32 FMA (``llvm.fma.v16f32``); portable LLVM IR, lowered to whatever vector ISA the host has.
 * ``vnni_tile``: int8 dot products with ``llvm.x86.avx512.vpdpbusd.512`` (u8 x s8 -> i32, 4 k's per 32-bit
   lane); only compile functions that use it on a CPU with AVX512_VNNI (``has_avx512_vnni``).
+* ``madd_tile``: int8 dot products without VNNI: weights sign-extended to int16 as they are loaded, activations
+  held as int16 pairs, ``llvm.x86.avx2.pmadd.wd`` (s16 x s16, adjacent pairs summed into i32: exact, unlike the
+  saturating u8 x s8 ``pmaddubsw``); 2 k's per 32-bit lane; needs AVX2 (``has_avx2``).
 """
 
 from __future__ import annotations
@@ -35,6 +38,11 @@ def _host_has(*features: str) -> bool:
 
     host = ll.get_host_cpu_features()
     return all(bool(host.get(name, False)) for name in features)
+
+
+def has_avx2() -> bool:
+    """True if the host CPU has AVX2 (integer operations on 256-bit vectors, e.g. ``pmaddwd``)."""
+    return _host_has("avx2")
 
 
 def has_avx512f() -> bool:
@@ -90,12 +98,15 @@ def _splat(builder: ir.IRBuilder, vec: ir.VectorType, scalar: ir.Value) -> ir.Va
     return builder.shuffle_vector(first, undef, ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES))
 
 
-def _emit_tile(context, builder, elt, op, a_ptr, a_off, lda, w_ptr, w_off, ldw, vstride, c_ptr, kdim, mr, nv):
+def _emit_tile(context, builder, elt, w_elt, op, a_ptr, a_off, lda, w_ptr, w_off, ldw, vstride, c_ptr, kdim, mr,
+               nv):
     """One mr x (nv*16) tile: c[r*nv*16 + 16*v + i] = sum_k op(a[a_off + r*lda + k], w[w_off + v*vstride + k*ldw + i])
     (vector ``v`` of the tile starts ``vstride`` elements after the previous one: 16 inside one panel, a whole
-    panel when each vector is a panel of its own)."""
+    panel when each vector is a panel of its own). ``a`` and ``c`` hold ``elt`` values, ``w`` holds ``w_elt``."""
     vec = ir.VectorType(elt, LANES)
     vptr = vec.as_pointer()
+    wptr = ir.VectorType(w_elt, LANES).as_pointer()
+    w_align = 2 if w_elt == ir.IntType(16) else 4
     zero = ir.Constant(vec, [0.0 if isinstance(elt, ir.FloatType) else 0] * LANES)
     accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(nv)] for _ in range(mr)]
     with cgutils.for_range(builder, kdim) as loop:
@@ -105,7 +116,7 @@ def _emit_tile(context, builder, elt, op, a_ptr, a_off, lda, w_ptr, w_off, ldw, 
         for j in range(nv):
             offset = builder.add(wbase, builder.mul(vstride, ir.Constant(_I64, j)))
             p = builder.gep(w_ptr, [offset])
-            wv.append(builder.load(builder.bitcast(p, vptr), align=4))
+            wv.append(builder.load(builder.bitcast(p, wptr), align=w_align))
         for r in range(mr):
             idx = builder.add(builder.add(a_off, builder.mul(lda, ir.Constant(_I64, r))), k)
             b = _splat(builder, vec, builder.load(builder.gep(a_ptr, [idx])))
@@ -131,7 +142,23 @@ def _vnni_op(builder, b, w, acc):
     return builder.call(fn, [acc, b, w])  # b: unsigned bytes (activations), w: signed bytes (weights)
 
 
-def _make_tile(elt_factory, op, doc):
+def _madd_op(builder, b, w, acc):
+    # b: an (x[k], x[k+1]) int16 pair splat over 16 i32 lanes; w: 16 channels x (w[k], w[k+1]) as int8 pairs.
+    # pmaddwd exists for 8 lanes only (AVX2): two calls, one per half.
+    half = ir.VectorType(ir.IntType(16), 16)
+    wide = ir.VectorType(ir.IntType(16), 32)
+    w16 = builder.sext(builder.bitcast(w, ir.VectorType(ir.IntType(8), 32)), wide)
+    b16 = builder.bitcast(b, wide)
+    fn = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ir.VectorType(_I32, 8), [half, half]), "llvm.x86.avx2.pmadd.wd")
+    lo, hi = (ir.Constant(ir.VectorType(_I32, 16), list(range(i, i + 16))) for i in (0, 16))
+    sums = [builder.call(fn, [builder.shuffle_vector(b16, b16, m), builder.shuffle_vector(w16, w16, m)])
+            for m in (lo, hi)]
+    both = builder.shuffle_vector(sums[0], sums[1], ir.Constant(ir.VectorType(_I32, LANES), list(range(LANES))))
+    return builder.add(acc, both)
+
+
+def _make_tile(elt_factory, op, doc, w_elt_factory=None):
     @intrinsic
     def tile(typingctx, a, a_off, lda, w, w_off, ldw, vstride, c, kdim, mr, nv):
         sig = types.void(a, types.intp, types.intp, w, types.intp, types.intp, types.intp, c, types.intp, types.intp,
@@ -139,10 +166,12 @@ def _make_tile(elt_factory, op, doc):
 
         def codegen(context, builder, signature, args):
             elt = elt_factory()
+            w_elt = w_elt_factory() if w_elt_factory is not None else elt
             a_arr, a_off_v, lda_v, w_arr, w_off_v, ldw_v, vstride_v, c_arr, kdim_v, mr_v, nv_v = args
             ptrs = [
-                builder.bitcast(context.make_array(ty)(context, builder, val).data, elt.as_pointer())
-                for ty, val in ((signature.args[0], a_arr), (signature.args[3], w_arr), (signature.args[7], c_arr))
+                builder.bitcast(context.make_array(ty)(context, builder, val).data, t.as_pointer())
+                for ty, val, t in ((signature.args[0], a_arr, elt), (signature.args[3], w_arr, w_elt),
+                                   (signature.args[7], c_arr, elt))
             ]
             key = builder.add(builder.mul(mr_v, ir.Constant(_I64, 8)), nv_v)
             done = builder.append_basic_block("tile.done")
@@ -152,7 +181,7 @@ def _make_tile(elt_factory, op, doc):
                     case = builder.append_basic_block(f"tile.{m}x{n}")
                     switch.add_case(ir.Constant(_I64, m * 8 + n), case)
                     builder.position_at_end(case)
-                    _emit_tile(context, builder, elt, op, ptrs[0], a_off_v, lda_v, ptrs[1], w_off_v, ldw_v,
+                    _emit_tile(context, builder, elt, w_elt, op, ptrs[0], a_off_v, lda_v, ptrs[1], w_off_v, ldw_v,
                                vstride_v, ptrs[2], kdim_v, m, n)
                     builder.branch(done)
             builder.position_at_end(done)
@@ -181,6 +210,16 @@ vnni_tile = _make_tile(
     """VNNI int8 tile, same shape as ``f32_tile`` over int32 words: ``a`` holds u8 activations viewed as int32
     (4 k's per word), ``w`` s8 weights packed with ``pack_panels(group=4)`` viewed as int32 (``ldw`` the panel's
     width in words, ``vstride`` 16), ``kdim = Kp / 4``; ``c`` (int32) receives ``sum_k u8 * s8`` per channel.""",
+)
+
+madd_tile = _make_tile(
+    lambda: _I32,
+    _madd_op,
+    """AVX2 int8 tile, same shape as ``f32_tile``: ``a`` holds int16 activations viewed as int32 words (2 k's per
+    word), ``w`` s8 weights packed with ``pack_panels(group=2)`` viewed as int16 (one channel's 2 k's per element;
+    ``ldw`` the panel's width, ``vstride`` as ``f32_tile``), ``kdim = Kp / 2``; ``c`` (int32) receives the exact
+    ``sum_k x * w`` per channel (each product pair is at most 2 * 127 * 127, far inside int32).""",
+    lambda: ir.IntType(16),
 )
 
 

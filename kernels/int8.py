@@ -6,11 +6,15 @@
 * ``vnni``: AVX-512 VNNI ``vpdpbusd`` (u8 x s8 -> i32, 64 MACs per instruction) through an LLVM intrinsic
   (``_simd.vnni_tile``), weights packed 4 k's per 32-bit lane, 16 channels per vector, panels of 64 channels;
   activations are offset by +128 to be unsigned and ``128 * sum_k qw[k, n]`` is subtracted afterwards.
-* ``portable``: plain Numba with explicit int32 casts (LLVM turns them into vpmaddwd/vpdpwssd-class code on
-  x86), weights stored transposed ``[N, K]`` so each output is a contiguous dot product over 4 rows at once.
+* ``avx2``: the same register tiles on CPUs without VNNI (``_simd.madd_tile``): weights packed 2 k's per channel
+  and sign-extended to int16 as they are loaded, activations quantized straight into int16, ``pmaddwd`` sums each
+  pair of products into int32 exactly (``pmaddubsw``, u8 x s8, would saturate at 2 * 255 * 127); panels of 16
+  channels, tiles of up to 4 rows x 64 channels, the weights read once per tile as in ``dense_f32``.
+* ``portable``: plain Numba with explicit int32 casts, weights stored transposed ``[N, K]`` so each output is a
+  contiguous dot product over 4 rows at once (any CPU; several times slower than ``avx2`` where both run).
 
-The path is picked per kernel: ``path="auto"`` (default) uses VNNI when the CPU has it, unless
-``set_default_path("portable")`` was called; ``path="vnni"`` / ``"portable"`` force one. Both give identical
+The path is picked per kernel: ``path="auto"`` (default) uses VNNI when the CPU has it, else AVX2, else portable,
+unless ``set_default_path`` chose one; ``path="vnni"`` / ``"avx2"`` / ``"portable"`` force one. All give identical
 int32 accumulators, hence bit-identical outputs.
 """
 
@@ -21,19 +25,22 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-from leanserve.kernels._simd import LANES, MAX_MR, PANEL, has_avx512_vnni, pack_panels, vnni_tile
+from leanserve.kernels._simd import (LANES, MAX_MR, PANEL, has_avx2, has_avx512_vnni, madd_tile, pack_panels,
+                                      vnni_tile)
 from leanserve.kernels.activations import activate_row, activation_code
 from leanserve.kernels.formats import (KernelInputError, LayerKernel, check_activation, meta_activation, meta_int,
                                        stored_array)
 from leanserve.kernels.quantize import quantize_rows, quantize_rows_u8, quantize_weights_per_channel
 
-PATHS = ("auto", "vnni", "portable")
+PATHS = ("auto", "vnni", "avx2", "portable")
+#: the ``avx2`` path's tile widths per tile height: AVX2's layout of the fp32 tiles (16 registers)
+_AVX2_TILE_NV = (0, 4, 2, 1, 1)
 _default_path = "auto"
 
 
 def set_default_path(path: str) -> None:
-    """Choose what ``path="auto"`` resolves to for kernels built afterwards: "auto" (CPU features),
-    "vnni" or "portable"."""
+    """Choose what ``path="auto"`` resolves to for kernels built afterwards: "auto" (CPU features), "vnni", "avx2"
+    or "portable"."""
     global _default_path
     if path not in PATHS:
         raise KernelInputError(f"unknown int8 path {path!r}; choose one of {PATHS}")
@@ -41,15 +48,17 @@ def set_default_path(path: str) -> None:
 
 
 def resolve_path(path: str = "auto") -> str:
-    """The concrete path ("vnni" or "portable") a kernel built with ``path`` will use on this machine."""
+    """The concrete path ("vnni", "avx2" or "portable") a kernel built with ``path`` will use on this machine."""
     if path not in PATHS:
         raise KernelInputError(f"unknown int8 path {path!r}; choose one of {PATHS}")
     if path == "auto":
         path = _default_path
     if path == "auto":
-        return "vnni" if has_avx512_vnni() else "portable"
+        return "vnni" if has_avx512_vnni() else "avx2" if has_avx2() else "portable"
     if path == "vnni" and not has_avx512_vnni():
         raise KernelInputError("int8 path 'vnni' needs a CPU with AVX512_VNNI")
+    if path == "avx2" and not has_avx2():
+        raise KernelInputError("int8 path 'avx2' needs a CPU with AVX2")
     return path
 
 
@@ -77,6 +86,36 @@ def vnni_accumulate(x: np.ndarray, wp: np.ndarray, wsum128: np.ndarray, acc: np.
                 base = r * nv * LANES
                 for j in range(width):
                     acc[r0 + r, n0 + j] = tile[base + j] - wsum128[n0 + j]
+
+
+@njit(nogil=True, cache=True)
+def avx2_accumulate(x: np.ndarray, wp: np.ndarray, acc: np.ndarray, xscale: np.ndarray) -> None:
+    """Quantize ``x`` per row (into int16) and write exact int32 accumulators ``acc[B, N]`` with pmaddwd tiles.
+
+    ``wp`` is ``pack_panels(qw padded to Kp = ceil(K/2)*2 rows, group=2, panel=LANES)`` (int8): one 16-channel
+    panel per tile vector. Only compile this on a CPU with AVX2."""
+    B, K = x.shape
+    N = acc.shape[1]
+    kg = (K + 1) // 2
+    xs = np.empty((B, 2 * kg), dtype=np.int16)
+    quantize_rows(x, xs, xscale)  # the int8 values, held as int16 (the tail is zeroed)
+    tile = np.empty(MAX_MR * PANEL, dtype=np.int32)
+    vectors = (N + LANES - 1) // LANES
+    width = _AVX2_TILE_NV[min(MAX_MR, B)]
+    vstride = LANES * kg  # int16 words per panel
+    v0 = 0
+    while v0 < vectors:
+        nv = min(width, vectors - v0)
+        c0 = v0 * LANES
+        cols = min(nv * LANES, N - c0)
+        for r0 in range(0, B, MAX_MR):
+            mr = min(MAX_MR, B - r0)
+            madd_tile(xs, r0 * kg, kg, wp, v0 * vstride, LANES, vstride, tile, kg, mr, nv)
+            for r in range(mr):
+                base = r * nv * LANES
+                for j in range(cols):
+                    acc[r0 + r, c0 + j] = tile[base + j]
+        v0 += nv
 
 
 @njit(nogil=True, cache=True)
@@ -145,6 +184,19 @@ def vnni_forward(x, wp, wsum128, wscale, bias, code):  # type: ignore[no-untyped
 
 
 @njit(nogil=True, cache=True)
+def avx2_forward(x, wp, wscale, bias, code):  # type: ignore[no-untyped-def]
+    """Fused int8 layer on the AVX2 path."""
+    B = x.shape[0]
+    N = wscale.shape[0]
+    acc = np.empty((B, N), dtype=np.int32)
+    xscale = np.empty(B, dtype=np.float32)
+    avx2_accumulate(x, wp, acc, xscale)
+    out = np.empty((B, N), dtype=np.float32)
+    dequant_epilogue(acc, xscale, wscale, bias, code, out)
+    return out
+
+
+@njit(nogil=True, cache=True)
 def portable_forward(x, qt, wscale, bias, code):  # type: ignore[no-untyped-def]
     """Fused int8 layer on the portable path."""
     B = x.shape[0]
@@ -180,6 +232,10 @@ class Int8(LayerKernel):
             padded[: self.in_features] = q
             self._packed = pack_panels(padded, group=4)
             self._wsum128 = (128 * q.astype(np.int32).sum(axis=0)).astype(np.int32)
+        elif self.path == "avx2":
+            padded = np.zeros((-(-self.in_features // 2) * 2, self.out_features), dtype=np.int8)
+            padded[: self.in_features] = q
+            self._packed = pack_panels(padded, group=2, panel=LANES)
         else:
             self._qt = np.ascontiguousarray(q.T)
 
@@ -225,6 +281,8 @@ class Int8(LayerKernel):
         xscale = np.empty(x.shape[0], dtype=np.float32)
         if self.path == "vnni":
             vnni_accumulate(x, self._packed, self._wsum128, acc, xscale)
+        elif self.path == "avx2":
+            avx2_accumulate(x, self._packed, acc, xscale)
         else:
             portable_accumulate(x, self._qt, acc, xscale)
         return acc, xscale
@@ -232,4 +290,6 @@ class Int8(LayerKernel):
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if self.path == "vnni":
             return vnni_forward(x, self._packed, self._wsum128, self._scales, self._bias, self._code)
+        if self.path == "avx2":
+            return avx2_forward(x, self._packed, self._scales, self._bias, self._code)
         return portable_forward(x, self._qt, self._scales, self._bias, self._code)

@@ -90,7 +90,7 @@ class LayerMeta(_Strict):
     out_features: int = Field(ge=1, le=2**31 - 1)
     format: str | None = None
     numpy_min_batch: int | None = Field(None, ge=1)
-    path: Literal["auto", "vnni", "portable"] | None = None
+    path: Literal["auto", "vnni", "avx2", "portable"] | None = None
     block: list[int] | None = Field(None, min_length=2, max_length=2)
 
 

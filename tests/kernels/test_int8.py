@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from leanserve.kernels import int8 as int8_mod
-from leanserve.kernels._simd import has_avx512_vnni
+from leanserve.kernels._simd import has_avx2, has_avx512_vnni
 from leanserve.kernels import ACTIVATIONS, KernelInputError
 from leanserve.kernels.int8 import Int8, resolve_path, set_default_path
 from leanserve.kernels.quantize import quantize_rows, quantize_rows_u8, quantize_weights_per_channel
@@ -17,9 +17,13 @@ from tests.kernels._kernel_refs import (activate64, int8_accumulators_ref, int8_
 
 PATHS = [
     "portable",  # forced: runs on every machine
+    pytest.param("avx2", marks=pytest.mark.skipif(
+        not has_avx2(), reason="this CPU lacks AVX2: the AVX2 path cannot run here")),
     pytest.param("vnni", marks=pytest.mark.skipif(
         not has_avx512_vnni(), reason="this CPU lacks AVX512_VNNI: the VNNI path cannot run here")),
 ]
+#: the paths this CPU runs
+RUNNABLE = ["portable"] + ["avx2"] * has_avx2() + ["vnni"] * has_avx512_vnni()
 SHAPES = [(1, 1), (3, 1), (5, 17), (37, 100), (64, 10), (130, 65), (255, 16), (1000, 33)]
 SHAPE_IDS = [f"{k}x{n}" for k, n in SHAPES]
 BATCHES = [1, 2, 3, 4, 5, 9]
@@ -65,7 +69,7 @@ def test_accumulators_exact_at_extremes(path):
     n=st.integers(1, 140),
     batch=st.integers(1, 10),
     seed=st.integers(0, 2**32 - 1),
-    path=st.sampled_from(["portable", "vnni"] if has_avx512_vnni() else ["portable"]),
+    path=st.sampled_from(RUNNABLE),
 )
 def test_accumulators_property(k, n, batch, seed, path):
     rng = np.random.default_rng(seed)
@@ -79,16 +83,18 @@ def test_accumulators_property(k, n, batch, seed, path):
         x, w, np.zeros(n, np.float32), "linear")).all()
 
 
-@pytest.mark.skipif(not has_avx512_vnni(), reason="CPU lacks AVX512_VNNI")
+@pytest.mark.skipif(len(RUNNABLE) < 2, reason="this CPU runs only the portable path")
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_paths_bit_identical(rng, activation):
-    w = rng.standard_normal((77, 50)).astype(np.float32)
-    b = rng.standard_normal(50).astype(np.float32)
-    vnni = Int8.from_dense(w, b, activation, path="vnni")
-    portable = Int8.from_dense(w, b, activation, path="portable")
-    for batch in (1, 4, 7):
-        x = rng.standard_normal((batch, 77)).astype(np.float32)
-        np.testing.assert_array_equal(vnni(x), portable(x))
+@pytest.mark.parametrize("k,n", [(77, 50), (4, 200), (1001, 33)])
+def test_paths_bit_identical(rng, activation, k, n):
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    kernels = [Int8.from_dense(w, b, activation, path=path) for path in RUNNABLE]
+    for batch in (1, 2, 4, 7, 33):
+        x = rng.standard_normal((batch, k)).astype(np.float32)
+        outputs = [kernel(x) for kernel in kernels]
+        for path, out in zip(RUNNABLE[1:], outputs[1:]):
+            np.testing.assert_array_equal(out, outputs[0], err_msg=f"{path} vs portable")
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -191,9 +197,15 @@ def test_round_trip_and_concurrency(rng, path):
 
 
 def test_path_selection():
-    expected_auto = "vnni" if has_avx512_vnni() else "portable"
+    expected_auto = "vnni" if has_avx512_vnni() else "avx2" if has_avx2() else "portable"
     assert resolve_path("auto") == expected_auto
     assert resolve_path("portable") == "portable"
+    for path, available in (("vnni", has_avx512_vnni()), ("avx2", has_avx2())):
+        if available:
+            assert resolve_path(path) == path
+        else:
+            with pytest.raises(KernelInputError, match=f"int8 path '{path}' needs"):
+                resolve_path(path)
     try:
         set_default_path("portable")
         assert resolve_path("auto") == "portable"

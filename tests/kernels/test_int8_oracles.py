@@ -6,8 +6,9 @@
 3. Their float32 outputs are within the derived quantization error bound (``_kernel_refs.int8_error_bound``) of
    float64 numpy on the original fp32 weights.
 
-Each check runs on the portable path on every machine (forced) and on the VNNI path where the CPU has
-AVX512_VNNI (skipped, with the reason shown, elsewhere). Nothing here calls a VNNI kernel on a CPU without it.
+Each check runs on the portable path on every machine (forced), on the int8 AVX2 path where the CPU has AVX2 and
+on the VNNI path where it has AVX512_VNNI (skipped, with the reason shown, elsewhere). Nothing here calls a VNNI
+kernel on a CPU without it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 
 from leanserve.kernels import KernelInputError, LayerKernel, get_format, has_avx512_vnni, prune_magnitude
+from leanserve.kernels._simd import has_avx2
 from leanserve.kernels import int8 as int8_mod
 from leanserve.kernels import sparse_bsr
 from leanserve.kernels.sparse_bsr import INT8_BLOCKS
@@ -27,13 +29,14 @@ from tests.kernels._kernel_refs import (activate64, int8_accumulators_ref, int8_
 
 HAS_VNNI = has_avx512_vnni()
 NO_VNNI = pytest.mark.skipif(not HAS_VNNI, reason="this CPU lacks AVX512_VNNI: the VNNI path cannot run here")
+NO_AVX2 = pytest.mark.skipif(not has_avx2(), reason="this CPU lacks AVX2: the int8 AVX2 path cannot run here")
 VNNI_BLOCKS = [b for b in INT8_BLOCKS if b[1] == 1 and b[0] in (16, 32, 64)]
 
 
 def _configs() -> list[Any]:
     """(format, options, path) for every int8 kernel: portable everywhere, VNNI where the format has one."""
-    out: list[Any] = [("int8", None, "portable"), pytest.param("int8", None, "vnni", marks=NO_VNNI),
-                      ("csr_int8", None, "portable")]
+    out: list[Any] = [("int8", None, "portable"), pytest.param("int8", None, "avx2", marks=NO_AVX2),
+                      pytest.param("int8", None, "vnni", marks=NO_VNNI), ("csr_int8", None, "portable")]
     for block in INT8_BLOCKS:
         out.append(("bsr_int8", block, "portable"))
         if block in VNNI_BLOCKS:
