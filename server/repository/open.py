@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
-from leanserve.server.repository.s3 import is_s3_uri
+from leanserve.server.repository.s3_bucket import is_s3_uri
 from leanserve.server.repository.store import Repository
 
 if TYPE_CHECKING:

@@ -59,14 +59,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from leanserve.server.errors import InvalidArgument, LeanserveError, NotFound, ResourceExhausted, Unavailable, shown
+from leanserve.server.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable, shown
 from leanserve.server.repository import version_files
+from leanserve.server.repository.s3_bucket import S3Bucket, S3Object
 from leanserve.server.repository.store import MANIFEST, _DEFAULT, _UNLOADED, validate_name
 from leanserve.server.repository.version_files import FILES_INDEX
 
 log = logging.getLogger(__name__)
 
-SCHEME = "s3://"
 _CLAIMS = ".claims"
 _STAGING = ".staging"
 _CLAIM_ATTEMPTS = 40
@@ -74,34 +74,12 @@ _CLAIM_ATTEMPTS = 40
 ABANDONED_AFTER = dt.timedelta(hours=24)
 
 
-def is_s3_uri(location: object) -> bool:
-    """True for ``s3://...`` locations."""
-    return isinstance(location, str) and location.startswith(SCHEME)
-
-
-def parse_s3_uri(uri: str) -> tuple[str, str]:
-    """(bucket, prefix without surrounding slashes) of ``s3://BUCKET[/PREFIX]``; InvalidArgument otherwise."""
-    if not is_s3_uri(uri):
-        raise InvalidArgument(f"not an s3:// URI: {shown(uri)}")
-    bucket, _, prefix = uri[len(SCHEME):].partition("/")
-    if not bucket:
-        raise InvalidArgument(f"no bucket in {shown(uri)}: use s3://BUCKET/PREFIX")
-    return bucket, prefix.strip("/")
-
-
-@dataclass
-class _Object:
-    etag: str
-    size: int
-    modified: dt.datetime
-
-
 @dataclass
 class _ModelState:
     """What one LIST saw of one model."""
 
     committed: dict[int, str] = field(default_factory=dict)  # version -> manifest ETag
-    files: dict[int, dict[str, _Object]] = field(default_factory=dict)  # version -> relative key -> object
+    files: dict[int, dict[str, S3Object]] = field(default_factory=dict)  # version -> relative key -> object
     claims: set[int] = field(default_factory=set)
     flags: dict[str, str] = field(default_factory=dict)  # default_version / unloaded -> ETag
 
@@ -111,11 +89,8 @@ class S3Repository:
 
     def __init__(self, uri: str, *, cache_dir: Path | None = None, endpoint_url: str | None = None,
                  sweep: bool = True, max_version_bytes: int | None = None, client: Any = None) -> None:
-        import boto3
-        from botocore.config import Config
-
-        self.uri = uri.rstrip("/")
-        self.bucket, self.prefix = parse_s3_uri(uri)
+        self._bucket = S3Bucket(uri, endpoint_url=endpoint_url, client=client)
+        self.uri, self.bucket, self.prefix = self._bucket.uri, self._bucket.bucket, self._bucket.prefix
         if cache_dir is None:
             cache_dir = Path.home() / ".cache" / "leanserve" / "s3" / self.bucket / (self.prefix or "_")
         #: the local cache of downloaded versions (and this server's audit log)
@@ -123,9 +98,6 @@ class S3Repository:
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / _STAGING).mkdir(exist_ok=True)
         self.max_version_bytes = max_version_bytes
-        # boto3 reads the endpoint, credentials, region and profile from its usual environment and files
-        self._s3 = client or boto3.session.Session().client(
-            "s3", endpoint_url=endpoint_url, config=Config(retries={"max_attempts": 5, "mode": "standard"}))
         self._lock = threading.Lock()  # guards the fields below, never held during I/O
         self._state: dict[str, _ModelState] = {}
         self._flag_values: dict[tuple[str, str], tuple[str, str]] = {}  # (model, flag) -> (ETag, value)
@@ -133,87 +105,15 @@ class S3Repository:
         self._verified: dict[tuple[str, int], bytes] = {}  # cached folders checked by this process -> manifest
         self._download_locks: dict[tuple[str, int], threading.Lock] = {}
         self._epochs: dict[str, int] = {}  # per model: writes by this object (see _refresh_model)
-        self._check_bucket()
+        self._bucket.check()
         if sweep:
             self._sweep()
 
     def __repr__(self) -> str:
         return f"S3Repository({self.uri!r}, cache={str(self.root)!r})"
 
-    # -- S3 primitives ---------------------------------------------------------------------------------------
-    def _key(self, rel: str) -> str:
-        return f"{self.prefix}/{rel}" if self.prefix else rel
-
-    def _call(self, what: str, fn: Any, **kwargs: Any) -> Any:
-        """One S3 request; NotFound for a missing key, Unavailable for anything else the store answers."""
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            return fn(Bucket=self.bucket, **kwargs)
-        except ClientError as exc:
-            code = str(exc.response.get("Error", {}).get("Code", ""))
-            if code in {"NoSuchKey", "404", "NotFound"}:
-                raise NotFound(f"{what}: not in the repository") from None
-            if code in {"PreconditionFailed", "412"}:
-                raise
-            raise Unavailable(f"{what}: the S3 repository {self.uri} answered {code or exc}") from None
-        except BotoCoreError as exc:
-            raise Unavailable(f"{what}: cannot reach the S3 repository {self.uri}: {exc}") from None
-
-    def _check_bucket(self) -> None:
-        self._call("open the repository", self._s3.head_bucket)
-
-    def _list(self, rel_prefix: str) -> dict[str, _Object]:
-        """Every object under ``rel_prefix`` (relative keys), following pages."""
-        out: dict[str, _Object] = {}
-        token: str | None = None
-        cut = len(self._key(""))
-        while True:
-            kwargs: dict[str, Any] = {"Prefix": self._key(rel_prefix)}
-            if token:
-                kwargs["ContinuationToken"] = token
-            page = self._call("list the repository", self._s3.list_objects_v2, **kwargs)
-            for obj in page.get("Contents", []):
-                out[obj["Key"][cut:]] = _Object(str(obj.get("ETag", "")), int(obj.get("Size", 0)),
-                                                obj.get("LastModified") or dt.datetime.now(dt.timezone.utc))
-            if not page.get("IsTruncated"):
-                return out
-            token = page.get("NextContinuationToken")
-            if not token:
-                return out
-
-    def _get(self, rel: str, max_bytes: int | None = None) -> tuple[str, bytes]:
-        """(ETag, bytes) of one object; reads at most ``max_bytes`` (InvalidArgument past it)."""
-        resp = self._call(f"read {rel}", self._s3.get_object, Key=self._key(rel))
-        body = resp["Body"]
-        try:
-            data = body.read() if max_bytes is None else body.read(max_bytes + 1)
-        finally:
-            body.close()
-        if max_bytes is not None and len(data) > max_bytes:
-            raise InvalidArgument(f"{rel} in the repository is larger than {max_bytes} bytes")
-        return str(resp.get("ETag", "")), data
-
-    def _put(self, rel: str, data: bytes, *, if_absent: bool = False) -> str:
-        kwargs: dict[str, Any] = {"Key": self._key(rel), "Body": data}
-        if if_absent:
-            kwargs["IfNoneMatch"] = "*"
-        try:
-            return str(self._call(f"write {rel}", self._s3.put_object, **kwargs).get("ETag", ""))
-        except LeanserveError:
-            raise
-        except Exception as exc:  # PreconditionFailed: a store that honours If-None-Match saw the key exist
-            raise Unavailable(f"{rel} already exists in the repository: {exc}") from None
-
-    def _delete(self, rels: list[str]) -> None:
-        for rel in rels:
-            try:
-                self._call(f"delete {rel}", self._s3.delete_object, Key=self._key(rel))
-            except NotFound:
-                pass
-
     # -- what a listing says ---------------------------------------------------------------------------------
-    def _parse(self, listing: dict[str, _Object]) -> dict[str, _ModelState]:
+    def _parse(self, listing: dict[str, S3Object]) -> dict[str, _ModelState]:
         models: dict[str, _ModelState] = {}
         for rel, obj in listing.items():
             parts = rel.split("/")
@@ -235,7 +135,7 @@ class S3Repository:
     def _refresh_model(self, name: str) -> _ModelState:
         with self._lock:
             epoch = self._epochs.get(name, 0)
-        state = self._parse(self._list(f"{name}/")).get(name, _ModelState())
+        state = self._parse(self._bucket.list(f"{name}/")).get(name, _ModelState())
         with self._lock:
             # a write of ours that finished while we listed wins over the listing that may predate it
             if self._epochs.get(name, 0) == epoch or name not in self._state:
@@ -278,13 +178,13 @@ class S3Repository:
             for path in files:
                 rel = f"{name}/{version}/{path.relative_to(staged).as_posix()}"
                 written.append(rel)
-                self._call(f"upload {rel}", self._s3.upload_file, Filename=str(path), Key=self._key(rel))
+                self._bucket.upload(rel, path)
             written.append(f"{name}/{version}/{FILES_INDEX}")
-            self._put(written[-1], index_bytes)
-            etag = self._put(f"{name}/{version}/{MANIFEST}", manifest_bytes, if_absent=True)
+            self._bucket.put(written[-1], index_bytes)
+            etag = self._bucket.put(f"{name}/{version}/{MANIFEST}", manifest_bytes, if_absent=True)
         except BaseException:
             with contextlib.suppress(Exception):
-                self._delete(written)  # the claim stays: the number is burnt, never reused
+                self._bucket.delete(written)  # the claim stays: the number is burnt, never reused
             raise
         self._adopt(name, version, staged, manifest_bytes)
         with self._lock:
@@ -301,11 +201,11 @@ class S3Repository:
             state = self._refresh_model(name)
             number = max([0, *state.committed, *state.files, *state.claims]) + 1
             mine = f"{name}/{_CLAIMS}/{number}/{me}"
-            self._put(mine, b"")
-            claims = self._list(f"{name}/{_CLAIMS}/{number}/")
+            self._bucket.put(mine, b"")
+            claims = self._bucket.list(f"{name}/{_CLAIMS}/{number}/")
             if set(claims) == {mine}:
                 return number
-            self._delete([mine])
+            self._bucket.delete([mine])
             log.info("version %d of %s was claimed by another writer too; trying again", number, name)
             time.sleep(random.uniform(0, min(2.0, 0.01 * 2 ** attempt)))
         raise Unavailable(f"could not claim a version number of {shown(name)} after {_CLAIM_ATTEMPTS} attempts: "
@@ -328,7 +228,7 @@ class S3Repository:
         """Every model with at least one committed version, and its versions ascending (one paginated LIST)."""
         with self._lock:
             epochs = dict(self._epochs)
-        models = self._parse(self._list(""))
+        models = self._parse(self._bucket.list(""))
         with self._lock:
             before = self._state
             for name, epoch in self._epochs.items():
@@ -341,7 +241,7 @@ class S3Repository:
 
     def size_bytes(self) -> int:
         """Bytes the stored versions take in the bucket (uncommitted uploads included)."""
-        return sum(obj.size for obj in self._list("").values())
+        return sum(obj.size for obj in self._bucket.list("").values())
 
     def versions(self, name: str, *, missing_ok: bool = False) -> list[int]:
         """Committed versions of ``name`` ascending (listed now); NotFound when none (unless ``missing_ok``)."""
@@ -366,7 +266,7 @@ class S3Repository:
         if cached is not None and cached[0] == etag:
             return cached[1]
         try:
-            etag, data = self._get(f"{name}/{version}/{MANIFEST}", max_bytes=_MAX_MANIFEST_BYTES)
+            etag, data = self._bucket.get(f"{name}/{version}/{MANIFEST}", max_bytes=_MAX_MANIFEST_BYTES)
         except NotFound:
             raise NotFound(f"model {shown(name)} version {version} not found") from None
         with self._lock:
@@ -392,7 +292,7 @@ class S3Repository:
             return folder
 
     def _download(self, name: str, version: int, manifest_bytes: bytes, folder: Path) -> None:
-        listing = self._list(f"{name}/{version}/")
+        listing = self._bucket.list(f"{name}/{version}/")
         base = f"{name}/{version}/"
         if f"{base}{MANIFEST}" not in listing:
             raise NotFound(f"model {shown(name)} version {version} not found")
@@ -412,7 +312,7 @@ class S3Repository:
                 if not version_files.inside(target, tmp):
                     raise InvalidArgument(f"unsafe file name in the repository: {shown(inner)}")
                 target.parent.mkdir(parents=True, exist_ok=True)
-                self._fetch(rel, target, obj.size)
+                self._bucket.download(rel, target, obj.size)
             (tmp / MANIFEST).write_bytes(manifest_bytes)
             problem = version_files.check_folder(tmp, manifest_bytes)
             if problem:
@@ -425,25 +325,11 @@ class S3Repository:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
 
-    def _fetch(self, rel: str, target: Path, size: int) -> None:
-        """Download one object, refusing more bytes than the listing said (sizes counted while reading)."""
-        resp = self._call(f"read {rel}", self._s3.get_object, Key=self._key(rel))
-        body, got = resp["Body"], 0
-        try:
-            with open(target, "wb") as out:
-                for chunk in body.iter_chunks(version_files.CHUNK):
-                    got += len(chunk)
-                    if got > size:
-                        raise InvalidArgument(f"{rel} grew while it was downloaded")
-                    out.write(chunk)
-        finally:
-            body.close()
-
     def update_manifest(self, name: str, version: int, manifest: dict[str, Any]) -> None:
         """Replace the manifest of an existing version (one PUT: readers see the old or the new one)."""
         self._manifest_bytes(name, version)  # NotFound when absent
         data = json.dumps(manifest, indent=2, sort_keys=True).encode()
-        etag = self._put(f"{name}/{version}/{MANIFEST}", data)
+        etag = self._bucket.put(f"{name}/{version}/{MANIFEST}", data)
         folder = self.root / name / str(version)
         if folder.is_dir():
             (folder / MANIFEST).write_bytes(data)
@@ -467,10 +353,10 @@ class S3Repository:
         if not targets or any(v not in state.committed for v in targets):
             raise NotFound(f"model {shown(name)}" + ("" if version is None else f" version {version}") + " not found")
         for v in targets:
-            self._delete([f"{name}/{v}/{MANIFEST}"])
-            self._delete([f"{name}/{v}/{rel}" for rel in state.files.get(v, {}) if rel != MANIFEST])
+            self._bucket.delete([f"{name}/{v}/{MANIFEST}"])
+            self._bucket.delete([f"{name}/{v}/{rel}" for rel in state.files.get(v, {}) if rel != MANIFEST])
         if self.default_version(name) in targets:
-            self._delete([f"{name}/{_DEFAULT}"])
+            self._bucket.delete([f"{name}/{_DEFAULT}"])
         self._refresh_model(name)
         self._drop_cached({(name, v) for v in targets})
         return targets
@@ -504,7 +390,7 @@ class S3Repository:
         if cached is not None and cached[0] == etag:
             return cached[1]
         try:
-            etag, data = self._get(f"{name}/{flag}", max_bytes=64)
+            etag, data = self._bucket.get(f"{name}/{flag}", max_bytes=64)
         except NotFound:  # removed since the listing
             return None
         value = data.decode("ascii", "replace")
@@ -515,9 +401,9 @@ class S3Repository:
     def _set_flag(self, name: str, flag: str, value: str | None) -> None:
         validate_name(name)
         if value is None:
-            self._delete([f"{name}/{flag}"])
+            self._bucket.delete([f"{name}/{flag}"])
         else:
-            etag = self._put(f"{name}/{flag}", value.encode())
+            etag = self._bucket.put(f"{name}/{flag}", value.encode())
         with self._lock:
             state = self._model_locked(name)
             if value is None:
@@ -542,7 +428,7 @@ class S3Repository:
         """Remove uploads that crashed long ago (files without a manifest) and cached versions the store no longer
         has; leftover local staging folders too."""
         now = dt.datetime.now(dt.timezone.utc)
-        models = self._parse(self._list(""))
+        models = self._parse(self._bucket.list(""))
         for name, state in models.items():
             for version, files in state.files.items():
                 if version in state.committed:
@@ -550,7 +436,7 @@ class S3Repository:
                 newest = max(obj.modified for obj in files.values())
                 if now - newest > ABANDONED_AFTER:
                     log.warning("removing an upload that never completed: %s version %d", name, version)
-                    self._delete([f"{name}/{version}/{rel}" for rel in files])
+                    self._bucket.delete([f"{name}/{version}/{rel}" for rel in files])
         for leftover in (_STAGING, version_files.TRASH):
             folder = self.root / leftover
             if folder.is_dir():

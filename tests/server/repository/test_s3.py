@@ -20,7 +20,8 @@ import pytest
 
 from leanserve.server.errors import InvalidArgument, NotFound
 from leanserve.server.repository.open import open_repository
-from leanserve.server.repository.s3 import FILES_INDEX, S3Repository, parse_s3_uri
+from leanserve.server.repository.s3 import FILES_INDEX, S3Repository
+from leanserve.server.repository.s3_bucket import parse_s3_uri
 from leanserve.server.repository.store import MANIFEST, Repository
 from leanserve.server.settings import Settings
 from tests.s3server import S3Server, rclone_binary, rclone_s3
