@@ -2,12 +2,8 @@
 kernels) until one is within budget → tuning → measurements. Transport-free and storage-free: it returns the Plan
 and the report; ``service.Optimizer`` stores and serves them.
 
-Three kinds of rows, never mixed: fine-tuning learns from the training rows; the selection rows choose (early
-stopping, "is this candidate within budget?"); the held-out rows give the verdict on the candidate the search stops
-at. Without ``x_val`` all three are seeded shares of ``x`` (held-out rows set aside before anything else); with it,
-``x`` trains and ``x_val`` is halved into selection and held-out rows (rows the original model was trained on
-flatter it: a pruned model cannot keep what it memorised, so they would judge it unfairly). The report says "within
-budget" only from that verdict, so a search that tried many candidates cannot pass one by luck on the rows it chose
+The rows it learns from, chooses with and judges by are never mixed (``rows.py``); the report says "within budget"
+only from the held-out verdict, so a search that tried many candidates cannot pass one by luck on the rows it chose
 with.
 """
 
@@ -16,20 +12,21 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from leanserve.server.errors import Cancelled, FailedPrecondition, InvalidArgument
+from leanserve.server.errors import Cancelled, FailedPrecondition
 from leanserve.server.optimize import evaluate, formats, search
 from leanserve.server.optimize.data import OptimizeData
-from leanserve.server.optimize.evaluate import EvalSet
 from leanserve.server.optimize.keras_model import plan_specs
 from leanserve.server.optimize.options import OptimizeOptions
+from leanserve.server.optimize.rows import Sets, split_sets
 from leanserve.server.optimize.prune import prune
 from leanserve.server.optimize.search import Recipe
+from leanserve.server.optimize.trainer import Trainer
 from leanserve.server.runtime.plan import LayerSpec, Plan
 from leanserve.server.serving.model import ServedModel
 from leanserve.server.settings import Settings
@@ -38,13 +35,8 @@ log = logging.getLogger(__name__)
 
 LATENCY_BATCHES = (1, 32)
 TF_REFERENCE_ROWS = 512
-#: fewest training rows for which the server fine-tunes on its own (an explicit epochs count needs 2)
-MIN_AUTO_TRAIN_ROWS = 32
-#: a fine-tuning candidate may plan for this share of the time left (the rest is for the candidates after it)
-FINE_TUNE_TIME_SHARE = 0.5
 #: timed samples of a candidate's batch-1 latency (its report line; the final result is measured thoroughly)
 CANDIDATE_LATENCY_REPEATS = 5
-SPLIT_SEED = 0
 EPS = 1e-12
 
 
@@ -107,151 +99,6 @@ class Candidate:
 class Result:
     plan: Plan
     report: dict[str, Any]
-
-
-@dataclass
-class Sets:
-    """The rows of one optimization (see the module docstring)."""
-
-    select: EvalSet
-    verdict: EvalSet
-    train_x: np.ndarray | None = None
-    train_y: np.ndarray | None = None  # None with training rows: distillation from the original's outputs
-    held_out: bool = True  # the verdict rows are disjoint from the training and selection rows
-
-
-def _split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded (kept, held out) index arrays, at least one row on each side (n >= 2)."""
-    idx = np.random.default_rng(seed).permutation(n)
-    n_out = min(max(1, int(round(fraction * n))), n - 1)
-    return idx[n_out:], idx[:n_out]
-
-
-def _take(a: np.ndarray | None, idx: np.ndarray) -> np.ndarray | None:
-    return None if a is None else a[idx]
-
-
-def wants_training(opts: OptimizeOptions, output_activation: str) -> bool:
-    """Fine-tune unless told not to (epochs 0), nothing is pruned, or the output is not a trainable classifier
-    (an explicit epochs count then fails with FailedPrecondition)."""
-    from leanserve.server.optimize.finetune import TRAINABLE_OUTPUTS, check_trainable
-
-    if opts.epochs == 0 or opts.target_sparsity == 0.0:
-        return False
-    if opts.epochs:
-        check_trainable(output_activation)
-    return output_activation in TRAINABLE_OUTPUTS
-
-
-def split_sets(data: OptimizeData | None, opts: OptimizeOptions, input_shape: tuple[int, ...],
-               val_fraction: float, output_activation: str) -> Sets:
-    """Held-out rows first (x_val, else a seeded share of x), then from the rest the selection rows and, when
-    fine-tuning, the training rows."""
-    if data is None:
-        if opts.epochs:
-            raise InvalidArgument("fine-tuning (epochs > 0) needs data: x, with y for labelled data")
-        ev = evaluate.random_eval_set(input_shape)
-        return Sets(ev, ev, held_out=False)
-    x, y = data.x, data.y
-    if data.x_val is not None:
-        verdict = EvalSet(data.x_val, data.y_val, "x_val")
-    elif len(x) >= 2:
-        keep, out = _split(len(x), val_fraction, SPLIT_SEED)
-        verdict = EvalSet(x[out], _take(y, out), "split")
-        x, y = x[keep], _take(y, keep)
-    else:
-        if opts.epochs:
-            raise InvalidArgument("fine-tuning (epochs > 0) needs at least 3 rows of data")
-        ev = EvalSet(x, y, "x")
-        return Sets(ev, ev, held_out=False)
-    train = wants_training(opts, output_activation)
-    enough = len(x) >= (3 if opts.epochs else MIN_AUTO_TRAIN_ROWS)
-    if opts.epochs and not enough:
-        raise InvalidArgument(f"fine-tuning (epochs > 0) needs more rows: {len(x)} left after the held-out rows")
-    if not (train and enough):
-        return Sets(EvalSet(x, y, "rest"), verdict)
-    if verdict.source == "x_val" and len(verdict.x) >= 2:
-        # the caller's validation rows choose and judge (half each); x, often what the original was trained on
-        # and so flattering it, is all for training
-        keep, sel = _split(len(verdict.x), 0.5, SPLIT_SEED + 1)
-        return Sets(EvalSet(verdict.x[sel], _take(verdict.y, sel), "x_val"),
-                    EvalSet(verdict.x[keep], _take(verdict.y, keep), "x_val"), x, y)
-    keep, sel = _split(len(x), val_fraction, SPLIT_SEED + 1)
-    return Sets(EvalSet(x[sel], _take(y, sel), "split"), verdict, x[keep], _take(y, keep))
-
-
-class Trainer:
-    """The Keras model fine-tuning trains, built on first use (with the rows and targets it learns from); every
-    candidate starts from the original weights, except in the sweep, which continues level after level."""
-
-    def __init__(self, base: ServedModel, folder: Path, opts: OptimizeOptions, sets: Sets, settings: Settings,
-                 job: JobControl) -> None:
-        self.base, self.folder, self.opts, self.sets, self.settings, self.job = base, folder, opts, sets, settings, job
-        self.model: Any = None
-        self.origin = ""
-        self.initial: list[np.ndarray] = []
-        self.data: Any = None
-        self.lr = 0.0
-        self.epochs = 0
-
-    def _load(self, fraction: float) -> None:
-        from leanserve.server.optimize import finetune
-        from leanserve.server.optimize.keras_model import dense_layers, trainable_model
-
-        self.job.progress("load", fraction, "building the Keras model to fine-tune")
-        finetune.limit_tf_threads(self.settings.optimize_tf_threads)
-        plan = self.base.plan
-        assert plan is not None and self.sets.train_x is not None
-        self.model, self.origin = trainable_model(plan, self.base.manifest, self.folder, self.settings)
-        self.initial = [np.array(w) for w in self.model.get_weights()]
-        activation = plan.layers[-1].activation
-        sel = self.sets.select
-        select_y = sel.y if sel.y is not None else evaluate.run_plan(plan, sel.x).argmax(1)
-        self.data = finetune.transfer_set(
-            self.sets.train_x, self.sets.train_y,
-            lambda rows: finetune.probabilities(evaluate.run_plan(plan, rows), activation),
-            sel.x, select_y, plan.out_features, seed=SPLIT_SEED)
-        self.lr = finetune.learning_rate([np.asarray(d.kernel.numpy()) for d in dense_layers(self.model)])
-        self.epochs = self.opts.epochs or finetune.auto_epochs(len(self.data.x))
-
-    def run(self, recipe: Recipe, label: str, lo: float, span: float, deadline: float,
-            initial: float = 0.0) -> tuple[list[LayerSpec], dict[str, Any]]:
-        """Fine-tune for ``recipe`` (from ``initial`` sparsity: 0 = from the original weights); returns the
-        layers and a summary of the training."""
-        from leanserve.server.optimize.finetune import fine_tune
-        from leanserve.server.optimize.keras_model import specs_from_keras
-
-        if self.model is None:
-            self._load(lo)
-        longer = recipe.method == search.LONGER
-        if initial == 0.0:
-            self.model.set_weights(self.initial)
-        # longer: again from the original weights, over twice the epochs: the sparsity rises more slowly and the
-        # fixed-mask phase lasts longer (measured on digits at 90 %: what one schedule missed, two recovered)
-        epochs = min(2 * self.epochs, max(self.settings.optimize_max_epochs, 1)) if longer else self.epochs
-        time_allowed = None if self.opts.epochs else max(0.0, deadline - time.monotonic()) * FINE_TUNE_TIME_SHARE
-
-        def on_epoch(epoch: int, planned: int, sparsity: float, logs: dict[str, float]) -> None:
-            sel = f" select {logs['select_metric']:.4f}" if "select_metric" in logs else ""
-            self.job.progress("finetune", lo + span * 0.9 * min(epoch / planned, 1.0),
-                              f"{label} epoch {epoch}/{planned} sparsity {sparsity:.2f} "
-                              f"loss {logs.get('loss', float('nan')):.4f}{sel}")
-
-        plan = self.base.plan
-        assert plan is not None
-        result = fine_tune(self.model, self.data, output_activation=plan.layers[-1].activation, initial=initial,
-                           final=recipe.sparsity, granularity=self.opts.granularity, block=recipe.block,
-                           epochs=epochs, learning_rate=self.lr, time_allowed=time_allowed, deadline=deadline,
-                           seed=SPLIT_SEED, cancelled=self.job.cancelled, on_epoch=on_epoch)
-        names = list(plan.layer_names)
-        specs = [LayerSpec(names[i] if i < len(names) else s.name, s.weights, s.bias, s.activation)
-                 for i, s in enumerate(specs_from_keras(self.model))]
-        assert self.sets.train_x is not None
-        targets = ("labels + original's probabilities" if self.sets.train_y is not None
-                   else "original's probabilities (distillation)")
-        info = {**result.to_dict(), "model": self.origin, "train_rows": int(len(self.sets.train_x)),
-                "mixup_rows": self.data.mixup_rows, "targets": targets}
-        return specs, info
 
 
 class Search:

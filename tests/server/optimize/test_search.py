@@ -11,7 +11,7 @@ import pytest
 
 from leanserve.server.errors import InvalidArgument
 from leanserve.server.grpc.optimize_converters import optimize_options
-from leanserve.server.optimize import finetune, pipeline, search
+from leanserve.server.optimize import finetune, pipeline, rows, search
 from leanserve.server.optimize.data import OptimizeData
 from leanserve.server.optimize.options import OptimizeOptions, validate
 from leanserve.server.serving.model import ServedModel
@@ -69,17 +69,17 @@ def _rows(n: int) -> np.ndarray:
 
 def test_held_out_rows_are_set_aside_before_anything_else() -> None:
     x, y = _rows(200), np.arange(200) % 10
-    sets = pipeline.split_sets(OptimizeData(x, y), OptimizeOptions("m", target_sparsity=0.9), (4,), 0.2, "softmax")
+    sets = rows.split_sets(OptimizeData(x, y), OptimizeOptions("m", target_sparsity=0.9), (4,), 0.2, "softmax")
     assert sets.held_out and sets.verdict.source == "split" and sets.select.source == "split"
     ids = [set(a[:, 0].astype(int)) for a in (sets.verdict.x, sets.select.x, sets.train_x)]
     assert sum(map(len, ids)) == 200 and not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
     assert len(ids[0]) == 40 and len(ids[1]) == 32
     # x_val, when sent, is the held-out verdict; without labels fine-tuning distils the original's outputs
     xv = _rows(30) + 1000
-    sets = pipeline.split_sets(OptimizeData(x, None, None, None), OptimizeOptions("m", target_sparsity=0.5), (4,),
+    sets = rows.split_sets(OptimizeData(x, None, None, None), OptimizeOptions("m", target_sparsity=0.5), (4,),
                                0.2, "linear")
     assert sets.train_x is not None and sets.train_y is None and sets.verdict.metric == "agreement"
-    sets = pipeline.split_sets(OptimizeData(x, y, xv, np.zeros(30, np.int64)),
+    sets = rows.split_sets(OptimizeData(x, y, xv, np.zeros(30, np.int64)),
                                OptimizeOptions("m", target_sparsity=0.5), (4,), 0.2, "softmax")
     assert sets.verdict.source == sets.select.source == "x_val" and len(sets.train_x) == 200
     halves = [set(a[:, 0].astype(int)) for a in (sets.verdict.x, sets.select.x)]
@@ -87,10 +87,10 @@ def test_held_out_rows_are_set_aside_before_anything_else() -> None:
     # one-shot only (epochs 0, or an output fine-tuning cannot train): no training rows, nothing else changes
     for opts, act in ((OptimizeOptions("m", target_sparsity=0.5, epochs=0), "softmax"),
                       (OptimizeOptions("m", target_sparsity=0.5), "sigmoid")):
-        sets = pipeline.split_sets(OptimizeData(x, y), opts, (4,), 0.2, act)
+        sets = rows.split_sets(OptimizeData(x, y), opts, (4,), 0.2, act)
         assert sets.train_x is None and len(sets.select.x) == 160 and sets.held_out
     with pytest.raises(InvalidArgument, match="needs data"):
-        pipeline.split_sets(None, OptimizeOptions("m", target_sparsity=0.5, epochs=3), (4,), 0.2, "softmax")
+        rows.split_sets(None, OptimizeOptions("m", target_sparsity=0.5, epochs=3), (4,), 0.2, "softmax")
 
 
 def test_auto_epochs_learning_rate_and_transfer_set() -> None:
