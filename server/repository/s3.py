@@ -48,13 +48,10 @@ import contextlib
 import datetime as dt
 import json
 import logging
-import os
 import random
-import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,7 +65,6 @@ from leanserve.server.repository.version_files import FILES_INDEX
 log = logging.getLogger(__name__)
 
 _CLAIMS = ".claims"
-_STAGING = ".staging"
 _CLAIM_ATTEMPTS = 40
 #: an uncommitted version folder (files, no manifest) older than this is a crashed upload: swept at startup
 ABANDONED_AFTER = dt.timedelta(hours=24)
@@ -95,15 +91,12 @@ class S3Repository:
             cache_dir = Path.home() / ".cache" / "leanserve" / "s3" / self.bucket / (self.prefix or "_")
         #: the local cache of downloaded versions (and this server's audit log)
         self.root = Path(cache_dir)
-        self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / _STAGING).mkdir(exist_ok=True)
+        self._cache = version_files.VersionCache(self.root)
         self.max_version_bytes = max_version_bytes
         self._lock = threading.Lock()  # guards the fields below, never held during I/O
         self._state: dict[str, _ModelState] = {}
         self._flag_values: dict[tuple[str, str], tuple[str, str]] = {}  # (model, flag) -> (ETag, value)
         self._manifests: dict[tuple[str, int], tuple[str, bytes]] = {}  # (model, version) -> (ETag, bytes)
-        self._verified: dict[tuple[str, int], bytes] = {}  # cached folders checked by this process -> manifest
-        self._download_locks: dict[tuple[str, int], threading.Lock] = {}
         self._epochs: dict[str, int] = {}  # per model: writes by this object (see _refresh_model)
         self._bucket.check()
         if sweep:
@@ -149,16 +142,9 @@ class S3Repository:
         return state if state is not None else self._refresh_model(name)
 
     # -- the Repository interface ----------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def staging(self) -> Iterator[Path]:
+    def staging(self) -> contextlib.AbstractContextManager[Path]:
         """A fresh private local folder for assembling a version; removed on exit unless committed."""
-        path = self.root / _STAGING / uuid.uuid4().hex
-        path.mkdir(parents=True)
-        try:
-            yield path
-        finally:
-            if path.exists():
-                shutil.rmtree(path, ignore_errors=True)
+        return self._cache.staging()
 
     def commit(self, name: str, staged: Path) -> int:
         """Upload ``staged`` (which must hold a manifest) as the next version of ``name``: files first, then the
@@ -186,7 +172,7 @@ class S3Repository:
             with contextlib.suppress(Exception):
                 self._bucket.delete(written)  # the claim stays: the number is burnt, never reused
             raise
-        self._adopt(name, version, staged, manifest_bytes)
+        self._cache.adopt(name, version, staged, manifest_bytes)
         with self._lock:
             state = self._model_locked(name)
             state.committed[version] = etag
@@ -210,19 +196,6 @@ class S3Repository:
             time.sleep(random.uniform(0, min(2.0, 0.01 * 2 ** attempt)))
         raise Unavailable(f"could not claim a version number of {shown(name)} after {_CLAIM_ATTEMPTS} attempts: "
                           "too many writers at once")
-
-    def _adopt(self, name: str, version: int, staged: Path, manifest_bytes: bytes) -> None:
-        """Move the committed staging folder into the cache, so this server never downloads what it uploaded."""
-        target = self.root / name / str(version)
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if target.exists():
-                version_files.remove(target, self.root)
-            os.rename(staged, target)
-            with self._lock:
-                self._verified[(name, version)] = manifest_bytes
-        except OSError as exc:  # the version is committed: a cache miss later only costs a download
-            log.warning("could not cache %s version %d locally: %s", name, version, exc)
 
     def models(self) -> dict[str, list[int]]:
         """Every model with at least one committed version, and its versions ascending (one paginated LIST)."""
@@ -276,24 +249,12 @@ class S3Repository:
     def path(self, name: str, version: int) -> Path:
         """A local folder holding the version's files (downloaded once, checked); NotFound when absent."""
         manifest_bytes = self._manifest_bytes(name, version)
-        folder = self.root / name / str(version)
-        with self._lock:
-            lock = self._download_locks.setdefault((name, version), threading.Lock())
-        with lock:
-            with self._lock:
-                if self._verified.get((name, version)) == manifest_bytes and folder.is_dir():
-                    return folder
-            if version_files.cached_ok(folder, manifest_bytes):
-                log.info("using the cached copy of %s version %d", name, version)
-            else:
-                self._download(name, version, manifest_bytes, folder)
-            with self._lock:
-                self._verified[(name, version)] = manifest_bytes
-            return folder
+        return self._cache.get(name, version, manifest_bytes, lambda tmp: self._download(name, version, tmp))
 
-    def _download(self, name: str, version: int, manifest_bytes: bytes, folder: Path) -> None:
-        listing = self._bucket.list(f"{name}/{version}/")
+    def _download(self, name: str, version: int, tmp: Path) -> None:
+        """Every file of the version but its manifest into ``tmp`` (sizes counted while reading)."""
         base = f"{name}/{version}/"
+        listing = self._bucket.list(base)
         if f"{base}{MANIFEST}" not in listing:
             raise NotFound(f"model {shown(name)} version {version} not found")
         total = sum(obj.size for obj in listing.values())
@@ -301,43 +262,25 @@ class S3Repository:
             raise ResourceExhausted(f"{name} version {version} takes {total} bytes in the repository, more than "
                                     f"{self.max_version_bytes}")
         log.info("downloading %s version %d (%d bytes) from %s", name, version, total, self.uri)
-        tmp = self.root / _STAGING / uuid.uuid4().hex
-        tmp.mkdir(parents=True)
-        try:
-            for rel, obj in listing.items():
-                inner = rel[len(base):]
-                if inner == MANIFEST:
-                    continue
-                target = tmp / inner
-                if not version_files.inside(target, tmp):
-                    raise InvalidArgument(f"unsafe file name in the repository: {shown(inner)}")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                self._bucket.download(rel, target, obj.size)
-            (tmp / MANIFEST).write_bytes(manifest_bytes)
-            problem = version_files.check_folder(tmp, manifest_bytes)
-            if problem:
-                raise InvalidArgument(f"{name} version {version} in the repository is corrupt: {problem}")
-            if folder.exists():
-                version_files.remove(folder, self.root)
-            folder.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(tmp, folder)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        for rel, obj in listing.items():
+            inner = rel[len(base):]
+            if inner == MANIFEST:
+                continue
+            target = tmp / inner
+            if not version_files.inside(target, tmp):
+                raise InvalidArgument(f"unsafe file name in the repository: {shown(inner)}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._bucket.download(rel, target, obj.size)
 
     def update_manifest(self, name: str, version: int, manifest: dict[str, Any]) -> None:
         """Replace the manifest of an existing version (one PUT: readers see the old or the new one)."""
         self._manifest_bytes(name, version)  # NotFound when absent
         data = json.dumps(manifest, indent=2, sort_keys=True).encode()
         etag = self._bucket.put(f"{name}/{version}/{MANIFEST}", data)
-        folder = self.root / name / str(version)
-        if folder.is_dir():
-            (folder / MANIFEST).write_bytes(data)
+        self._cache.manifest_changed(name, version, data)
         with self._lock:
             self._manifests[(name, version)] = (etag, data)
             self._model_locked(name).committed[version] = etag
-            if (name, version) in self._verified:
-                self._verified[(name, version)] = data
 
     def _model_locked(self, name: str) -> _ModelState:
         """The state of ``name`` about to be changed by a write of ours (caller holds the lock)."""
@@ -416,13 +359,10 @@ class S3Repository:
     # -- housekeeping ----------------------------------------------------------------------------------------
     def _drop_cached(self, gone: set[tuple[str, int]]) -> None:
         """Forget versions deleted from the store and remove their cached folders."""
-        for name, version in gone:
-            with self._lock:
-                self._verified.pop((name, version), None)
-                self._manifests.pop((name, version), None)
-            folder = self.root / name / str(version)
-            if folder.is_dir():
-                version_files.remove(folder, self.root)
+        with self._lock:
+            for key in gone:
+                self._manifests.pop(key, None)
+        self._cache.drop(gone)
 
     def _sweep(self) -> None:
         """Remove uploads that crashed long ago (files without a manifest) and cached versions the store no longer
@@ -437,20 +377,8 @@ class S3Repository:
                 if now - newest > ABANDONED_AFTER:
                     log.warning("removing an upload that never completed: %s version %d", name, version)
                     self._bucket.delete([f"{name}/{version}/{rel}" for rel in files])
-        for leftover in (_STAGING, version_files.TRASH):
-            folder = self.root / leftover
-            if folder.is_dir():
-                for child in folder.iterdir():
-                    with contextlib.suppress(OSError):
-                        if time.time() - child.stat().st_mtime > ABANDONED_AFTER.total_seconds():
-                            shutil.rmtree(child, ignore_errors=True)
-        for model_dir in self.root.iterdir():
-            if model_dir.name.startswith(".") or not model_dir.is_dir():
-                continue
-            committed = models.get(model_dir.name, _ModelState()).committed
-            for version_dir in model_dir.iterdir():
-                if version_dir.name.isdigit() and int(version_dir.name) not in committed:
-                    version_files.remove(version_dir, self.root)
+        self._cache.sweep({name: set(state.committed) for name, state in models.items()},
+                          ABANDONED_AFTER.total_seconds())
         with self._lock:
             self._state = models
 

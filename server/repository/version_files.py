@@ -1,22 +1,27 @@
-"""A version folder checked against its file index: what an S3 repository's local cache relies on.
+"""Version folders checked against their file index, and the local cache of them an S3 repository serves from.
 
 Every committed version carries ``.files.json`` (size and SHA-256 of each of its files, written before the manifest);
 a folder downloaded from the bucket, or found in the cache after a restart, is served only once it holds exactly
-those files and its manifest equals the bucket's. Folders leave the cache by one rename into ``.trash`` (readers see
-the folder or nothing), then are deleted.
+those files and its manifest equals the bucket's. Folders enter the cache by one rename from a private staging
+folder and leave it by one rename into ``.trash`` (readers see the folder or nothing), then are deleted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
+import threading
+import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from leanserve.server.errors import InvalidArgument
 from leanserve.server.repository.store import MANIFEST
 
 log = logging.getLogger(__name__)
@@ -24,6 +29,7 @@ log = logging.getLogger(__name__)
 #: per version: size and SHA-256 of each file but the manifest (written before the manifest)
 FILES_INDEX = ".files.json"
 TRASH = ".trash"
+STAGING = ".staging"
 #: bytes read at a time when hashing or downloading
 CHUNK = 4 * 1024 * 1024
 
@@ -91,3 +97,109 @@ def remove(folder: Path, root: Path) -> None:
     except OSError:
         return
     shutil.rmtree(trash, ignore_errors=True)
+
+
+class VersionCache:
+    """Checked local copies of committed versions, ``root/<model>/<version>``, and private staging folders,
+    ``root/.staging/<random>``. Thread-safe; one download per version at a time."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        (root / STAGING).mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()  # guards the fields below, never held during I/O
+        self._verified: dict[tuple[str, int], bytes] = {}  # folders checked by this process -> their manifest
+        self._fill_locks: dict[tuple[str, int], threading.Lock] = {}
+
+    def folder(self, name: str, version: int) -> Path:
+        """Where the copy of ``name`` version ``version`` lives (whether or not it is there)."""
+        return self.root / name / str(version)
+
+    @contextlib.contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A fresh private folder; removed on exit unless it was moved away (``adopt``)."""
+        path = self.root / STAGING / uuid.uuid4().hex
+        path.mkdir(parents=True)
+        try:
+            yield path
+        finally:
+            if path.exists():
+                shutil.rmtree(path, ignore_errors=True)
+
+    def get(self, name: str, version: int, manifest_bytes: bytes, fill: Callable[[Path], None]) -> Path:
+        """The checked folder of a version whose manifest is ``manifest_bytes``: as this process last checked it,
+        or found in the cache and checked, or written by ``fill(folder)`` (every file but the manifest) into a
+        staging folder, checked and renamed into place. InvalidArgument when what ``fill`` wrote is corrupt."""
+        key = (name, version)
+        folder = self.folder(name, version)
+        with self._lock:
+            lock = self._fill_locks.setdefault(key, threading.Lock())
+        with lock:
+            with self._lock:
+                if self._verified.get(key) == manifest_bytes and folder.is_dir():
+                    return folder
+            if cached_ok(folder, manifest_bytes):
+                log.info("using the cached copy of %s version %d", name, version)
+            else:
+                with self.staging() as tmp:
+                    fill(tmp)
+                    (tmp / MANIFEST).write_bytes(manifest_bytes)
+                    problem = check_folder(tmp, manifest_bytes)
+                    if problem:
+                        raise InvalidArgument(f"{name} version {version} in the repository is corrupt: {problem}")
+                    self._place(tmp, folder)
+            with self._lock:
+                self._verified[key] = manifest_bytes
+            return folder
+
+    def _place(self, source: Path, folder: Path) -> None:
+        if folder.exists():
+            remove(folder, self.root)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(source, folder)
+
+    def adopt(self, name: str, version: int, staged: Path, manifest_bytes: bytes) -> None:
+        """Move a staging folder just committed into the cache (its uploader never downloads it); a failure only
+        costs a download later."""
+        try:
+            self._place(staged, self.folder(name, version))
+        except OSError as exc:
+            log.warning("could not cache %s version %d locally: %s", name, version, exc)
+            return
+        with self._lock:
+            self._verified[(name, version)] = manifest_bytes
+
+    def manifest_changed(self, name: str, version: int, manifest_bytes: bytes) -> None:
+        """The version's manifest was replaced in the store: the copy (if any) follows."""
+        folder = self.folder(name, version)
+        if folder.is_dir():
+            (folder / MANIFEST).write_bytes(manifest_bytes)
+        with self._lock:
+            if (name, version) in self._verified:
+                self._verified[(name, version)] = manifest_bytes
+
+    def drop(self, gone: set[tuple[str, int]]) -> None:
+        """Forget versions deleted from the store and remove their copies."""
+        for name, version in gone:
+            with self._lock:
+                self._verified.pop((name, version), None)
+            folder = self.folder(name, version)
+            if folder.is_dir():
+                remove(folder, self.root)
+
+    def sweep(self, committed: dict[str, set[int]], older_than_seconds: float) -> None:
+        """Remove copies of versions not in ``committed`` (model -> versions) and staging or trash folders older
+        than ``older_than_seconds`` (a crash left them)."""
+        for leftover in (STAGING, TRASH):
+            folder = self.root / leftover
+            if folder.is_dir():
+                for child in folder.iterdir():
+                    with contextlib.suppress(OSError):
+                        if time.time() - child.stat().st_mtime > older_than_seconds:
+                            shutil.rmtree(child, ignore_errors=True)
+        for model_dir in self.root.iterdir():
+            if model_dir.name.startswith(".") or not model_dir.is_dir():
+                continue
+            versions = committed.get(model_dir.name, set())
+            for version_dir in model_dir.iterdir():
+                if version_dir.name.isdigit() and int(version_dir.name) not in versions:
+                    remove(version_dir, self.root)
