@@ -12,8 +12,11 @@ x86-64 host; on AVX-512 it lowers to ``vgatherdps``/``vpgatherdd`` and ``vpmaddw
   gather reads 32-bit words at 2-byte steps) and an exact int32 sum.
 * ``lanes_i32``: batch >= 2, int8 weights. ``out[out_off + j] += ...`` for ``j < nv*16`` batch lanes:
   ``sum_p sum_{i<r} val[p*r + i] * xT[(idx[p]*r + i) * ldx + b0 + j]`` with ``xT`` the transposed int16
-  activations; every stored weight feeds ``nv*16`` lanes with one sign-extending multiply-add (exact int32).
-  ``r == 1`` is CSR, ``r > 1`` (even) are ``(r, 1)`` blocks (the portable ``bsr_int8`` path).
+  activations (exact int32). ``r == 1`` is CSR, ``r > 1`` (even) are ``(r, 1)`` blocks (the portable ``bsr_int8``
+  path). With AVX2 and two or more lane vectors, stored weights go in pairs: the two activation rows are interleaved (``vpunpck[lh]wd``, within
+  128-bit lanes, so the batch lanes come out permuted and are put back in order once, at the store) and
+  ``pmaddwd`` multiplies both by the weight pair and adds them, 16 products per instruction; elsewhere each weight
+  feeds the lanes with a sign-extending 32-bit multiply-add.
 * ``bsr_dot_i8``: portable ``(r, 1)`` int8 block dot (``r`` in 4..64 bytes) for ``mr`` (1..4) rows, int32 lanes.
 """
 
@@ -24,6 +27,7 @@ from numba import types
 from numba.core import cgutils
 from numba.core.extending import intrinsic
 
+from leanserve.kernels._simd import has_avx2
 from leanserve.kernels._sparse_simd import (MAX_MR, _F32, _I32, _I64, _block_dot, _c64, _for, _hsum, _index, _load_vec,
                                   _ptr, _splat, _switch)
 
@@ -130,6 +134,60 @@ def lanes_i32(typingctx, idx, val, start, end, r, xT, ldx, b0, out, out_off, nv)
         vec = ir.VectorType(_I32, 16)
         v16 = ir.VectorType(_I16, 16)
 
+        def kidx(p: ir.Value) -> ir.Value:
+            return _index(context, builder, signature.args[0], idx_v, p)
+
+        def emit_madd(nv: int, blocked: bool) -> None:
+            v8 = ir.VectorType(_I32, 8)
+            accs = [[cgutils.alloca_once_value(builder, ir.Constant(v8, [0] * 8)) for _ in range(2)]
+                    for _ in range(nv)]
+            pmadd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8, [v16, v16]),
+                                                   "llvm.x86.avx2.pmadd.wd")
+            # the interleave of two rows' 16 lanes, within each 128-bit half (one vpunpck[lh]wd each): pmaddwd of
+            # ``lo`` gives batch lanes 0-3 and 8-11, of ``hi`` lanes 4-7 and 12-15
+            lo = ir.Constant(ir.VectorType(_I32, 16), [0, 16, 1, 17, 2, 18, 3, 19, 8, 24, 9, 25, 10, 26, 11, 27])
+            hi = ir.Constant(ir.VectorType(_I32, 16), [4, 20, 5, 21, 6, 22, 7, 23, 12, 28, 13, 29, 14, 30, 15, 31])
+            order = ir.Constant(ir.VectorType(_I32, 16), [0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15])
+
+            def weight16(e: ir.Value) -> ir.Value:
+                return builder.zext(builder.sext(builder.load(builder.gep(val_p, [e])), _I16), _I32)
+
+            def pair(ka: ir.Value, ea: ir.Value, kb: ir.Value, eb: ir.Value | None) -> None:
+                word = weight16(ea)
+                if eb is not None:
+                    word = builder.or_(word, builder.shl(weight16(eb), ir.Constant(_I32, 16)))
+                w = builder.bitcast(_splat(builder, v8, word), v16)
+                base_a = builder.add(builder.mul(ka, ldx_v), b0_v)
+                base_b = builder.add(builder.mul(kb, ldx_v), b0_v)
+                for j in range(nv):
+                    xa = _load_vec(builder, xt_p, builder.add(base_a, _c64(16 * j)), v16)
+                    xb = _load_vec(builder, xt_p, builder.add(base_b, _c64(16 * j)), v16) if eb is not None else xa
+                    for acc, mask in zip(accs[j], (lo, hi)):
+                        prod = builder.call(pmadd, [builder.shuffle_vector(xa, xb, mask), w])
+                        builder.store(builder.add(builder.load(acc), prod), acc)
+
+            if blocked:  # (r, 1) blocks, r even: consecutive inputs pair up
+                with _for(builder, start_v, end_v) as (p, _):
+                    k0 = builder.mul(kidx(p), r_v)
+                    e0 = builder.mul(p, r_v)
+                    with _for(builder, _c64(0), builder.sdiv(r_v, _c64(2))) as (h, _):
+                        i = builder.mul(h, _c64(2))
+                        i1 = builder.add(i, _c64(1))
+                        pair(builder.add(k0, i), builder.add(e0, i), builder.add(k0, i1), builder.add(e0, i1))
+            else:
+                pairs = builder.sdiv(builder.sub(end_v, start_v), _c64(2))
+                with _for(builder, _c64(0), pairs) as (i, _):
+                    p = builder.add(start_v, builder.mul(i, _c64(2)))
+                    p1 = builder.add(p, _c64(1))
+                    pair(kidx(p), p, kidx(p1), p1)
+                last = builder.add(start_v, builder.mul(pairs, _c64(2)))
+                with builder.if_then(builder.icmp_signed("<", last, end_v)):
+                    pair(kidx(last), last, kidx(last), None)
+            for j in range(nv):
+                total = builder.shuffle_vector(builder.load(accs[j][0]), builder.load(accs[j][1]), order)
+                dst = builder.bitcast(builder.gep(out_p, [builder.add(off_v, _c64(16 * j))]), vec.as_pointer())
+                builder.store(total, dst, align=4)
+
         def emit(nv: int, blocked: bool) -> None:
             zero = ir.Constant(vec, [0] * 16)
             accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(nv)] for _ in range(2)]
@@ -140,9 +198,6 @@ def lanes_i32(typingctx, idx, val, start, end, r, xT, ldx, b0, out, out_off, nv)
                 for j in range(nv):
                     xv = builder.sext(_load_vec(builder, xt_p, builder.add(base, _c64(16 * j)), v16), vec)
                     builder.store(builder.add(builder.load(acc[j]), builder.mul(w, xv)), acc[j])
-
-            def kidx(p: ir.Value) -> ir.Value:
-                return _index(context, builder, signature.args[0], idx_v, p)
 
             if blocked:  # (r, 1) blocks, r even: alternate the accumulator sets inside a block
                 with _for(builder, start_v, end_v) as (p, _):
@@ -169,7 +224,10 @@ def lanes_i32(typingctx, idx, val, start, end, r, xT, ldx, b0, out, out_off, nv)
                 builder.store(total, dst, align=4)
 
         key = builder.add(nv_v, builder.mul(builder.zext(builder.icmp_signed(">", r_v, _c64(1)), _I64), _c64(8)))
-        _switch(builder, key, {n + 8 * b: (lambda n=n, b=b: emit(n, bool(b))) for n in range(1, 5) for b in (0, 1)})
+        # pairing costs a few scalar steps per two weights: it pays from two lane vectors (32 batch rows) on
+        madd = has_avx2()
+        _switch(builder, key, {n + 8 * b: (lambda n=n, b=b: (emit_madd if madd and n >= 2 else emit)(n, bool(b)))
+                               for n in range(1, 5) for b in (0, 1)})
         return context.get_dummy_value()
 
     return sig, codegen

@@ -127,8 +127,9 @@ def test_int8_accumulators_exact(fmt: str, block, path: str, shape: tuple[int, i
     w = _weights(rng, k, n, 0.5, block)
     kernel = _build(fmt, block, w, np.zeros(n, np.float32), "linear")
     wq = quantize_weights_ref(w)[0]  # from the original weights, not read back from the kernel
-    for batch in (1, 3, 17):
+    for batch in (1, 3, 17, 70):  # >= 2 without VNNI: the batch-lane kernel with 1, 2 and 4 + 1 lane vectors
         xq = rng.integers(-127, 128, (batch, k)).astype(np.int8)
+        xq[-1] = np.where(np.arange(k) % 2, 127, -127)  # products at +-127 * 127
         ref = int8_accumulators_ref(xq, wq)
         if fmt == "bsr_int8":
             assert kernel.use_vnni or path == "portable"
