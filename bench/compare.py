@@ -23,7 +23,12 @@ measured minutes apart in one round share the machine's state), so the spread sh
 Goals (issue "Performance to the floor"): leanserve ≥ 0.85× the floor and ≥ 1.6× MLServer's best setup at 32
 concurrent batch-1 clients, p99 no worse than MLServer's.
 
-    python bench/compare.py [--quick] [--rounds 3] [--systems floor leanserve mlserver seed-keras]
+A closed loop compares tails at different throughputs: a faster server also runs its clients harder (they share the
+machine), and queueing grows with the load. ``--rate R`` adds an open-loop point at ``R`` requests/s offered to every
+system (``--rate-threads`` client threads; for a system measured in several setups the series is the setup with the
+lowest p99 among those that kept up), so p50/p99 are also compared under the same traffic.
+
+    python bench/compare.py [--quick] [--rounds 3] [--rate 600] [--systems floor leanserve mlserver seed-keras]
 
 Writes bench/results/compare.json, compare.png and prints a rich table.
 """
@@ -96,6 +101,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--concurrency", type=int, nargs="+", help=f"closed-loop sweep (default {' '.join(map(str, SWEEP))})")
     p.add_argument("--procs", type=int, default=2, help="client processes per point")
+    p.add_argument("--rate", type=float, default=0.0,
+                   help="also an open-loop point at this many requests/s offered to every system (0 = none)")
+    p.add_argument("--rate-threads", type=int, default=32, help="client threads of the open-loop point")
     p.add_argument("--rounds", type=int, default=1, help="measure every system this many times, in alternation")
     p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     p.add_argument("--shared-connection", action="store_true",
@@ -199,9 +207,10 @@ def best_setups(points: list[common.Point]) -> list[common.Point]:
     out = [p for p in points if ":" not in p.system]
     for kind in dict.fromkeys(p.system.split(":")[0] for p in points if ":" in p.system):
         setups = [p for p in points if p.system.startswith(kind + ":")]
-        for conc in sorted({p.concurrency for p in setups}):
-            at = [p for p in setups if p.concurrency == conc]
-            best = max(at, key=lambda p: p.throughput)
+        for key in dict.fromkeys(point_key(p) for p in setups):
+            at = [p for p in setups if point_key(p) == key]
+            kept_up = [p for p in at if p.loop == "open" and p.throughput >= 0.95 * p.target_rate]
+            best = min(kept_up, key=lambda p: p.p99_ms) if kept_up else max(at, key=lambda p: p.throughput)
             out.append(replace(best, system=kind, label=f"best: {setup_label(best.system)}"))
             default = next((p for p in at if p.system == f"mlserver:{MLSERVER_DEFAULT[0]}:{MLSERVER_DEFAULT[1]}"),
                            None)
@@ -231,11 +240,22 @@ def wait_all_processes(target: str, timeout: float = 60.0) -> None:
             time.sleep(0.2)
 
 
+def point_key(p: common.Point) -> str:
+    """What a point is compared by: "32" (closed loop, 32 clients) or "600/s" (open loop, 600 requests/s offered)."""
+    return f"{p.target_rate:g}/s" if p.loop == "open" else str(p.concurrency)
+
+
+def key_text(key: str) -> str:
+    return f"{key} offered (open loop)" if key.endswith("/s") else f"{key} clients"
+
+
 def median_points(points: list[common.Point]) -> list[common.Point]:
-    """Per (system, concurrency), the round with the median throughput (a real point, not a mix of rounds)."""
+    """Per (system, point), the round with the median throughput (closed loop) or p99 (open loop): a real point,
+    not a mix of rounds."""
     out = []
-    for key in dict.fromkeys((p.system, p.concurrency) for p in points):
-        runs = sorted((p for p in points if (p.system, p.concurrency) == key), key=lambda p: p.throughput)
+    for key in dict.fromkeys((p.system, point_key(p)) for p in points):
+        runs = sorted((p for p in points if (p.system, point_key(p)) == key),
+                      key=lambda p: p.p99_ms if p.loop == "open" else p.throughput)
         out.append(runs[(len(runs) - 1) // 2])
     return out
 
@@ -245,12 +265,11 @@ def ratios(points: list[common.Point]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     systems = {p.system for p in points}
     for lean_name in sorted(s for s in systems if s.startswith("leanserve")):
-        lean = {p.concurrency: p for p in points if p.system == lean_name}
+        lean = {point_key(p): p for p in points if p.system == lean_name}
         for peer in sorted(s for s in systems if not s.startswith("leanserve")):
             for p in points:
-                if p.system == peer and p.concurrency in lean and p.throughput > 0:
-                    lp = lean[p.concurrency]
-                    out.setdefault(f"{lean_name} / {peer}", {})[str(p.concurrency)] = common.ratio(lp, p)
+                if p.system == peer and point_key(p) in lean and p.throughput > 0:
+                    out.setdefault(f"{lean_name} / {peer}", {})[point_key(p)] = common.ratio(lean[point_key(p)], p)
     return out
 
 
@@ -294,6 +313,11 @@ def main(argv: list[str] | None = None) -> int:
                                         conc, duration=args.duration, warmup=args.warmup, procs=args.procs,
                                         own_connection=not args.shared_connection)
                     rounds[-1].append(common.measure(load, system=name))
+                if args.rate > 0:
+                    load = loadgen.Load(server.target, "v2", "unary", common.MODEL_NAME, "input", common.IN_FEATURES,
+                                        args.rate_threads, duration=args.duration, warmup=args.warmup,
+                                        procs=args.procs, own_connection=not args.shared_connection, rate=args.rate)
+                    rounds[-1].append(common.measure(load, system=name))
             finally:
                 server.stop()
 
@@ -314,14 +338,14 @@ def main(argv: list[str] | None = None) -> int:
                 "throughput_ratio": at["throughput_ratio"], "throughput_goal": 1.6, "p99_ratio": at["p99_ratio"],
                 "p99_goal": 1.0, "met": at["throughput_ratio"] >= 1.6 and at["p99_ratio"] <= 1.0}
     common.write_json(args.out, report)
-    png = common.plot_sweep(points, args.out.with_name("compare.png"),
+    png = common.plot_sweep([p for p in points if p.loop == "closed"], args.out.with_name("compare.png"),
                             "seed MLP, batch-1 V2 requests (tritonclient.grpc, closed loop)")
     console.print(common.points_table(points, "same V2 load, same model, same machine"))
     for pair, by_conc in report["ratios_leanserve_over_peer"].items():
         for conc, r in by_conc.items():
             each = [got["ratios_leanserve_over_peer"].get(pair, {}).get(conc) for got in report.get("rounds", [])]
             spread = ", ".join(f"×{e['throughput_ratio']:.2f}" for e in each if e)
-            console.print(f"{pair} at {conc} clients: {common.ratio_text(r)}"
+            console.print(f"{pair} at {key_text(conc)}: {common.ratio_text(r)}"
                           + (f" (throughput per round: {spread})" if spread else ""))
     for pair, goal in report.get("goals_at_32", {}).items():
         console.print(f"goal at 32 clients for {pair} (throughput ≥ ×{goal['throughput_goal']}"
