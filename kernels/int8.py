@@ -171,42 +171,41 @@ def dequant_epilogue(
 
 
 @njit(nogil=True, cache=True)
-def vnni_forward(x, wp, wsum128, wscale, bias, code):  # type: ignore[no-untyped-def]
-    """Fused int8 layer on the VNNI path: quantize, vpdpbusd accumulate, dequantize + bias + activation."""
-    B = x.shape[0]
-    N = wscale.shape[0]
-    acc = np.empty((B, N), dtype=np.int32)
-    xscale = np.empty(B, dtype=np.float32)
-    vnni_accumulate(x, wp, wsum128, acc, xscale)
-    out = np.empty((B, N), dtype=np.float32)
+def _buffers(rows: int, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """The int32 accumulators ``[rows, channels]`` and per-row activation scales every path fills."""
+    return np.empty((rows, channels), dtype=np.int32), np.empty(rows, dtype=np.float32)
+
+
+@njit(nogil=True, cache=True)
+def _dequantized(acc: np.ndarray, xscale: np.ndarray, wscale: np.ndarray, bias: np.ndarray, code: int) -> np.ndarray:
+    """The shared epilogue as a new float32 array: ``act(acc * xscale * wscale + bias)``."""
+    out = np.empty(acc.shape, dtype=np.float32)
     dequant_epilogue(acc, xscale, wscale, bias, code, out)
     return out
+
+
+@njit(nogil=True, cache=True)
+def vnni_forward(x, wp, wsum128, wscale, bias, code):  # type: ignore[no-untyped-def]
+    """Fused int8 layer on the VNNI path: quantize, vpdpbusd accumulate, dequantize + bias + activation."""
+    acc, xscale = _buffers(x.shape[0], wscale.shape[0])
+    vnni_accumulate(x, wp, wsum128, acc, xscale)
+    return _dequantized(acc, xscale, wscale, bias, code)
 
 
 @njit(nogil=True, cache=True)
 def avx2_forward(x, wp, wscale, bias, code):  # type: ignore[no-untyped-def]
     """Fused int8 layer on the AVX2 path."""
-    B = x.shape[0]
-    N = wscale.shape[0]
-    acc = np.empty((B, N), dtype=np.int32)
-    xscale = np.empty(B, dtype=np.float32)
+    acc, xscale = _buffers(x.shape[0], wscale.shape[0])
     avx2_accumulate(x, wp, acc, xscale)
-    out = np.empty((B, N), dtype=np.float32)
-    dequant_epilogue(acc, xscale, wscale, bias, code, out)
-    return out
+    return _dequantized(acc, xscale, wscale, bias, code)
 
 
 @njit(nogil=True, cache=True)
 def portable_forward(x, qt, wscale, bias, code):  # type: ignore[no-untyped-def]
     """Fused int8 layer on the portable path."""
-    B = x.shape[0]
-    N = wscale.shape[0]
-    acc = np.empty((B, N), dtype=np.int32)
-    xscale = np.empty(B, dtype=np.float32)
+    acc, xscale = _buffers(x.shape[0], wscale.shape[0])
     portable_accumulate(x, qt, acc, xscale)
-    out = np.empty((B, N), dtype=np.float32)
-    dequant_epilogue(acc, xscale, wscale, bias, code, out)
-    return out
+    return _dequantized(acc, xscale, wscale, bias, code)
 
 
 class Int8(LayerKernel):
