@@ -17,7 +17,8 @@ x86-64 host; on AVX-512 it lowers to ``vgatherdps``/``vpgatherdd`` and ``vpmaddw
   128-bit lanes, so the batch lanes come out permuted and are put back in order once, at the store) and
   ``pmaddwd`` multiplies both by the weight pair and adds them, 16 products per instruction; elsewhere each weight
   feeds the lanes with a sign-extending 32-bit multiply-add.
-* ``bsr_dot_i8``: portable ``(r, 1)`` int8 block dot (``r`` in 4..64 bytes) for ``mr`` (1..4) rows, int32 lanes.
+* ``bsr_dot_i8``: ``(r, 1)`` int8 block dot without VNNI (``r`` in 4..64 bytes) for ``mr`` (1..4) rows, int32
+  lanes: ``pmaddwd`` on sign-extended int16 pairs with AVX2 (``r >= 16``), else 32-bit multiply-adds.
 """
 
 from __future__ import annotations
@@ -233,13 +234,33 @@ def lanes_i32(typingctx, idx, val, start, end, r, xT, ldx, b0, out, out_off, nv)
     return sig, codegen
 
 
+def _pmadd_blocks(width: int) -> bool:
+    """Whether ``bsr_dot_i8`` multiplies blocks of ``width`` bytes with pmaddwd (AVX2, 16 bytes or more)."""
+    return width >= 16 and has_avx2()
+
+
 def _mac_i8(builder: ir.IRBuilder, acc: ir.Value, xv: ir.Value, w: ir.Value) -> ir.Value:
-    return builder.add(acc, builder.mul(builder.sext(xv, acc.type), builder.sext(w, acc.type)))
+    n = xv.type.count
+    if not _pmadd_blocks(n):
+        return builder.add(acc, builder.mul(builder.sext(xv, acc.type), builder.sext(w, acc.type)))
+    # int16 products summed in pairs into int32 (exact), 16 bytes per pmaddwd; the row is summed at the end, so
+    # every 16-byte piece adds into the same 8 lanes
+    wide = ir.VectorType(_I16, n)
+    xs, ws = builder.sext(xv, wide), builder.sext(w, wide)
+    v16 = ir.VectorType(_I16, 16)
+    v8 = ir.VectorType(_I32, 8)
+    pmadd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8, [v16, v16]), "llvm.x86.avx2.pmadd.wd")
+    for h in range(0, n, 16):
+        piece = ir.Constant(ir.VectorType(_I32, 16), list(range(h, h + 16)))
+        acc = builder.add(acc, builder.call(pmadd, [builder.shuffle_vector(xs, xs, piece),
+                                                    builder.shuffle_vector(ws, ws, piece)]))
+    return acc
 
 
 bsr_dot_i8 = _block_dot(
-    "bsr_dot_i8", _I8, INT8_DOT_WIDTHS, lambda w: ir.VectorType(_I32, w), _mac_i8, lambda b, x, y: b.add(x, y),
-    _I32, load_of=lambda w: ir.VectorType(_I8, w),
+    "bsr_dot_i8", _I8, INT8_DOT_WIDTHS, lambda w: ir.VectorType(_I32, 8 if _pmadd_blocks(w) else w), _mac_i8,
+    lambda b, x, y: b.add(x, y), _I32, load_of=lambda w: ir.VectorType(_I8, w),
 )
-bsr_dot_i8.__doc__ = ("portable int8 ``width``x1 blocks (width 4..64): s8 ``x`` times s8 ``val`` into int32 "
-                      f"``out``, ``mr`` (1..{MAX_MR}) rows; sign-extending multiply-adds, no VNNI.")
+bsr_dot_i8.__doc__ = ("int8 ``width``x1 blocks (width 4..64) without VNNI: s8 ``x`` times s8 ``val`` into int32 "
+                      f"``out``, ``mr`` (1..{MAX_MR}) rows; pmaddwd on AVX2 from 16 bytes, else sign-extending "
+                      "32-bit multiply-adds.")
