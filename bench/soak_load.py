@@ -7,10 +7,10 @@ call has a timeout.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,69 +128,73 @@ class SoakLoad:
         return time.time() - self.t0
 
     # -- load threads ----------------------------------------------------------------------------------------
+    def _calls(self, reconnect_every: int) -> Iterator[tuple[float, Any]]:
+        """(start, client) for each call until the run ends, on a fresh connection every ``reconnect_every`` calls
+        (clients come and go: connections spread over both processes)."""
+        import grpc
+
+        from leanserve.client import Client
+
+        def connect() -> Client:
+            return Client(channel=grpc.insecure_channel(self.target, options=OPTIONS), timeout=CALL_TIMEOUT_S)
+
+        client = connect()
+        try:
+            for i in range(10_000_000):
+                if time.time() >= self.end:
+                    return
+                if i and i % reconnect_every == 0:
+                    client.close()
+                    client = connect()
+                yield self.now(), client
+        finally:
+            client.close()
+
     def native_unary(self, x: np.ndarray, expected: np.ndarray) -> None:
         import grpc
 
-        from leanserve.client import Client, common as ccommon
+        from leanserve.client import common as ccommon
 
         rec = self.records["native_unary"]
         request = ccommon.predict_request("stable", x)
-        c = Client(channel=grpc.insecure_channel(self.target, options=OPTIONS), timeout=CALL_TIMEOUT_S)
-        with contextlib.ExitStack() as stack:
-            stack.callback(lambda: c.close())
-            for i in range(10_000_000):
-                start = self.now()
-                if time.time() >= self.end:
-                    return
-                if i and i % RECONNECT_EVERY == 0:  # clients come and go: connections spread over both processes
-                    c.close()
-                    c = Client(channel=grpc.insecure_channel(self.target, options=OPTIONS), timeout=CALL_TIMEOUT_S)
-                status = "OK"
-                detail = ""
-                try:
-                    answer = c.inference_stub.Predict(request, timeout=CALL_TIMEOUT_S, wait_for_ready=True)
-                    if not np.allclose(ccommon.outputs(answer)["y"], expected, atol=1e-4):
-                        rec.wrong_answers += 1
-                except grpc.RpcError as exc:
-                    status, detail = exc.code().name, exc.details() or ""
-                rec.add(start, self.now(), status, detail)
-                if status != "OK":
-                    time.sleep(0.05)
+        for start, c in self._calls(RECONNECT_EVERY):
+            status = "OK"
+            detail = ""
+            try:
+                answer = c.inference_stub.Predict(request, timeout=CALL_TIMEOUT_S, wait_for_ready=True)
+                if not np.allclose(ccommon.outputs(answer)["y"], expected, atol=1e-4):
+                    rec.wrong_answers += 1
+            except grpc.RpcError as exc:
+                status, detail = exc.code().name, exc.details() or ""
+            rec.add(start, self.now(), status, detail)
+            if status != "OK":
+                time.sleep(0.05)
 
     def native_stream(self, x: np.ndarray, expected: np.ndarray) -> None:
         import grpc
 
-        from leanserve.client import Client, common as ccommon
+        from leanserve.client import common as ccommon
 
         rec, per_request = self.records["native_stream"], self.stream_requests
-        c = Client(channel=grpc.insecure_channel(self.target, options=OPTIONS), timeout=CALL_TIMEOUT_S)
-        with contextlib.ExitStack() as stack:
-            stack.callback(lambda: c.close())
-            for i in range(10_000_000):
-                start = self.now()
-                if time.time() >= self.end:
-                    return
-                if i and i % 10 == 0:
-                    c.close()
-                    c = Client(channel=grpc.insecure_channel(self.target, options=OPTIONS), timeout=CALL_TIMEOUT_S)
-                requests = [ccommon.predict_request("stable", x, request_id=str(i)) for i in range(20)]
-                status = "OK"
-                try:
-                    for answer in c.inference_stub.PredictStream(iter(requests), timeout=CALL_TIMEOUT_S,
-                                                                  wait_for_ready=True):
-                        if answer.HasField("error"):
-                            code = next((s.name for s in grpc.StatusCode if s.value[0] == answer.error.code),
-                                        str(answer.error.code))
-                            per_request.add(start, self.now(), code, answer.error.message)
-                            continue
-                        per_request.add(start, self.now(), "OK")
-                        if not np.allclose(ccommon.outputs(answer)["y"], expected, atol=1e-4):
-                            rec.wrong_answers += 1
-                except grpc.RpcError as exc:
-                    status = exc.code().name
-                rec.add(start, self.now(), status)
-                if status != "OK":
-                    time.sleep(0.05)
+        requests = [ccommon.predict_request("stable", x, request_id=str(i)) for i in range(20)]
+        for start, c in self._calls(10):
+            status = "OK"
+            try:
+                for answer in c.inference_stub.PredictStream(iter(requests), timeout=CALL_TIMEOUT_S,
+                                                              wait_for_ready=True):
+                    if answer.HasField("error"):
+                        code = next((s.name for s in grpc.StatusCode if s.value[0] == answer.error.code),
+                                    str(answer.error.code))
+                        per_request.add(start, self.now(), code, answer.error.message)
+                        continue
+                    per_request.add(start, self.now(), "OK")
+                    if not np.allclose(ccommon.outputs(answer)["y"], expected, atol=1e-4):
+                        rec.wrong_answers += 1
+            except grpc.RpcError as exc:
+                status = exc.code().name
+            rec.add(start, self.now(), status)
+            if status != "OK":
+                time.sleep(0.05)
 
     def uploads(self, model_file: Path) -> None:
         import grpc
