@@ -28,7 +28,7 @@ from numba import types
 from numba.core import cgutils
 from numba.core.extending import intrinsic
 
-from leanserve.kernels._simd import has_avx2
+from leanserve.kernels._simd import has_avx2, pmaddwd
 from leanserve.kernels._sparse_simd import (MAX_MR, _F32, _I32, _I64, _block_dot, _c64, _for, _hsum, _index, _load_vec,
                                   _ptr, _splat, _switch)
 
@@ -142,8 +142,6 @@ def lanes_i32(typingctx, idx, val, start, end, r, xT, ldx, b0, out, out_off, nv)
             v8 = ir.VectorType(_I32, 8)
             accs = [[cgutils.alloca_once_value(builder, ir.Constant(v8, [0] * 8)) for _ in range(2)]
                     for _ in range(nv)]
-            pmadd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8, [v16, v16]),
-                                                   "llvm.x86.avx2.pmadd.wd")
             # the interleave of two rows' 16 lanes, within each 128-bit half (one vpunpck[lh]wd each): pmaddwd of
             # ``lo`` gives batch lanes 0-3 and 8-11, of ``hi`` lanes 4-7 and 12-15
             lo = ir.Constant(ir.VectorType(_I32, 16), [0, 16, 1, 17, 2, 18, 3, 19, 8, 24, 9, 25, 10, 26, 11, 27])
@@ -164,7 +162,7 @@ def lanes_i32(typingctx, idx, val, start, end, r, xT, ldx, b0, out, out_off, nv)
                     xa = _load_vec(builder, xt_p, builder.add(base_a, _c64(16 * j)), v16)
                     xb = _load_vec(builder, xt_p, builder.add(base_b, _c64(16 * j)), v16) if eb is not None else xa
                     for acc, mask in zip(accs[j], (lo, hi)):
-                        prod = builder.call(pmadd, [builder.shuffle_vector(xa, xb, mask), w])
+                        prod = pmaddwd(builder, builder.shuffle_vector(xa, xb, mask), w)
                         builder.store(builder.add(builder.load(acc), prod), acc)
 
             if blocked:  # (r, 1) blocks, r even: consecutive inputs pair up
@@ -247,13 +245,10 @@ def _mac_i8(builder: ir.IRBuilder, acc: ir.Value, xv: ir.Value, w: ir.Value) -> 
     # every 16-byte piece adds into the same 8 lanes
     wide = ir.VectorType(_I16, n)
     xs, ws = builder.sext(xv, wide), builder.sext(w, wide)
-    v16 = ir.VectorType(_I16, 16)
-    v8 = ir.VectorType(_I32, 8)
-    pmadd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8, [v16, v16]), "llvm.x86.avx2.pmadd.wd")
     for h in range(0, n, 16):
         piece = ir.Constant(ir.VectorType(_I32, 16), list(range(h, h + 16)))
-        acc = builder.add(acc, builder.call(pmadd, [builder.shuffle_vector(xs, xs, piece),
-                                                    builder.shuffle_vector(ws, ws, piece)]))
+        acc = builder.add(acc, pmaddwd(builder, builder.shuffle_vector(xs, xs, piece),
+                                       builder.shuffle_vector(ws, ws, piece)))
     return acc
 
 

@@ -50,6 +50,11 @@ def has_avx512f() -> bool:
     return _host_has("avx512f")
 
 
+#: tile widths (vectors of 16 lanes) per tile height on AVX2: the accumulators fit its 16 registers (fp32 and the
+#: int8 pmaddwd tiles alike)
+AVX2_TILE_NV = (0, 4, 2, 1, 1)
+
+
 def _f32_layout() -> tuple[int, tuple[int, ...]]:
     """``(F32_PANEL, F32_TILE_NV)`` for this host: fp32 panel width and, per tile height ``mr``, the tile's vectors.
 
@@ -58,7 +63,7 @@ def _f32_layout() -> tuple[int, tuple[int, ...]]:
     panels of 16 channels and tiles of 4 rows x 16 channels, 2 x 32 or 1 x 64 (at most 8 registers of accumulators);
     a tile wider than a panel reads one panel per vector, so each stream of weights stays contiguous.
     """
-    return (PANEL, (0, 4, 4, 4, 4)) if has_avx512f() else (LANES, (0, 4, 2, 1, 1))
+    return (PANEL, (0, 4, 4, 4, 4)) if has_avx512f() else (LANES, AVX2_TILE_NV)
 
 
 #: see ``_f32_layout``; module globals, so Numba compiles them in as constants
@@ -142,17 +147,22 @@ def _vnni_op(builder, b, w, acc):
     return builder.call(fn, [acc, b, w])  # b: unsigned bytes (activations), w: signed bytes (weights)
 
 
+def pmaddwd(builder: ir.IRBuilder, a: ir.Value, b: ir.Value) -> ir.Value:
+    """AVX2 ``pmaddwd``: two <16 x i16> -> <8 x i32>, each lane the exact sum of two adjacent int16 products."""
+    v16 = ir.VectorType(ir.IntType(16), 16)
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VectorType(_I32, 8), [v16, v16]),
+                                        "llvm.x86.avx2.pmadd.wd")
+    return builder.call(fn, [a, b])
+
+
 def _madd_op(builder, b, w, acc):
     # b: an (x[k], x[k+1]) int16 pair splat over 16 i32 lanes; w: 16 channels x (w[k], w[k+1]) as int8 pairs.
     # pmaddwd exists for 8 lanes only (AVX2): two calls, one per half.
-    half = ir.VectorType(ir.IntType(16), 16)
     wide = ir.VectorType(ir.IntType(16), 32)
     w16 = builder.sext(builder.bitcast(w, ir.VectorType(ir.IntType(8), 32)), wide)
     b16 = builder.bitcast(b, wide)
-    fn = cgutils.get_or_insert_function(
-        builder.module, ir.FunctionType(ir.VectorType(_I32, 8), [half, half]), "llvm.x86.avx2.pmadd.wd")
     lo, hi = (ir.Constant(ir.VectorType(_I32, 16), list(range(i, i + 16))) for i in (0, 16))
-    sums = [builder.call(fn, [builder.shuffle_vector(b16, b16, m), builder.shuffle_vector(w16, w16, m)])
+    sums = [pmaddwd(builder, builder.shuffle_vector(b16, b16, m), builder.shuffle_vector(w16, w16, m))
             for m in (lo, hi)]
     both = builder.shuffle_vector(sums[0], sums[1], ir.Constant(ir.VectorType(_I32, LANES), list(range(LANES))))
     return builder.add(acc, both)

@@ -25,16 +25,14 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-from leanserve.kernels._simd import (LANES, MAX_MR, PANEL, has_avx2, has_avx512_vnni, madd_tile, pack_panels,
-                                      vnni_tile)
+from leanserve.kernels._simd import (AVX2_TILE_NV, LANES, MAX_MR, PANEL, has_avx2, has_avx512_vnni, madd_tile,
+                                      pack_panels, vnni_tile)
 from leanserve.kernels.activations import activate_row, activation_code
 from leanserve.kernels.formats import (KernelInputError, LayerKernel, check_activation, meta_activation, meta_int,
                                        stored_array)
 from leanserve.kernels.quantize import quantize_rows, quantize_rows_u8, quantize_weights_per_channel
 
 PATHS = ("auto", "vnni", "avx2", "portable")
-#: the ``avx2`` path's tile widths per tile height: AVX2's layout of the fp32 tiles (16 registers)
-_AVX2_TILE_NV = (0, 4, 2, 1, 1)
 _default_path = "auto"
 
 
@@ -101,7 +99,7 @@ def avx2_accumulate(x: np.ndarray, wp: np.ndarray, acc: np.ndarray, xscale: np.n
     quantize_rows(x, xs, xscale)  # the int8 values, held as int16 (the tail is zeroed)
     tile = np.empty(MAX_MR * PANEL, dtype=np.int32)
     vectors = (N + LANES - 1) // LANES
-    width = _AVX2_TILE_NV[min(MAX_MR, B)]
+    width = AVX2_TILE_NV[min(MAX_MR, B)]
     vstride = LANES * kg  # int16 words per panel
     v0 = 0
     while v0 < vectors:
