@@ -155,17 +155,31 @@ def pmaddwd(builder: ir.IRBuilder, a: ir.Value, b: ir.Value) -> ir.Value:
     return builder.call(fn, [a, b])
 
 
+def pmaddwd_wide(builder: ir.IRBuilder, a: ir.Value, b: ir.Value) -> ir.Value:
+    """``pmaddwd`` over two <2n x i16> (n = 4, 8, 16, ...) -> <n x i32>: AVX2's 8-lane instruction on each 16-lane
+    piece (SSE2's 4-lane one for n = 4), the results concatenated in order."""
+    count = a.type.count
+    if count == 8:
+        v8 = ir.VectorType(ir.IntType(16), 8)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VectorType(_I32, 4), [v8, v8]),
+                                            "llvm.x86.sse2.pmadd.wd")
+        return builder.call(fn, [a, b])
+    pieces = []
+    for h in range(0, count, 16):
+        piece = ir.Constant(ir.VectorType(_I32, 16), list(range(h, h + 16)))
+        pieces.append(pmaddwd(builder, builder.shuffle_vector(a, a, piece), builder.shuffle_vector(b, b, piece)))
+    while len(pieces) > 1:  # concatenate pairwise: shufflevector joins two vectors of equal length
+        n = pieces[0].type.count
+        both = ir.Constant(ir.VectorType(_I32, 2 * n), list(range(2 * n)))
+        pieces = [builder.shuffle_vector(pieces[i], pieces[i + 1], both) for i in range(0, len(pieces), 2)]
+    return pieces[0]
+
+
 def _madd_op(builder, b, w, acc):
     # b: an (x[k], x[k+1]) int16 pair splat over 16 i32 lanes; w: 16 channels x (w[k], w[k+1]) as int8 pairs.
-    # pmaddwd exists for 8 lanes only (AVX2): two calls, one per half.
-    wide = ir.VectorType(ir.IntType(16), 32)
-    w16 = builder.sext(builder.bitcast(w, ir.VectorType(ir.IntType(8), 32)), wide)
-    b16 = builder.bitcast(b, wide)
-    lo, hi = (ir.Constant(ir.VectorType(_I32, 16), list(range(i, i + 16))) for i in (0, 16))
-    sums = [pmaddwd(builder, builder.shuffle_vector(b16, b16, m), builder.shuffle_vector(w16, w16, m))
-            for m in (lo, hi)]
-    both = builder.shuffle_vector(sums[0], sums[1], ir.Constant(ir.VectorType(_I32, LANES), list(range(LANES))))
-    return builder.add(acc, both)
+    wide = ir.VectorType(ir.IntType(16), 2 * LANES)
+    w16 = builder.sext(builder.bitcast(w, ir.VectorType(ir.IntType(8), 2 * LANES)), wide)
+    return builder.add(acc, pmaddwd_wide(builder, builder.bitcast(b, wide), w16))
 
 
 def _make_tile(elt_factory, op, doc, w_elt_factory=None):

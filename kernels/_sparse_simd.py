@@ -12,8 +12,10 @@ in elements. Index arrays may be uint16 or uint32.
   ``out[out_off + t*ldo] = sum_p dot(x[t*ldx + idx[p]*L : +L], val[p*L : +L])`` for ``t < mr`` rows.
 * ``bsr_bcast_f32``: blocks of ``r`` inputs x ``L`` outputs (``L`` in 4, 8, 16), lanes = outputs.
   ``out[out_off + t*ldo + j] = sum_p sum_i x[t*ldx + idx[p]*r + i] * val[(p*r + i)*L + j]``.
-* ``bsr_bcast_i8``: ``bsr_bcast_f32`` for int8 weights and int8 activations, exact int32 lanes (sign-extend,
-  multiply, add): int8 blocks along the outputs, which block pruning of a layer fed by sparse features needs.
+* ``bsr_bcast_i8``: ``bsr_bcast_f32`` for int8 weights and int8 activations, exact int32 lanes: int8 blocks along
+  the outputs, which block pruning of a layer fed by sparse features needs. With AVX2, two inputs at a time (the
+  two weight rows interleaved into int16 pairs, ``pmaddwd``); else (and for odd ``r`` > 1) sign-extend, multiply,
+  add.
 * ``bsr_dot_vnni``: int8 ``bsr_dot``: ``L`` (16, 32, 64) consecutive inputs, u8 activations x s8 weights summed
   into int32 with ``vpdpbusd`` (AVX512_VNNI + VL only; see ``has_avx512_vnni``).
 
@@ -29,7 +31,7 @@ from numba import types
 from numba.core import cgutils
 from numba.core.extending import intrinsic
 
-from leanserve.kernels._simd import has_avx512_vnni
+from leanserve.kernels._simd import has_avx2, has_avx512_vnni, pmaddwd_wide
 
 __all__ = ["bsr_bcast_f32", "bsr_bcast_i8", "bsr_dot_f32", "bsr_dot_vnni", "csr_lanes_f32", "has_avx512_vnni", "MAX_MR"]
 
@@ -41,6 +43,7 @@ _I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
 _F32 = ir.FloatType()
 _I8 = ir.IntType(8)
+_I16 = ir.IntType(16)
 
 
 def _c64(v: int) -> ir.Constant:
@@ -210,9 +213,11 @@ bsr_dot_vnni.__doc__ = ("int8 ``width``x1 blocks (width 16/32/64 bytes): u8 ``x`
                         "``out``, ``mr`` (1..4) rows. AVX512_VNNI only.")
 
 
-def _bcast_codegen(elt: ir.Type, acc_elt: ir.Type, madd: Callable):
+def _bcast_codegen(elt: ir.Type, acc_elt: ir.Type, madd: Callable, madd_pair: Callable | None = None):
     """Codegen of a broadcast block kernel over ``elt`` values/activations accumulating in ``acc_elt`` lanes;
-    ``madd(builder, x_scalar, w_vec, acc_vec)`` is the multiply-add (``x`` and ``w`` as loaded)."""
+    ``madd(builder, x_scalar, w_vec, acc_vec)`` is the multiply-add (``x`` and ``w`` as loaded). With
+    ``madd_pair(builder, xa, xb, w_pair, acc_vec)`` (``w_pair``: the two weight rows, loaded as one vector), two
+    inputs are multiplied at once: the two of a block with ``r`` even, two blocks in a row with ``r == 1``."""
 
     def codegen(context, builder, signature, args):
         idx_v, val_v, start_v, end_v, x_v, ldx_v, mr_v, r_v, width_v, out_v, off_v, ldo_v = args
@@ -224,16 +229,59 @@ def _bcast_codegen(elt: ir.Type, acc_elt: ir.Type, madd: Callable):
             vec = ir.VectorType(acc_elt, width)
             zero = ir.Constant(vec, [0] * width if isinstance(acc_elt, ir.IntType) else [0.0] * width)
             accs = [cgutils.alloca_once_value(builder, zero) for _ in range(mr)]
-            with _for(builder, start_v, end_v) as (p, _):
-                k0 = builder.mul(_index(context, builder, signature.args[0], idx_v, p), r_v)
-                w0 = builder.mul(builder.mul(p, r_v), _c64(width))
-                with _for(builder, _c64(0), r_v) as (i, _):
-                    w = _load_vec(builder, val_p, builder.add(w0, builder.mul(i, _c64(width))),
-                                  ir.VectorType(elt, width))
-                    k = builder.add(k0, i)
-                    for t in range(mr):
-                        xs = builder.load(builder.gep(x_p, [builder.add(k, builder.mul(ldx_v, _c64(t)))]))
-                        builder.store(madd(builder, xs, w, builder.load(accs[t])), accs[t])
+
+            def x_at(k: ir.Value, t: int) -> ir.Value:
+                return builder.load(builder.gep(x_p, [builder.add(k, builder.mul(ldx_v, _c64(t)))]))
+
+            def single(k: ir.Value, w_off: ir.Value) -> None:
+                w = _load_vec(builder, val_p, w_off, ir.VectorType(elt, width))
+                for t in range(mr):
+                    builder.store(madd(builder, x_at(k, t), w, builder.load(accs[t])), accs[t])
+
+            def pair(ka: ir.Value, kb: ir.Value, w_off: ir.Value) -> None:
+                w = _load_vec(builder, val_p, w_off, ir.VectorType(elt, 2 * width))
+                for t in range(mr):
+                    builder.store(madd_pair(builder, x_at(ka, t), x_at(kb, t), w, builder.load(accs[t])), accs[t])
+
+            def kidx(p: ir.Value) -> ir.Value:
+                return _index(context, builder, signature.args[0], idx_v, p)
+
+            def blocks_one_by_one(step: int) -> None:
+                # every block's r inputs, ``step`` (1 or 2) at a time
+                with _for(builder, start_v, end_v) as (p, _):
+                    k0 = builder.mul(kidx(p), r_v)
+                    w0 = builder.mul(builder.mul(p, r_v), _c64(width))
+                    with _for(builder, _c64(0), builder.sdiv(r_v, _c64(step))) as (h, _):
+                        i = builder.mul(h, _c64(step))
+                        k, w_off = builder.add(k0, i), builder.add(w0, builder.mul(i, _c64(width)))
+                        if step == 1:
+                            single(k, w_off)
+                        else:
+                            pair(k, builder.add(k, _c64(1)), w_off)
+
+            def blocks_in_pairs() -> None:
+                # r == 1: blocks p and p + 1 are one input each, their weight rows adjacent in ``val``
+                pairs = builder.sdiv(builder.sub(end_v, start_v), _c64(2))
+                with _for(builder, _c64(0), pairs) as (h, _):
+                    p = builder.add(start_v, builder.mul(h, _c64(2)))
+                    pair(kidx(p), kidx(builder.add(p, _c64(1))), builder.mul(p, _c64(width)))
+                with _for(builder, builder.add(start_v, builder.mul(pairs, _c64(2))), end_v) as (p, _):
+                    single(kidx(p), builder.mul(p, _c64(width)))
+
+            if madd_pair is None:
+                blocks_one_by_one(1)
+            else:
+                r_is_1 = builder.icmp_signed("==", r_v, _c64(1))
+                r_even = builder.icmp_signed("==", builder.srem(r_v, _c64(2)), _c64(0))
+                with builder.if_else(r_is_1) as (then, otherwise):
+                    with then:
+                        blocks_in_pairs()
+                    with otherwise:
+                        with builder.if_else(r_even) as (even, odd):
+                            with even:
+                                blocks_one_by_one(2)
+                            with odd:
+                                blocks_one_by_one(1)
             for t in range(mr):
                 dst = builder.gep(out_p, [builder.add(off_v, builder.mul(ldo_v, _c64(t)))])
                 builder.store(builder.load(accs[t]), builder.bitcast(dst, vec.as_pointer()), align=4)
@@ -256,6 +304,33 @@ def _madd_i8(builder: ir.IRBuilder, xs: ir.Value, w: ir.Value, acc: ir.Value) ->
     return builder.add(builder.mul(_splat(builder, acc.type, builder.sext(xs, _I32)), wide), acc)
 
 
+def _madd_i8_pair(builder: ir.IRBuilder, xa: ir.Value, xb: ir.Value, w: ir.Value, acc: ir.Value) -> ir.Value:
+    # w: the weight rows of inputs a and b (``width`` int8 each). Each row is sign-extended to int16 as a whole
+    # (a shuffle of bytes before the extension is lowered to one insert per element), then the two rows are
+    # interleaved per output into (a, b) pairs, 8 outputs per pmaddwd; the activations go in as one (xa, xb) int16
+    # pair splat over the lanes, and pmaddwd adds the two exact products of each output
+    width = acc.type.count
+    v16 = ir.VectorType(_I16, width)
+
+    def row(h: int) -> ir.Value:
+        part = ir.Constant(ir.VectorType(_I32, width), list(range(h * width, (h + 1) * width)))
+        return builder.sext(builder.shuffle_vector(w, w, part), v16)
+
+    wa, wb = row(0), row(1)
+    lanes = min(width, 8)
+    # the pair as one i32 built with scalar operations: a vector of two i16 is splat with one insert per lane
+    word = builder.or_(builder.zext(builder.sext(xa, _I16), _I32),
+                       builder.shl(builder.zext(builder.sext(xb, _I16), _I32), ir.Constant(_I32, 16)))
+    xs = builder.bitcast(_splat(builder, ir.VectorType(_I32, lanes), word), ir.VectorType(_I16, 2 * lanes))
+    sums = []
+    for h in range(0, width, lanes):
+        mix = ir.Constant(ir.VectorType(_I32, 2 * lanes), [h + j + s * width for j in range(lanes) for s in (0, 1)])
+        sums.append(pmaddwd_wide(builder, xs, builder.shuffle_vector(wa, wb, mix)))
+    total = sums[0] if len(sums) == 1 else builder.shuffle_vector(
+        sums[0], sums[1], ir.Constant(ir.VectorType(_I32, width), list(range(width))))
+    return builder.add(acc, total)
+
+
 def _bcast_sig(idx, val, x, out):
     return types.void(idx, val, types.intp, types.intp, x, types.intp, types.intp, types.intp, types.intp, out,
                       types.intp, types.intp)
@@ -270,4 +345,4 @@ def bsr_bcast_f32(typingctx, idx, val, start, end, x, ldx, mr, r, width, out, ou
 @intrinsic
 def bsr_bcast_i8(typingctx, idx, val, start, end, x, ldx, mr, r, width, out, out_off, ldo):
     """int8 ``r`` x ``width`` blocks times int8 activations into exact int32 lanes (``bsr_bcast_f32``'s layout)."""
-    return _bcast_sig(idx, val, x, out), _bcast_codegen(_I8, _I32, _madd_i8)
+    return _bcast_sig(idx, val, x, out), _bcast_codegen(_I8, _I32, _madd_i8, _madd_i8_pair if has_avx2() else None)

@@ -16,7 +16,8 @@
 Which blocks win is measured, not assumed: ``bench/kernels.py`` times every block shape on this machine's CPU, and
 the load-time autotuner (``server/runtime/tuning.py``) picks per layer. In those measurements bsr_int8 ``(r, 1)``
 on VNNI has been the fastest sparse format; without VNNI ``(16, 1)`` and ``(8, 1)`` are close and ``(4, 1)`` lags at
-batch 1. bsr_int8 ``(1, 16)`` matches bsr_f32 ``(1, 16)`` from a quarter of the bytes; it is the int8 block for layers
+batch 1. bsr_int8 ``(1, 16)`` (two inputs per ``pmaddwd`` on AVX2) runs about as fast as bsr_f32 ``(1, 16)`` from a
+quarter of the bytes (ahead on layers of a few thousand channels, behind on small ones); it is the int8 block for layers
 whose inputs must be pruned one by one (e.g. raw features, where ``(16, 1)`` tiles would drop informative inputs in
 groups).
 """

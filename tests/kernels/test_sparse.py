@@ -20,9 +20,11 @@ from leanserve.kernels.sparse_bsr import F32_BLOCKS, HAS_VNNI, INT8_BLOCKS
 from tests.kernels._kernel_refs import (activate64, assert_close_f32, int8_accumulators_ref, int8_error_bound,
                                         quantize_rows_ref, quantize_weights_ref, reference)
 
-# (format name, block) — every block shape each format has a kernel for
+# (format name, block) — every block shape each format has a kernel for; the int8 broadcast kernel pairs two inputs
+# (r == 1: across blocks, r even: within one) and takes them one by one for odd r > 1; (1, 4) pairs 4-lane blocks
 CONFIGS = ([("csr_f32", None), ("csr_int8", None)] + [("bsr_f32", b) for b in F32_BLOCKS]
-           + [("bsr_f32", (3, 8))] + [("bsr_int8", b) for b in INT8_BLOCKS])
+           + [("bsr_f32", (3, 8))] + [("bsr_int8", b) for b in INT8_BLOCKS]
+           + [("bsr_int8", (3, 4)), ("bsr_int8", (1, 4))])
 SHAPES = [(1, 1), (1, 7), (7, 1), (37, 13), (64, 33), (130, 17)]
 SPARSITIES = [0.0, 0.5, 0.9, 1.0]
 BATCHES = [1, 3, 17, 64]
