@@ -9,9 +9,9 @@
   int32 accumulation: ``bsr_bcast_i8``), or ``c == 1`` with ``r`` in 4, 8, 16, 32, 64. With AVX512_VNNI, ``c == 1``
   and ``r >= 16`` runs ``vpdpbusd`` on u8
   activations (``q + 128``; the kernel subtracts ``128 * sum(q_w)`` per channel); other shapes and CPUs use the
-  portable path (no VNNI): batch 1 runs 4-row block dots with sign-extending int32 multiply-adds
-  (``_csr_simd.bsr_dot_i8``), batch >= ``PORTABLE_LANES_MIN_BATCH`` the batch-lane kernel shared with csr_int8
-  (``sparse_csr.int_lanes`` with ``r`` consecutive inputs per stored block).
+  portable path (no VNNI): 4-row block dots (``_csr_simd.bsr_dot_i8``: ``pmaddwd`` on AVX2 from 16-byte blocks,
+  else sign-extending int32 multiply-adds) up to ``portable_lanes_min_batch(r)`` rows, from there the batch-lane
+  kernel shared with csr_int8 (``sparse_csr.int_lanes`` with ``r`` consecutive inputs per stored block).
 
 Which blocks win is measured, not assumed: ``bench/kernels.py`` times every block shape on this machine's CPU, and
 the load-time autotuner (``server/runtime/tuning.py``) picks per layer. In those measurements bsr_int8 ``(r, 1)``
@@ -30,7 +30,8 @@ import numpy as np
 from numba import njit
 
 from leanserve.kernels._csr_simd import bsr_dot_i8
-from leanserve.kernels._sparse_simd import MAX_MR, VNNI_WIDTHS, bsr_bcast_f32, bsr_bcast_i8, bsr_dot_f32, bsr_dot_vnni, has_avx512_vnni
+from leanserve.kernels._simd import has_avx2, has_avx512_vnni, has_avx512f
+from leanserve.kernels._sparse_simd import MAX_MR, VNNI_WIDTHS, bsr_bcast_f32, bsr_bcast_i8, bsr_dot_f32, bsr_dot_vnni
 from leanserve.kernels.activations import activation_code
 from leanserve.kernels.formats import (KernelInputError, LayerKernel, check_activation, meta_activation, meta_int,
                                        meta_value, stored_array)
@@ -42,8 +43,18 @@ from leanserve.kernels.sparse_csr import int_lanes
 F32_BLOCKS: tuple[tuple[int, int], ...] = ((4, 1), (8, 1), (16, 1), (1, 4), (1, 8), (1, 16), (4, 4), (4, 16))
 INT8_BLOCKS: tuple[tuple[int, int], ...] = ((4, 1), (8, 1), (16, 1), (32, 1), (64, 1), (1, 8), (1, 16), (2, 16))
 HAS_VNNI: bool = has_avx512_vnni()
-#: portable bsr_int8: batch size from which the batch-lane kernel beats 4-row block dots (measured crossover)
-PORTABLE_LANES_MIN_BATCH = 2
+#: "never": batch sizes reach no such number
+_NEVER = 1 << 62
+
+
+def portable_lanes_min_batch(r: int) -> int:
+    """Portable bsr_int8 ``(r, 1)``: the batch size from which the batch-lane kernel beats 4-row block dots on this
+    CPU (measured crossovers). With AVX-512 the lanes kernel's 16 batch lanes fill one register: from 2 rows. With
+    AVX2 only they take two, and block dots of 16 bytes or more multiply with ``pmaddwd`` (1.4-15x the lanes kernel
+    at every batch up to 256, 768..4096 channels): those never hand over; narrower blocks do from 32 rows."""
+    if has_avx512f():
+        return 2
+    return _NEVER if r >= 16 and has_avx2() else 32
 
 
 def f32_block_supported(r: int, c: int) -> bool:
@@ -159,9 +170,9 @@ def bsr_int8_accumulate_lanes(indptr: np.ndarray, indices: np.ndarray, values: n
 
 @njit(nogil=True, cache=True)
 def bsr_int8_forward(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, scales: np.ndarray,
-                     bias: np.ndarray, code: int, x: np.ndarray, r: int, c: int) -> np.ndarray:
+                     bias: np.ndarray, code: int, x: np.ndarray, r: int, c: int, lanes_min_batch: int) -> np.ndarray:
     """``act(dequant(quant(x) @ Wq) + b)`` for int8 ``(r, c)`` BSR weights (dynamic per-row activations),
-    portable path (no VNNI)."""
+    portable path (no VNNI); ``(r, 1)`` blocks run the batch-lane kernel from ``lanes_min_batch`` rows."""
     B, K = x.shape
     kp = (K + r - 1) // r * r
     xs = np.empty(B, dtype=np.float32)
@@ -170,7 +181,7 @@ def bsr_int8_forward(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray
     if c > 1:
         acc = bsr_int8_accumulate_lanes(indptr, indices, values, xq, r, c)
     else:
-        acc = bsr_int8_accumulate_portable(indptr, indices, values, xq, r, PORTABLE_LANES_MIN_BATCH)
+        acc = bsr_int8_accumulate_portable(indptr, indices, values, xq, r, lanes_min_batch)
     out = np.empty((B, bias.shape[0]), dtype=np.float32)
     epilogue_int(acc, False, xs, scales, bias, code, out)
     return out
@@ -318,6 +329,7 @@ class BsrInt8(_BsrBase):
         self.wsum = np.bincount(rows, weights=self.values.sum(axis=(1, 2), dtype=np.int64),
                                 minlength=nbr).astype(np.int32)
         self.use_vnni = HAS_VNNI and self.c == 1 and self.r in VNNI_WIDTHS
+        self.lanes_min_batch = portable_lanes_min_batch(self.r)
 
     @classmethod
     def from_dense(cls, weights: np.ndarray, bias: np.ndarray, activation: str, **options: Any) -> "BsrInt8":
@@ -354,8 +366,10 @@ class BsrInt8(_BsrBase):
     def dense_weights(self) -> np.ndarray:
         return self.quantized_weights().astype(np.float32) * self.scales
 
-    def accumulators(self, xq: np.ndarray, vnni: bool | None = None) -> np.ndarray:
-        """Exact int32 ``xq @ Wq`` for int8 activations ``xq[B, K]``; ``vnni`` forces a path (for tests)."""
+    def accumulators(self, xq: np.ndarray, vnni: bool | None = None, lanes_min_batch: int | None = None
+                     ) -> np.ndarray:
+        """Exact int32 ``xq @ Wq`` for int8 activations ``xq[B, K]``; ``vnni`` and ``lanes_min_batch`` force a
+        path (for tests)."""
         vnni = self.use_vnni if vnni is None else (vnni and self.use_vnni)
         kp = -(-self.in_features // self.r) * self.r
         xq = pad_columns(np.ascontiguousarray(xq, dtype=np.int8), kp)
@@ -366,11 +380,11 @@ class BsrInt8(_BsrBase):
             xu8 = (xq.astype(np.int16) + 128).astype(np.uint8)
             return bsr_int8_accumulate_vnni(self.indptr, self.indices, self._flat, xu8, self.r, self.wsum)
         return bsr_int8_accumulate_portable(self.indptr, self.indices, self._flat, xq, self.r,
-                                            PORTABLE_LANES_MIN_BATCH)
+                                            self.lanes_min_batch if lanes_min_batch is None else lanes_min_batch)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if self.use_vnni:
             return bsr_int8_forward_vnni(self.indptr, self.indices, self._flat, self.wsum, self.scales, self.bias,
                                          self._code, x, self.r)
         return bsr_int8_forward(self.indptr, self.indices, self._flat, self.scales, self.bias, self._code, x,
-                                self.r, self.c)
+                                self.r, self.c, self.lanes_min_batch)
