@@ -3,11 +3,11 @@
 Gather form (per output, the nonzero k's) rather than scatter (per input, the outputs it feeds): the output's
 sum stays in registers and batches vectorise over the batch lanes of a transposed ``x``.
 
-* Batch 1 (below ``LANES_MIN_BATCH`` / ``INT_LANES_MIN_BATCH``): each sparse row is one ``csr_gather_dot``: 16
-  nonzeros per step, ``x`` gathered with one ``vgatherdps`` (fp32) / ``vpgatherdd`` (int8: ``x`` quantized to
-  int16) into 16 partial sums, tree-reduced per row. Both are gather-throughput bound, not memory bound (a
+* Batch 1 (below ``LANES_MIN_BATCH`` / ``INT_LANES_MIN_BATCH``, 2 or 3 by the CPU): each sparse row is one
+  ``csr_gather_dot``: 16 nonzeros per step, ``x`` gathered with one ``vgatherdps`` (fp32) / ``vpgatherdd`` (int8:
+  ``x`` quantized to int16) into 16 partial sums, tree-reduced per row. Both are gather-throughput bound, not memory bound (a
   scalar loop was slower: LLVM turned its int8 form into 64-bit-index gathers).
-* Batch >= 2: ``x`` is transposed once into ``[K, Bp]`` (fp32, or int16 for int8) and every stored weight
+* From there: ``x`` is transposed once into ``[K, Bp]`` (fp32, or int16 for int8) and every stored weight
   feeds 16..64 batch lanes with one FMA (``csr_lanes_f32``) or one sign-extending int32 multiply-add
   (``lanes_i32``, exact). On large layers csr_int8 beats csr_f32 at batch >= 2 (half the weight bytes, int16
   ``x^T``); on small ones its quantize + transpose can make it slower (``bench/kernels.py`` measures both).
@@ -21,6 +21,7 @@ import numpy as np
 from numba import njit
 
 from leanserve.kernels._csr_simd import csr_gather_dot, lanes_i32
+from leanserve.kernels._simd import has_avx512f
 from leanserve.kernels._sparse_simd import csr_lanes_f32
 from leanserve.kernels.activations import activation_code
 from leanserve.kernels.formats import (KernelInputError, LayerKernel, check_activation, meta_activation, meta_int,
@@ -29,10 +30,11 @@ from leanserve.kernels.quantize import quantize_rows, quantize_weights_per_chann
 from leanserve.kernels.sparse_common import (INDEX_DTYPES, INDPTR_DTYPES, check_block_arrays, epilogue_f32,
                                              epilogue_int, index_dtype)
 
-#: batch size from which csr_f32 switches from per-row gathers to batch-lane SIMD (measured crossover)
-LANES_MIN_BATCH = 2
-#: the same for csr_int8 (int16 lanes; measured crossover)
-INT_LANES_MIN_BATCH = 2
+#: batch size from which csr_f32 switches from per-row gathers to batch-lane SIMD (measured crossovers: with AVX-512
+#: the 16 batch lanes fill one register, from 2 rows; with AVX2 two, and 2 rows run 1.0-1.8x faster as gathers)
+LANES_MIN_BATCH = 2 if has_avx512f() else 3
+#: the same for csr_int8 (int16 lanes; the same crossovers)
+INT_LANES_MIN_BATCH = LANES_MIN_BATCH
 
 
 def pack_csr(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

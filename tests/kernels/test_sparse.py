@@ -159,7 +159,8 @@ def test_csr_int8_gather_and_lane_paths_exact(k: int, rng: np.random.Generator) 
     csr = CsrInt8.from_dense(w, np.zeros(n, np.float32), "linear")
     assert csr.indices.dtype == (np.uint16 if k <= 65536 else np.uint32)
     wq = csr.quantized_weights().astype(np.int64)
-    for batch in (1, 2, 17, 70) if k < 1000 else (1, 3):  # 1: gathers; >= 2: lanes (1..4 vectors, lane blocks)
+    # 1 and 2: gathers (2: lanes on AVX-512); 3 on: lanes (1..4 vectors, lane blocks)
+    for batch in (1, 2, 3, 17, 70) if k < 1000 else (1, 3):
         xq = rng.integers(-127, 128, (batch, k)).astype(np.int8)
         xq[0, :] = 127
         np.testing.assert_array_equal(csr.accumulators(xq), (xq.astype(np.int64) @ wq).astype(np.int32))
