@@ -5,8 +5,8 @@ sum stays in registers and batches vectorise over the batch lanes of a transpose
 
 * Batch 1 (below ``LANES_MIN_BATCH`` / ``INT_LANES_MIN_BATCH``, 2 or 3 by the CPU): each sparse row is one
   ``csr_gather_dot``: 16 nonzeros per step, ``x`` gathered with one ``vgatherdps`` (fp32) / ``vpgatherdd`` (int8:
-  ``x`` quantized to int16) into 16 partial sums, tree-reduced per row. Both are gather-throughput bound, not memory bound (a
-  scalar loop was slower: LLVM turned its int8 form into 64-bit-index gathers).
+  ``x`` quantized to int16) into 16 partial sums, tree-reduced per row. Both are gather-throughput bound, not
+  memory bound (a scalar loop was slower: LLVM turned its int8 form into 64-bit-index gathers).
 * From there: ``x`` is transposed once into ``[K, Bp]`` (fp32, or int16 for int8) and every stored weight
   feeds 16..64 batch lanes with one FMA (``csr_lanes_f32``) or one sign-extending int32 multiply-add
   (``lanes_i32``, exact). On large layers csr_int8 beats csr_f32 at batch >= 2 (half the weight bytes, int16
