@@ -19,6 +19,11 @@ import numpy as np
 
 CALL_TIMEOUT_S = 30.0
 KILL_CODES = {"UNAVAILABLE", "CANCELLED"}  # how a call in flight on a killed process ends
+#: a call started this long after the SIGKILL can still go out on a connection to the killed process (the client
+#: learns of its end only when the kernel resets the connection): it fails like the calls in flight
+KILL_GRACE_S = 0.25
+#: clock slack between the load's processes and the one that kills
+CLOCK_SLACK_S = 0.5
 OPTIONS = [("grpc.use_local_subchannel_pool", 1)]  # each caller on its own TCP connection: spread over processes
 RECONNECT_EVERY = 300  # calls per connection of a closed-loop unary caller (streams: every 10 streams)
 
@@ -44,14 +49,16 @@ class Record:
 
 def classify(calls: list[tuple[float, float, str]], kill_t: float | None,
              ok: frozenset[str] = frozenset({"OK"})) -> dict[str, Any]:
-    """Counts by status, split into expected, in flight on the killed process, and lost."""
+    """Counts by status, split into expected, in flight on the killed process (a kill code, and the call overlaps
+    the kill, up to ``KILL_GRACE_S`` after it), and lost."""
     by_code = Counter(status for _, _, status in calls)
     in_flight = lost = 0
     lost_codes: Counter[str] = Counter()
     for start, end, status in calls:
         if status in ok:
             continue
-        if kill_t is not None and start <= kill_t <= end + 0.5 and status in KILL_CODES:
+        if (kill_t is not None and status in KILL_CODES
+                and start <= kill_t + KILL_GRACE_S and end + CLOCK_SLACK_S >= kill_t):
             in_flight += 1
         else:
             lost += 1
