@@ -305,10 +305,9 @@ def _madd_i8(builder: ir.IRBuilder, xs: ir.Value, w: ir.Value, acc: ir.Value) ->
 
 
 def _madd_i8_pair(builder: ir.IRBuilder, xa: ir.Value, xb: ir.Value, w: ir.Value, acc: ir.Value) -> ir.Value:
-    # w: the weight rows of inputs a and b (``width`` int8 each). Each row is sign-extended to int16 as a whole
-    # (a shuffle of bytes before the extension is lowered to one insert per element), then the two rows are
-    # interleaved per output into (a, b) pairs, 8 outputs per pmaddwd; the activations go in as one (xa, xb) int16
-    # pair splat over the lanes, and pmaddwd adds the two exact products of each output
+    # w: the weight rows of inputs a and b (``width`` int8 each), each sign-extended to int16, then interleaved per
+    # output into (a, b) pairs, 8 outputs per pmaddwd; the activations go in as one (xa, xb) int16 pair splat over
+    # the lanes, and pmaddwd adds the two exact products of each output
     width = acc.type.count
     v16 = ir.VectorType(_I16, width)
 
@@ -318,7 +317,7 @@ def _madd_i8_pair(builder: ir.IRBuilder, xa: ir.Value, xb: ir.Value, w: ir.Value
 
     wa, wb = row(0), row(1)
     lanes = min(width, 8)
-    # the pair as one i32 built with scalar operations: a vector of two i16 is splat with one insert per lane
+    # the pair as one i32 built with scalar operations (LLVM splats a <2 x i16> vector with one insert per lane)
     word = builder.or_(builder.zext(builder.sext(xa, _I16), _I32),
                        builder.shl(builder.zext(builder.sext(xb, _I16), _I32), ir.Constant(_I32, 16)))
     xs = builder.bitcast(_splat(builder, ir.VectorType(_I32, lanes), word), ir.VectorType(_I16, 2 * lanes))
