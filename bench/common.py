@@ -67,6 +67,9 @@ class Point:
     label: str = ""  # free-form variant, e.g. "batching=off"
     in_flight: float = float("nan")  # Little's law: throughput × mean latency, to compare with concurrency
     loadavg_1m: float = float("nan")  # machine load when the point ended: other tenants make this box noisy
+    #: the server's CPU (all its processes) per request answered in the window, µs: what handling a request costs,
+    #: which noise from other tenants changes far less than the throughput; NaN when the server's pid is unknown
+    server_cpu_us: float = float("nan")
 
     @property
     def series(self) -> str:
@@ -75,11 +78,13 @@ class Point:
 
 
 def summarize(
-    latencies_s: np.ndarray, errors: int, duration: float, cpu_s: float, first_error: str, **kw: Any
+    latencies_s: np.ndarray, errors: int, duration: float, cpu_s: float, first_error: str,
+    server_cpu_s: float = float("nan"), **kw: Any
 ) -> Point:
     """A Point from the raw latencies (seconds) of the requests that started inside the measured window."""
     ms = np.asarray(latencies_s, dtype=np.float64) * 1e3
     return Point(
+        server_cpu_us=server_cpu_s / ms.size * 1e6 if ms.size else float("nan"),
         duration_s=duration, requests=int(ms.size), errors=errors, throughput=ms.size / duration,
         p50_ms=percentile(ms, 50), p90_ms=percentile(ms, 90), p99_ms=percentile(ms, 99),
         mean_ms=float(ms.mean()) if ms.size else float("nan"), client_cpu=cpu_s / duration,
@@ -88,19 +93,21 @@ def summarize(
     )
 
 
-def measure(load: Any, system: str = "leanserve", label: str = "") -> Point:
-    """Run one ``loadgen.Load`` point with its client processes, print a line and return its summary."""
+def measure(load: Any, system: str = "leanserve", label: str = "", server_pid: int | None = None) -> Point:
+    """Run one ``loadgen.Load`` point with its client processes, print a line and return its summary.
+    ``server_pid``: the leader of the server's process group, whose CPU per request the point then reports."""
     import loadgen
 
     try:
-        got = loadgen.run(load)
+        got = loadgen.run(load, server_pid)
     except (RuntimeError, TimeoutError, OSError) as exc:
         # a server that cannot even start a point (e.g. every worker thread held by open streams) is a result too
         lines = str(exc).strip().splitlines() or [repr(exc)]
         why = next((ln.strip() for ln in lines if "StatusCode" in ln or "Error:" in ln), lines[-1])
         got = loadgen.Collected(np.zeros(0), 1, 0.0, why[:300], load.procs)
     point = summarize(
-        got.latencies, got.errors, load.duration, got.cpu_s, got.first_error, system=system, protocol=load.protocol,
+        got.latencies, got.errors, load.duration, got.cpu_s, got.first_error, got.server_cpu_s,
+        system=system, protocol=load.protocol,
         mode=load.mode, loop="open" if load.rate else "closed", concurrency=load.concurrency,
         target_rate=load.rate, procs=got.procs, batch=load.batch, label=label,
     )
@@ -109,14 +116,35 @@ def measure(load: Any, system: str = "leanserve", label: str = "") -> Point:
 
 
 def ratio(new: Point, base: Point) -> dict[str, float]:
-    """``new`` over ``base``: throughput (higher is better), p50 and p99 latency (lower is better)."""
+    """``new`` over ``base``: throughput (higher is better), p50 and p99 latency and server CPU per request (lower
+    is better; NaN when either lacks it)."""
     return {"throughput_ratio": new.throughput / base.throughput, "p50_ratio": new.p50_ms / base.p50_ms,
-            "p99_ratio": new.p99_ms / base.p99_ms}
+            "p99_ratio": new.p99_ms / base.p99_ms, "server_cpu_ratio": new.server_cpu_us / base.server_cpu_us}
 
 
 def ratio_text(r: dict[str, float]) -> str:
-    """One line for a ``ratio``: "throughput ×1.20, p50 ×0.80, p99 ×0.90"."""
-    return f"throughput ×{r['throughput_ratio']:.2f}, p50 ×{r['p50_ratio']:.2f}, p99 ×{r['p99_ratio']:.2f}"
+    """One line for a ``ratio``: "throughput ×1.20, p50 ×0.80, p99 ×0.90, server CPU per request ×1.10"."""
+    cpu = r.get("server_cpu_ratio", float("nan"))
+    return (f"throughput ×{r['throughput_ratio']:.2f}, p50 ×{r['p50_ratio']:.2f}, p99 ×{r['p99_ratio']:.2f}"
+            + (f", server CPU per request ×{cpu:.2f}" if cpu == cpu else ""))
+
+
+def process_group_cpu_s(pgid: int) -> float:
+    """CPU seconds (user + system) used so far by the live processes of process group ``pgid`` (a server started
+    in its own session, with its workers)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        if int(fields[2]) == pgid:  # fields after the name: state, ppid, pgrp, ..., utime (11), stime (12)
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
 
 
 def machine_info() -> dict[str, Any]:
@@ -310,13 +338,13 @@ def points_table(points: Sequence[Point], title: str) -> Any:
 
     t = Table(title=title)
     for col in ("series", "loop", "conc", "rate", "req/s", "p50 ms", "p90 ms", "p99 ms", "errors", "client cpu",
-                "load 1m"):
+                "server µs/req", "load 1m"):
         t.add_column(col, justify="left" if col in ("series", "loop") else "right")
     for p in points:
         t.add_row(
             escape(p.series), p.loop, str(p.concurrency), f"{p.target_rate:.0f}" if p.target_rate else "-",
             f"{p.throughput:,.0f}", f"{p.p50_ms:.2f}", f"{p.p90_ms:.2f}", f"{p.p99_ms:.2f}",
-            str(p.errors), f"{p.client_cpu:.2f}", f"{p.loadavg_1m:.1f}",
+            str(p.errors), f"{p.client_cpu:.2f}", f"{p.server_cpu_us:.0f}", f"{p.loadavg_1m:.1f}",
         )
     return t
 
@@ -324,8 +352,9 @@ def points_table(points: Sequence[Point], title: str) -> Any:
 def one_line(p: Point) -> str:
     """A progress line for one point."""
     rate = f" rate {p.target_rate:.0f}/s" if p.target_rate else ""
+    cpu = f", server {p.server_cpu_us:.0f} µs/req" if p.server_cpu_us == p.server_cpu_us else ""
     return (f"{p.series:<34} {p.loop} c={p.concurrency}{rate}: {p.throughput:,.0f} req/s, p50 {p.p50_ms:.2f} ms, "
-            f"p99 {p.p99_ms:.2f} ms, errors {p.errors}{' ' + p.first_error[:80] if p.first_error else ''}")
+            f"p99 {p.p99_ms:.2f} ms{cpu}, errors {p.errors}{' ' + p.first_error[:80] if p.first_error else ''}")
 
 
 def plot_sweep(points: Sequence[Point], path: Path, title: str) -> Path:

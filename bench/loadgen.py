@@ -53,6 +53,7 @@ class Collected:
     cpu_s: float
     first_error: str
     procs: int
+    server_cpu_s: float = float("nan")  # the server's CPU seconds over the window (NaN: not measured)
 
 
 # -- callers: one per thread, ``call()`` blocks until the answer ------------------------------------------------
@@ -231,8 +232,19 @@ def _worker(load: Load, threads: int, rate: float, seed: int, ready: Any, go: An
              first_error[0]))
 
 
-def run(load: Load) -> Collected:
-    """Spawn the worker processes, start them together, collect their latencies."""
+def _server_cpu(pgid: int, start_at: float, duration: float, out: list[float]) -> None:
+    """The CPU seconds process group ``pgid`` uses from ``start_at`` (a time.time()) for ``duration`` seconds."""
+    import common
+
+    time.sleep(max(0.0, start_at - time.time()))
+    before = common.process_group_cpu_s(pgid)
+    time.sleep(max(0.0, start_at + duration - time.time()))
+    out.append(common.process_group_cpu_s(pgid) - before)
+
+
+def run(load: Load, server_pgid: int | None = None) -> Collected:
+    """Spawn the worker processes, start them together, collect their latencies; with ``server_pgid`` (the
+    server's process group), also the server's CPU over the measured window."""
     ctx = mp.get_context("spawn")  # fork after TF/grpc is unsafe; spawn gives each worker a clean interpreter
     procs = max(1, min(load.procs, load.concurrency))
     split = [load.concurrency // procs + (1 if i < load.concurrency % procs else 0) for i in range(procs)]
@@ -250,8 +262,16 @@ def run(load: Load) -> Collected:
             if status != "ok":
                 raise RuntimeError(f"client worker failed to start:\n{msg}")
         start_at.value = time.time() + load.warmup
+        server_cpu: list[float] = []
+        sampler = None
+        if server_pgid:
+            sampler = threading.Thread(target=_server_cpu, args=(server_pgid, start_at.value, load.duration,
+                                                                  server_cpu), daemon=True)
+            sampler.start()
         go.set()
         results = [out.get(timeout=load.warmup + load.duration + 60) for _ in children]
+        if sampler is not None:
+            sampler.join(load.warmup + load.duration + 5)
     finally:
         go.set()
         for c in children:
@@ -262,6 +282,7 @@ def run(load: Load) -> Collected:
     return Collected(
         latencies=lat, errors=sum(r[1] for r in results), cpu_s=sum(r[2] for r in results),
         first_error=next((r[3] for r in results if r[3]), ""), procs=procs,
+        server_cpu_s=server_cpu[0] if server_cpu else float("nan"),
     )
 
 
