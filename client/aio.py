@@ -26,6 +26,7 @@ class AsyncClient:
         self.channel = common.Connection(target, token, tls, tls_ca, tls_cert, tls_key, max_message_bytes).aio_channel()
         self.models_stub = model_grpc.ModelServiceStub(self.channel)
         self.inference_stub = inf_grpc.InferenceServiceStub(self.channel)
+        self._raw = common.raw_predict_methods(self.channel)
         self.optimize_stub = optimize_grpc.OptimizeServiceStub(self.channel)
         self.timeout = timeout
 
@@ -56,17 +57,18 @@ class AsyncClient:
 
     async def predict(self, name: str, x: np.ndarray, *, version: int = 0, postprocess: str = "raw",
                       top_k: int = 0) -> PredictOutput:
-        req = common.predict_request(name, x, version=version, postprocess=postprocess, top_k=top_k)
-        resp = await self.inference_stub.Predict(req, timeout=self.timeout)
+        req = common.predict_request_bytes(name, x, version=version, postprocess=postprocess, top_k=top_k)
+        resp = await self._raw.predict(req, timeout=self.timeout)
         return PredictOutput(resp.model_name, resp.model_version, common.outputs(resp), resp.request_id)
 
     async def stream(self, name: str, batches: Iterable[np.ndarray], *, version: int = 0, postprocess: str = "raw",
                      top_k: int = 0) -> AsyncIterator[PredictOutput]:
         requests = (
-            common.predict_request(name, x, version=version, postprocess=postprocess, top_k=top_k, request_id=str(i))
+            common.predict_request_bytes(name, x, version=version, postprocess=postprocess, top_k=top_k,
+                                         request_id=str(i))
             for i, x in enumerate(batches)
         )
-        async for resp in self.inference_stub.PredictStream(requests, timeout=self.timeout):
+        async for resp in self._raw.stream(requests, timeout=self.timeout):
             if resp.HasField("error"):
                 raise StreamError(resp.error.code, resp.error.message, resp.request_id)
             yield PredictOutput(resp.model_name, resp.model_version, common.outputs(resp), resp.request_id)

@@ -68,6 +68,7 @@ class Client:
                                                     max_message_bytes).channel()
         self.models_stub = model_grpc.ModelServiceStub(self.channel)
         self.inference_stub = inf_grpc.InferenceServiceStub(self.channel)
+        self._raw = common.raw_predict_methods(self.channel)
         self.optimize_stub = optimize_grpc.OptimizeServiceStub(self.channel)
         self.timeout = timeout
 
@@ -113,8 +114,8 @@ class Client:
         timeout: float | None = None,
     ) -> PredictOutput:
         """One batch in, its outputs back."""
-        req = common.predict_request(name, x, version=version, postprocess=postprocess, top_k=top_k)
-        resp = self.inference_stub.Predict(req, timeout=timeout or self.timeout)
+        req = common.predict_request_bytes(name, x, version=version, postprocess=postprocess, top_k=top_k)
+        resp = self._raw.predict(req, timeout=timeout or self.timeout)
         return PredictOutput(resp.model_name, resp.model_version, common.outputs(resp), resp.request_id)
 
     def stream(
@@ -123,10 +124,11 @@ class Client:
     ) -> Iterator[PredictOutput]:
         """Push many batches through one PredictStream; results come back in order, request ids "0", "1", ..."""
         requests = (
-            common.predict_request(name, x, version=version, postprocess=postprocess, top_k=top_k, request_id=str(i))
+            common.predict_request_bytes(name, x, version=version, postprocess=postprocess, top_k=top_k,
+                                         request_id=str(i))
             for i, x in enumerate(batches)
         )
-        for resp in self.inference_stub.PredictStream(requests, timeout=self.timeout):
+        for resp in self._raw.stream(requests, timeout=self.timeout):
             if resp.HasField("error"):
                 if raise_on_error:
                     raise StreamError(resp.error.code, resp.error.message, resp.request_id)

@@ -8,6 +8,7 @@ a shape whose product overflows int64 is refused instead of wrapping around).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -39,8 +40,12 @@ def dtype_to_pb(dtype: str | np.dtype) -> int:
     return _PB_BY_NAME.get(np.dtype(dtype).name, tensor_pb.DATA_TYPE_UNSPECIFIED)
 
 
-def to_numpy(t: tensor_pb.Tensor, *, max_elements: int | None = None) -> np.ndarray:
-    """A read-only numpy view over the message's bytes (no per-element copy); ``TensorCodecError`` if invalid."""
+def to_numpy(t: tensor_pb.Tensor, *, max_elements: int | None = None, data: Any = None) -> np.ndarray:
+    """A read-only numpy view over the message's bytes (no per-element copy); ``TensorCodecError`` if invalid.
+
+    ``data``: the tensor's bytes when the message does not hold them (a view ``wire.split`` took out of the
+    received buffer); a view that is not aligned for the dtype is copied, so kernels only ever see aligned arrays.
+    """
     dtype = DTYPES.get(t.dtype)
     if dtype is None:
         raise TensorCodecError(f"tensor {t.name[:64]!r}: unsupported or unset dtype ({t.dtype})")
@@ -51,14 +56,16 @@ def to_numpy(t: tensor_pb.Tensor, *, max_elements: int | None = None) -> np.ndar
     if max_elements is not None and count > max_elements:
         raise TensorCodecError(f"tensor {t.name[:64]!r}: shape {list(shape)[:8]} holds more than {max_elements} "
                                "elements")
-    data = t.data  # each attribute access copies the bytes out of the message: read it once
+    if data is None:
+        data = t.data  # each attribute access copies the bytes out of the message: read it once
     if len(data) != count * dtype.itemsize:
         raise TensorCodecError(
             f"tensor {t.name[:64]!r}: shape {list(shape)[:8]} of {dtype.name} needs {count * dtype.itemsize} bytes, "
             f"got {len(data)}"
         )
     try:
-        return np.ndarray(shape, dtype, data)  # a read-only view of the bytes, as frombuffer + reshape but cheaper
+        a = np.ndarray(shape, dtype, data)  # a read-only view of the bytes, as frombuffer + reshape but cheaper
+        return a if a.flags.aligned else a.copy()
     except (ValueError, TypeError) as exc:  # e.g. a 0 beside dims numpy cannot address, or more than 64 dims
         raise TensorCodecError(f"tensor {t.name[:64]!r}: shape {list(shape)[:8]} is not a valid array: {exc}") from None
 
@@ -69,17 +76,23 @@ def fill(t: tensor_pb.Tensor, a: np.ndarray, name: str = "") -> tensor_pb.Tensor
     Filling in place (``msg.inputs.add()``) avoids the deep copy a parent's constructor makes of a finished
     Tensor, which for large arrays costs far more than the byte copy itself.
     """
+    a, code = wire_array(a)
+    t.name = name
+    t.dtype = code
+    t.shape[:] = a.shape
+    t.data = a.tobytes()
+    return t
+
+
+def wire_array(a: np.ndarray) -> tuple[np.ndarray, int]:
+    """``a`` as it travels (row-major, little-endian; the same array when it already is) and its wire dtype."""
     a = np.require(a, requirements="C")  # unlike ascontiguousarray, keeps 0-d arrays 0-d
     if a.dtype.byteorder == ">":
         a = a.astype(a.dtype.newbyteorder("<"))
     code = _PB_BY_DTYPE.get(a.dtype)
     if code is None:
         raise TensorCodecError(f"cannot send dtype {a.dtype} as a tensor")
-    t.name = name
-    t.dtype = code
-    t.shape[:] = a.shape
-    t.data = a.tobytes()
-    return t
+    return a, code
 
 
 def from_numpy(a: np.ndarray, name: str = "") -> tensor_pb.Tensor:

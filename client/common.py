@@ -11,9 +11,10 @@ from typing import Any, NamedTuple
 import grpc
 import numpy as np
 
-from leanserve.client import codec
+from leanserve.client import codec, wire
 from leanserve.v1 import inference_service_pb2 as inf_pb
 from leanserve.v1 import model_service_pb2 as model_pb
+from leanserve.v1 import tensor_pb2 as tensor_pb
 
 DEFAULT_SERVER = "127.0.0.1:8500"
 DEFAULT_MAX_MESSAGE_BYTES = 512 * 1024 * 1024
@@ -152,6 +153,44 @@ def predict_request(
     )
     codec.fill(req.inputs.add(), x, input_name)
     return req
+
+
+def predict_request_bytes(
+    model: str, x: np.ndarray, *, version: int = 0, postprocess: str = "raw", top_k: int = 0,
+    request_id: str = "", input_name: str = "",
+) -> bytes:
+    """``predict_request(...)`` serialized, with ``x``'s bytes copied once, straight into the result (building
+    the message and serializing it copies them three times). Send it with ``raw_predict_methods``."""
+    if postprocess not in POSTPROCESS:
+        raise ValueError(f"postprocess must be one of {', '.join(POSTPROCESS)}")
+    head = inf_pb.PredictRequest(
+        model_name=model, model_version=version, postprocess=POSTPROCESS[postprocess], top_k=top_k,
+        request_id=request_id,
+    ).SerializeToString()
+    a, code = codec.wire_array(x)
+    meta = tensor_pb.Tensor(name=input_name, dtype=code, shape=a.shape).SerializeToString()
+    return wire.join(head, _INPUTS_FIELD, [(meta, a)], _DATA_FIELD, padding=_PADDING_FIELD)
+
+
+_INPUTS_FIELD = inf_pb.PredictRequest.DESCRIPTOR.fields_by_name["inputs"].number
+_DATA_FIELD = tensor_pb.Tensor.DESCRIPTOR.fields_by_name["data"].number
+_PADDING_FIELD = inf_pb.PredictRequest.DESCRIPTOR.fields_by_name["padding"].number
+
+
+class RawPredict(NamedTuple):
+    """Predict and PredictStream taking requests already serialized (``predict_request_bytes``)."""
+
+    predict: Any
+    stream: Any
+
+
+def raw_predict_methods(channel: Any) -> RawPredict:
+    """``RawPredict`` on a grpc or grpc.aio channel (the same methods as the stub's, without its serializer)."""
+    answer = inf_pb.PredictResponse.FromString
+    service = "/leanserve.v1.InferenceService/"
+    return RawPredict(channel.unary_unary(service + "Predict", request_serializer=None, response_deserializer=answer),
+                      channel.stream_stream(service + "PredictStream", request_serializer=None,
+                                            response_deserializer=answer))
 
 
 def outputs(resp: inf_pb.PredictResponse) -> dict[str, np.ndarray]:

@@ -219,7 +219,9 @@ class Settings(BaseSettings):
         description="A model whose single-request kernel call takes less than this (µs, measured while serving) "
         "runs each request at once on its caller's thread even while another batch executes: handing it to the "
         "batch thread would cost more than batching could save. Larger models queue and batch as usual. "
-        "0 = always queue while busy.",
+        "0 = always queue while busy. Also the other way round for streams: a stream's request expected to take "
+        "this long or longer goes to the batch thread even when the model is idle, so the stream's reader takes "
+        "the next message while it computes.",
     )
     batch_overrides: dict[str, BatchOverride] = Field(
         default_factory=dict,

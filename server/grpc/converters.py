@@ -27,10 +27,11 @@ _POSTPROCESS = {
 }
 
 
-def tensor_to_numpy(t: tensor_pb.Tensor) -> np.ndarray:
-    """A read-only numpy view over the message's bytes; InvalidArgument when the message is not a valid array."""
+def tensor_to_numpy(t: tensor_pb.Tensor, data: Any = None) -> np.ndarray:
+    """A read-only numpy view over the message's bytes (or ``data``, its bytes taken out of the message);
+    InvalidArgument when the message is not a valid array."""
     try:
-        return codec.to_numpy(t)
+        return codec.to_numpy(t, data=data)
     except codec.TensorCodecError as exc:
         raise InvalidArgument(str(exc)) from None
 
@@ -59,13 +60,15 @@ def upload_header(h: model_pb.UploadHeader) -> UploadRequest:
     )
 
 
-def predict_request(req: inf_pb.PredictRequest) -> tuple[dict[str, np.ndarray], PostProcess, int]:
-    """Inputs by name (unnamed allowed for a single input), post-processing and top_k."""
+def predict_request(req: inf_pb.PredictRequest, raws: list[Any] | None = None,
+                    ) -> tuple[dict[str, np.ndarray], PostProcess, int]:
+    """Inputs by name (unnamed allowed for a single input), post-processing and top_k. ``raws``: per input, its
+    bytes when ``request_decoders`` took them out of the message (None: the message holds them)."""
     inputs: dict[str, np.ndarray] = {}
-    for t in req.inputs:
+    for i, t in enumerate(req.inputs):
         if t.name in inputs:
             raise InvalidArgument(f"input {t.name!r} given twice")
-        inputs[t.name] = tensor_to_numpy(t)
+        inputs[t.name] = tensor_to_numpy(t, raws[i] if raws else None)
     kind = _POSTPROCESS.get(req.postprocess)
     if kind is None:
         raise InvalidArgument(f"unknown postprocess value {req.postprocess}")

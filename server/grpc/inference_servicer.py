@@ -12,6 +12,7 @@ from leanserve.server.dataplane import DataPlane
 from leanserve.server.errors import LeanserveError
 from leanserve.server.grpc import converters
 from leanserve.server.grpc.calls import StreamSlots, pipelined, request_context, status_number
+from leanserve.server.grpc.request_decoders import unpack
 from leanserve.server.serving.context import RequestContext
 
 
@@ -23,7 +24,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     def _submit(
         self, request: pb.PredictRequest, ctx: RequestContext, call: grpc.ServicerContext | None = None
     ) -> Callable[[], pb.PredictResponse]:
-        inputs, kind, top_k = converters.predict_request(request)
+        request, raws = unpack(request)
+        inputs, kind, top_k = converters.predict_request(request, raws)
         pending = self.dp.submit(request.model_name, request.model_version, inputs, kind, top_k, ctx)
         if call is not None and not pending.done:
             # a cancelled RPC leaves the queue at once; False = it ended already, before the callback was in place
@@ -37,9 +39,10 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     def PredictStream(
         self, request_iterator: Iterator[pb.PredictRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.PredictResponse]:
-        ctx = request_context(context)
+        ctx = request_context(context)._replace(stream=True)
 
         def on_error(request: pb.PredictRequest, exc: LeanserveError) -> pb.PredictResponse:
+            request = unpack(request)[0]
             return pb.PredictResponse(
                 model_name=request.model_name,
                 request_id=request.request_id,

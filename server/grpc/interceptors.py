@@ -15,7 +15,7 @@ import logging
 from concurrent import futures
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import grpc
@@ -73,11 +73,15 @@ class ErrorInterceptor(grpc.ServerInterceptor):
     With ``stream_pool``, every streaming method (client, server or bidirectional) runs on that pool instead of the
     server's: an open stream holds its thread for its whole life, so streams get threads of their own and the
     server's pool, kept small, serves unary calls only (few runnable handler threads = no GIL convoy).
+    ``request_decoders`` (full method name -> deserializer) replace the registered request deserializers of those
+    methods (see request_decoders.py): this wrapper is the one place every handler passes through.
     """
 
-    def __init__(self, client_errors_per_second: int = 10, stream_pool: futures.ThreadPoolExecutor | None = None) -> None:
+    def __init__(self, client_errors_per_second: int = 10, stream_pool: futures.ThreadPoolExecutor | None = None,
+                 request_decoders: Mapping[str, Callable[[bytes], Any]] | None = None) -> None:
         self._client_error = RateLimitedLog(log, client_errors_per_second)
         self._stream_pool = stream_pool
+        self._decoders = dict(request_decoders or {})
         # method -> (handler as registered, wrapped handler); only methods that exist get an entry
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
@@ -102,6 +106,8 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see the server log")
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        if method in self._decoders:
+            handler = handler._replace(request_deserializer=self._decoders[method])
         abort = self._abort
 
         stream_pool = self._stream_pool

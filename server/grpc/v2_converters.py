@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -122,7 +122,8 @@ def _tensor(t: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, max_byt
                 f"input {t.name[:_ECHO]!r}: shape {list(shape)} of {t.datatype} needs {count * dtype.itemsize} bytes, "
                 f"got {len(raw)}"
             )
-        return np.ndarray(shape, dtype, raw)  # a read-only view of the bytes (half frombuffer + reshape's cost)
+        a = np.ndarray(shape, dtype, raw)  # a read-only view of the bytes (half frombuffer + reshape's cost)
+        return a if a.flags.aligned else a.copy()  # kernels see aligned arrays only (a view split off a message)
     if t.datatype not in _CONTENTS:
         raise InvalidArgument(f"input {t.name[:_ECHO]!r}: {t.datatype} must be sent in raw_input_contents")
     field, wire_dtype = _CONTENTS[t.datatype]
@@ -150,11 +151,13 @@ def _inputs(tensors: Iterable[pb.ModelInferRequest.InferInputTensor], raws: list
     return inputs
 
 
-def infer_request(req: pb.ModelInferRequest, max_bytes: int = _MAX_TENSOR_BYTES) -> InferCall:
+def infer_request(req: pb.ModelInferRequest, max_bytes: int = _MAX_TENSOR_BYTES,
+                  raws: list[Any] | None = None) -> InferCall:
     """Inputs by name, options from the request parameters, requested output names. No input tensor may describe
-    more than ``max_bytes`` (the largest message)."""
+    more than ``max_bytes`` (the largest message). ``raws``: the ``raw_input_contents`` when ``request_decoders``
+    took them out of the message (None: the message holds them)."""
     tensors = req.inputs
-    raw_field = req.raw_input_contents
+    raw_field = req.raw_input_contents if raws is None else raws
     if len(tensors) == 1 and len(raw_field) == 1:  # the usual request: one input, raw (no list, no loop)
         t = tensors[0]
         if t.HasField("contents"):

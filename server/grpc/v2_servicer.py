@@ -14,6 +14,7 @@ from leanserve.server.errors import LeanserveError, NotFound, shown
 from leanserve.server.grpc import v2_converters as conv
 from leanserve.server.grpc.auth import caller_context
 from leanserve.server.grpc.calls import StreamSlots, pipelined, request_context, status_code
+from leanserve.server.grpc.request_decoders import unpack
 from leanserve.server.serving.context import RequestContext
 
 EXTENSIONS = ("model_repository", "statistics", "parameters")
@@ -62,7 +63,8 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     def _submit(
         self, request: pb.ModelInferRequest, ctx: RequestContext, context: grpc.ServicerContext | None = None
     ) -> tuple[conv.InferCall, PendingPredict]:
-        call = conv.infer_request(request, self.dp.settings.max_message_bytes)
+        request, raws = unpack(request)
+        call = conv.infer_request(request, self.dp.settings.max_message_bytes, raws)
         pending = self.dp.submit(call.model_name, call.version, call.inputs, call.postprocess, call.top_k, ctx)
         if context is not None and not pending.done:
             # a cancelled RPC leaves the queue at once; False = it ended already, before the callback was in place
@@ -77,7 +79,7 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     def ModelStreamInfer(
         self, request_iterator: Iterator[pb.ModelInferRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.ModelStreamInferResponse]:
-        ctx = request_context(context)
+        ctx = request_context(context)._replace(stream=True)
 
         def submit(request: pb.ModelInferRequest) -> Callable[[], pb.ModelStreamInferResponse]:
             call, pending = self._submit(request, ctx)
@@ -90,6 +92,7 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
             return answer
 
         def on_error(request: pb.ModelInferRequest, exc: LeanserveError) -> pb.ModelStreamInferResponse:
+            request = unpack(request)[0]
             return pb.ModelStreamInferResponse(
                 error_message=f"{status_code(exc).name}: {exc.message}",
                 infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),

@@ -3,7 +3,9 @@
 Policy (one queue; at most ``workers`` batches of a model version execute at once):
 
 - A request that finds the queue empty and a free execution slot runs at once, in the caller's own thread: no
-  timer, no hand-off to another thread, so latency at concurrency 1 equals an unbatched call.
+  timer, no hand-off to another thread, so latency at concurrency 1 equals an unbatched call. Except a stream's
+  request expected to compute for ``inline_below_us`` or more (its rows times the kernel's time per row): it goes
+  to a batch thread, so the stream's reader takes the next message off the wire while this one computes.
 - Otherwise it is queued. Under load the queue fills while batches execute, so the next batch is large on its own
   (self-clocking); ``workers`` threads take everything queued (up to ``max_batch_size`` rows) as soon as a slot is
   free. A worker that would start a small batch while another batch executes first waits up to
@@ -115,6 +117,13 @@ class Ready:
 _UNMEASURED = float("inf")
 
 
+def _low_quantile(estimate: float, sample: float) -> float:
+    """A running low quantile: down at once, up by at most 1 % a sample. Not a mean: time spent waiting to get the
+    GIL back after the kernel only ever adds (up to the interpreter's switch interval), and under load it would make
+    every cheap model look expensive and send it through the batch thread."""
+    return sample if sample < estimate else estimate + 0.01 * min(sample - estimate, estimate)
+
+
 def _drop_reason(item: _Item, now: float) -> Exception | None:
     """Why a queued request must not be computed (None = compute it)."""
     if item.ctx.deadline is not None and item.ctx.deadline <= now:
@@ -141,6 +150,8 @@ class Batcher:
         self._stopped = not config.enabled
         #: low quantile of the kernel time of one request run by itself (ns); _UNMEASURED until one has run
         self._solo_ns: float = _UNMEASURED
+        #: low quantile of the kernel time per row of any kernel call (ns); _UNMEASURED until one has run
+        self._row_ns: float = _UNMEASURED
         self._inline_below_ns = config.inline_below_us * 1000
         self._threads: list[threading.Thread] = []  # alive workers; started on demand, see _ensure_worker
         self._started = 0  # workers ever started (names them)
@@ -159,16 +170,19 @@ class Batcher:
         """Queue one validated request; the result resolves to its output rows.
 
         A request that finds the model idle (nothing queued, a worker slot free) runs at once on the caller's
-        thread and comes back as a ``Ready`` result: no Future, no hand-off, no wake-up of a batch thread.
+        thread and comes back as a ``Ready`` result: no Future, no hand-off, no wake-up of a batch thread; unless
+        ``ctx.stream`` and it would compute for ``inline_below_us`` or more (see the module docstring).
         Raises ResourceExhausted when ``max_queue_size`` requests are already waiting.
         """
         with self._lock:  # the condition's own lock: entering it directly skips Condition's Python wrapper
+            # a stream's long request: the batch thread computes it while the stream's reader reads the next one
+            long = ctx.stream and x.shape[0] * self._row_ns >= self._inline_below_ns
             if self._stopped:
                 idle = False
-            elif not self._queue and self._busy < self.config.workers:
+            elif not self._queue and self._busy < self.config.workers and not long:
                 idle = True
                 self._busy += 1
-            elif not self._queue and self._solo_ns < self._inline_below_ns:
+            elif not self._queue and self._solo_ns < self._inline_below_ns and not long:
                 # a model this cheap costs less to run again than to hand over to the batch thread: batching it
                 # could only save part of its kernel time, the hand-off costs more than all of it
                 idle = False
@@ -199,13 +213,14 @@ class Batcher:
         except Exception as exc:  # noqa: BLE001 -- the caller's result carries it, as a queued request's future would
             return Ready(error=exc)
         ns = time.perf_counter_ns() - t0
-        # a low quantile, not a mean: time spent waiting to get the GIL back after the kernel only ever adds (up to
-        # the interpreter's switch interval), and under load it would make every cheap model look expensive and
-        # send it through the batch thread. Down at once, up by at most 1 % a request.
-        solo = self._solo_ns
-        self._solo_ns = ns if ns < solo else solo + 0.01 * min(ns - solo, solo)
+        self._solo_ns = _low_quantile(self._solo_ns, ns)
+        self._note_rows(x.shape[0], ns)
         self._stats.record_batch(int(x.shape[0]), 1, 0, ns, reason)
         return Ready(y)
+
+    def _note_rows(self, rows: int, ns: int) -> None:
+        if rows:
+            self._row_ns = _low_quantile(self._row_ns, ns / rows)
 
     def stop(self, timeout: float | None = None) -> None:
         """Finish what is queued, then end the workers. Idempotent."""
@@ -307,6 +322,7 @@ class Batcher:
                 item.future.set_exception(exc)
             return
         compute_ns = time.perf_counter_ns() - t0
+        self._note_rows(x.shape[0], compute_ns)
         offset = 0
         for item in live:
             item.future.set_result(y[offset:offset + item.rows])

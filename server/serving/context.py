@@ -19,6 +19,8 @@ class RequestContext(NamedTuple):
     principal: str | None = None
     #: where the call comes from, as the transport spells it (e.g. "ipv4:127.0.0.1:53412")
     peer: str | None = None
+    #: the call is a stream whose reader has more requests to read: a long request is computed off its thread
+    stream: bool = False
 
 
 NO_CONTEXT = RequestContext()

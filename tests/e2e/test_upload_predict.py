@@ -128,6 +128,26 @@ def test_stream_answers_in_order_and_survives_a_bad_request(client: Client, mode
     assert [o.request_id for o in client.stream("seed", mixed, raise_on_error=False)] == ["0", "2"]
 
 
+def test_large_batches_through_both_encodings(client: Client, model_files, keras_predict) -> None:
+    """The client sends large requests serialized with their bytes copied once (and aligned by ``padding``); the
+    server computes on them where they arrived. Requests built as messages by any other client (here the stub
+    with the runtime's own serializer) give the same answers."""
+    client.upload(model_files["seed_h5"], "seed")
+    x = _rows(300, 1000, seed=3)  # 1.2 MB
+    expected = keras_predict(model_files["seed_h5"], x)
+    np.testing.assert_allclose(client.predict("seed", x).output, expected, atol=1e-5)
+    answer = client.inference_stub.Predict(common.predict_request("seed", x), timeout=120)
+    np.testing.assert_allclose(codec.to_numpy(answer.outputs[0]), expected, atol=1e-5)
+    outs = list(client.stream("seed", [x, x[:17], x]))
+    for o, rows in zip(outs, (x, x[:17], x)):
+        np.testing.assert_allclose(o.output, keras_predict(model_files["seed_h5"], rows), atol=1e-5)
+    bad = common.predict_request("seed", x)
+    bad.inputs[0].shape[:] = [301, 1000]
+    with pytest.raises(grpc.RpcError) as err:
+        client.inference_stub.Predict(bad, timeout=120)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
 def _own_format(path: Path, seed: int) -> tuple[Path, object]:
     rng = np.random.default_rng(seed)
     plan = build_plan((8,), [LayerSpec("h", rng.normal(size=(8, 16)).astype(np.float32), rng.normal(size=16).astype(

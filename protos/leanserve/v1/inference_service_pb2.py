@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from leanserve.v1 import tensor_pb2 as leanserve_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$leanserve/v1/inference_service.proto\x12\x0cleanserve.v1\x1a\x19leanserve/v1/tensor.proto\"\xb4\x01\n\x0ePredictRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12$\n\x06inputs\x18\x03 \x03(\x0b\x32\x14.leanserve.v1.Tensor\x12.\n\x0bpostprocess\x18\x04 \x01(\x0e\x32\x19.leanserve.v1.PostProcess\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x9b\x01\n\x0fPredictResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12%\n\x07outputs\x18\x04 \x03(\x0b\x32\x14.leanserve.v1.Tensor\x12\"\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x13.leanserve.v1.Error*@\n\x0bPostProcess\x12\x07\n\x03RAW\x10\x00\x12\x11\n\rPROBABILITIES\x10\x01\x12\t\n\x05TOP_K\x10\x02\x12\n\n\x06\x41RGMAX\x10\x03\x32\xac\x01\n\x10InferenceService\x12\x46\n\x07Predict\x12\x1c.leanserve.v1.PredictRequest\x1a\x1d.leanserve.v1.PredictResponse\x12P\n\rPredictStream\x12\x1c.leanserve.v1.PredictRequest\x1a\x1d.leanserve.v1.PredictResponse(\x01\x30\x01\x42-\n\x0fio.leanserve.v1P\x01Z\x18leanserve/v1;leanservev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$leanserve/v1/inference_service.proto\x12\x0cleanserve.v1\x1a\x19leanserve/v1/tensor.proto\"\xc5\x01\n\x0ePredictRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12$\n\x06inputs\x18\x03 \x03(\x0b\x32\x14.leanserve.v1.Tensor\x12.\n\x0bpostprocess\x18\x04 \x01(\x0e\x32\x19.leanserve.v1.PostProcess\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x0f\n\x07padding\x18\x07 \x01(\x0c\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x9b\x01\n\x0fPredictResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12%\n\x07outputs\x18\x04 \x03(\x0b\x32\x14.leanserve.v1.Tensor\x12\"\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x13.leanserve.v1.Error*@\n\x0bPostProcess\x12\x07\n\x03RAW\x10\x00\x12\x11\n\rPROBABILITIES\x10\x01\x12\t\n\x05TOP_K\x10\x02\x12\n\n\x06\x41RGMAX\x10\x03\x32\xac\x01\n\x10InferenceService\x12\x46\n\x07Predict\x12\x1c.leanserve.v1.PredictRequest\x1a\x1d.leanserve.v1.PredictResponse\x12P\n\rPredictStream\x12\x1c.leanserve.v1.PredictRequest\x1a\x1d.leanserve.v1.PredictResponse(\x01\x30\x01\x42-\n\x0fio.leanserve.v1P\x01Z\x18leanserve/v1;leanservev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,14 +33,14 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'leanserve.v1.inference_serv
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\017io.leanserve.v1P\001Z\030leanserve/v1;leanservev1'
-  _globals['_POSTPROCESS']._serialized_start=462
-  _globals['_POSTPROCESS']._serialized_end=526
+  _globals['_POSTPROCESS']._serialized_start=479
+  _globals['_POSTPROCESS']._serialized_end=543
   _globals['_PREDICTREQUEST']._serialized_start=82
-  _globals['_PREDICTREQUEST']._serialized_end=262
-  _globals['_ERROR']._serialized_start=264
-  _globals['_ERROR']._serialized_end=302
-  _globals['_PREDICTRESPONSE']._serialized_start=305
-  _globals['_PREDICTRESPONSE']._serialized_end=460
-  _globals['_INFERENCESERVICE']._serialized_start=529
-  _globals['_INFERENCESERVICE']._serialized_end=701
+  _globals['_PREDICTREQUEST']._serialized_end=279
+  _globals['_ERROR']._serialized_start=281
+  _globals['_ERROR']._serialized_end=319
+  _globals['_PREDICTRESPONSE']._serialized_start=322
+  _globals['_PREDICTRESPONSE']._serialized_end=477
+  _globals['_INFERENCESERVICE']._serialized_start=546
+  _globals['_INFERENCESERVICE']._serialized_end=718
 # @@protoc_insertion_point(module_scope)

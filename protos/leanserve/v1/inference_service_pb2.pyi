@@ -20,20 +20,22 @@ TOP_K: PostProcess
 ARGMAX: PostProcess
 
 class PredictRequest(_message.Message):
-    __slots__ = ("model_name", "model_version", "inputs", "postprocess", "top_k", "request_id")
+    __slots__ = ("model_name", "model_version", "inputs", "postprocess", "top_k", "request_id", "padding")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     POSTPROCESS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PADDING_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: int
     inputs: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
     postprocess: PostProcess
     top_k: int
     request_id: str
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., postprocess: _Optional[_Union[PostProcess, str]] = ..., top_k: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    padding: bytes
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., postprocess: _Optional[_Union[PostProcess, str]] = ..., top_k: _Optional[int] = ..., request_id: _Optional[str] = ..., padding: _Optional[bytes] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "message")

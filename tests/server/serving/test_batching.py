@@ -256,3 +256,32 @@ def test_one_slow_run_does_not_make_a_cheap_model_queue() -> None:
         assert b._solo_ns < 50_000_000
     finally:
         b.stop(30)
+
+
+def test_a_long_stream_request_computes_on_the_batch_thread_even_when_idle() -> None:
+    """A stream's request expected to compute for ``inline_below_us`` or more (rows × the measured time per row)
+    goes to the batch thread, so the stream's reader goes back to reading; a short one, and any unary request, run
+    at once on the caller's thread as before."""
+
+    def runner(x: np.ndarray) -> np.ndarray:
+        time.sleep(0.0005 * x.shape[0])  # 0.5 ms a row
+        threads.append(threading.current_thread())
+        return x * 2
+
+    threads: list[threading.Thread] = []
+    stream = RequestContext(stream=True)
+    b = Batcher(runner, BatchConfig(inline_below_us=5_000, max_queue_delay_us=0), ModelStats(), "long")
+    try:
+        first = b.submit(_rows(1, 1.0), stream)  # nothing measured yet: handed off
+        np.testing.assert_array_equal(first.result(30), _rows(1, 2.0))
+        assert threads[-1] is not threading.current_thread()
+        assert 0.4e6 < b._row_ns < 50e6
+        short = b.submit(_rows(2, 1.0), stream)  # ~1 ms < 5 ms: at once, here
+        assert short.done() and threads[-1] is threading.current_thread()
+        long = b.submit(_rows(20, 1.0), stream)  # ~10 ms: to the batch thread
+        np.testing.assert_array_equal(long.result(30), _rows(20, 2.0))
+        assert threads[-1] is not threading.current_thread()
+        unary = b.submit(_rows(20, 1.0))
+        assert unary.done() and threads[-1] is threading.current_thread()
+    finally:
+        b.stop(30)
