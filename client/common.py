@@ -161,6 +161,10 @@ def predict_request_bytes(
 ) -> bytes:
     """``predict_request(...)`` serialized, with ``x``'s bytes copied once, straight into the result (building
     the message and serializing it copies them three times). Send it with ``raw_predict_methods``."""
+    x = np.asarray(x)
+    if x.nbytes < wire.SPLIT_MIN_BYTES:  # the copies cost less than joining the parts
+        return predict_request(model, x, version=version, postprocess=postprocess, top_k=top_k,
+                               request_id=request_id, input_name=input_name).SerializeToString()
     if postprocess not in POSTPROCESS:
         raise ValueError(f"postprocess must be one of {', '.join(POSTPROCESS)}")
     head = inf_pb.PredictRequest(
