@@ -12,7 +12,7 @@ from leanserve.server.dataplane import DataPlane
 from leanserve.server.errors import LeanserveError
 from leanserve.server.grpc import converters
 from leanserve.server.grpc.calls import StreamSlots, pipelined, request_context, status_number
-from leanserve.server.grpc.request_decoders import unpack
+from leanserve.server.grpc.request_decoders import message_of, unpack
 from leanserve.server.serving.context import RequestContext
 
 
@@ -42,7 +42,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         ctx = request_context(context)._replace(stream=True)
 
         def on_error(request: pb.PredictRequest, exc: LeanserveError) -> pb.PredictResponse:
-            request = unpack(request)[0]
+            request = message_of(request)
             return pb.PredictResponse(
                 model_name=request.model_name,
                 request_id=request.request_id,

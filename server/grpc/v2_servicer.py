@@ -14,7 +14,7 @@ from leanserve.server.errors import LeanserveError, NotFound, shown
 from leanserve.server.grpc import v2_converters as conv
 from leanserve.server.grpc.auth import caller_context
 from leanserve.server.grpc.calls import StreamSlots, pipelined, request_context, status_code
-from leanserve.server.grpc.request_decoders import unpack
+from leanserve.server.grpc.request_decoders import message_of, unpack
 from leanserve.server.serving.context import RequestContext
 
 EXTENSIONS = ("model_repository", "statistics", "parameters")
@@ -92,7 +92,7 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
             return answer
 
         def on_error(request: pb.ModelInferRequest, exc: LeanserveError) -> pb.ModelStreamInferResponse:
-            request = unpack(request)[0]
+            request = message_of(request)
             return pb.ModelStreamInferResponse(
                 error_message=f"{status_code(exc).name}: {exc.message}",
                 infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),

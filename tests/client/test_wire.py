@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from leanserve.client import common, wire
+from leanserve.server.errors import InvalidArgument
 from leanserve.server.grpc import converters, request_decoders, v2_converters
 from leanserve.v1 import inference_service_pb2 as v1_pb
 from leanserve.v2 import grpc_service_pb2 as v2_pb
@@ -85,7 +86,13 @@ def test_a_tensor_with_its_bytes_twice_is_left_to_protobuf() -> None:
 
 
 def _reassembled(data: bytes, v2: bool) -> object:
-    """What split decoded, with the bytes it took out put back: must equal FromString(data)."""
+    """What split decoded, with the bytes it took out put back: must equal FromString(data). Bytes that are not a
+    valid message raise DecodeError, as FromString does (the server's decoder answers them INVALID_ARGUMENT)."""
+    decoded = (request_decoders.infer_request if v2 else request_decoders.predict_request)(data)
+    if type(decoded) is request_decoders.Undecodable:
+        with pytest.raises(InvalidArgument, match="is not a valid"):
+            request_decoders.unpack(decoded)
+        raise DecodeError(decoded.error)
     if v2:
         unpacked = request_decoders.infer_request(data)
         message = unpacked.message

@@ -69,6 +69,30 @@ def test_large_requests_are_answered_from_the_received_bytes(stub, id_length: in
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "bytes" in details
 
 
+def test_bytes_that_are_no_request_are_invalid_argument(stub, client: Client) -> None:
+    """Undecodable request bytes (a truncated message) are INVALID_ARGUMENT on both protocols, unary and inside a
+    stream (where that request gets its error answer and the stream goes on), small or large."""
+    x = np.ones((2, 4), np.float32)
+    good = pb.ModelInferRequest(model_name="toy", inputs=[Tensor(name="x", datatype="FP32", shape=[2, 4])],
+                                raw_input_contents=[x.tobytes()]).SerializeToString()
+    big = pb.ModelInferRequest(model_name="toy", raw_input_contents=[bytes(1 << 17)]).SerializeToString()
+    raw = client.channel.unary_unary("/inference.GRPCInferenceService/ModelInfer", request_serializer=None,
+                                     response_deserializer=pb.ModelInferResponse.FromString)
+    for garbage in (good[:-3], big[:-3], b"\xff\xff\xff"):
+        code, details = _code(raw, garbage, timeout=30)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "not a valid inference.ModelInferRequest" in details
+    stream = client.channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer", request_serializer=None,
+                                          response_deserializer=pb.ModelStreamInferResponse.FromString)
+    answers = list(stream(iter([good, good[:-3], good]), timeout=30))
+    assert [bool(a.error_message) for a in answers] == [False, True, False]
+    assert answers[1].error_message.startswith("INVALID_ARGUMENT")
+    np.testing.assert_array_equal(_out(answers[2].infer_response), x * 2)
+    v1_raw = client.channel.unary_unary("/leanserve.v1.InferenceService/Predict", request_serializer=None,
+                                        response_deserializer=None)
+    code, _ = _code(v1_raw, b"\x1a\x05\x0a\x01", timeout=30)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
 def test_errors_have_status_codes(stub) -> None:
     ok = Tensor(name="x", datatype="FP32", shape=[1, 4])
     one_row = [np.ones((1, 4), np.float32).tobytes()]
