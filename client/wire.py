@@ -24,6 +24,9 @@ from typing import Any, NamedTuple
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 #: below this many bytes a message is parsed as is: splitting costs more than the copies it saves
 SPLIT_MIN_BYTES = 64 * 1024
+#: fields ``split`` walks in one message (each level) before it leaves the message to protobuf's parser: a request
+#: has a handful; a hostile one of millions of tiny fields must cost C time, not a Python loop holding the GIL
+MAX_FIELDS = 256
 
 
 class _Malformed(Exception):
@@ -53,8 +56,11 @@ def _varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
 
 def _fields(buf: bytes, start: int, end: int):
     """(number, wire type, record start, value start, value end) of each field in ``buf[start:end]``."""
-    pos = start
+    pos, left = start, MAX_FIELDS
     while pos < end:
+        left -= 1
+        if left < 0:
+            raise _Malformed
         key, at = _varint(buf, pos, end)
         number, kind = key >> 3, key & 7
         if number == 0:

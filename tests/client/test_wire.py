@@ -85,6 +85,23 @@ def test_a_tensor_with_its_bytes_twice_is_left_to_protobuf() -> None:
     assert unpacked.raws is None and unpacked.message.inputs[0].data == b"ab"
 
 
+@pytest.mark.parametrize("nested", [False, True])
+def test_a_message_of_many_tiny_fields_is_left_to_protobuf(nested: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Millions of 2-byte fields (top level, or inside one tensor): split gives up after MAX_FIELDS and protobuf's
+    C parser takes the whole message, so the Python walk (in grpc's poll thread, holding the GIL) stays a few
+    hundred fields long whatever the message holds."""
+    varints = []
+    real = wire._varint
+    monkeypatch.setattr(wire, "_varint", lambda *a: varints.append(1) or real(*a))
+    filler = b"\x20\x01" * 2_000_000  # top_k = 1, again and again (or a tensor's dtype)
+    big = b"\x22" + wire._encode_varint(wire.SPLIT_MIN_BYTES) + bytes(wire.SPLIT_MIN_BYTES)
+    tensor = (filler if nested else b"") + big
+    data = (b"" if nested else filler) + b"\x1a" + wire._encode_varint(len(tensor)) + tensor
+    decoded = request_decoders.predict_request(data)
+    assert len(varints) <= 4 * wire.MAX_FIELDS
+    assert decoded.raws is None and len(decoded.message.inputs[0].data) == wire.SPLIT_MIN_BYTES
+
+
 def _reassembled(data: bytes, v2: bool) -> object:
     """What split decoded, with the bytes it took out put back: must equal FromString(data). Bytes that are not a
     valid message raise DecodeError, as FromString does (the server's decoder answers them INVALID_ARGUMENT)."""
