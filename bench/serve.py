@@ -20,6 +20,7 @@ Writes bench/results/serve.json, serve_sweep.png and prints rich tables.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -71,8 +72,9 @@ def check_native(target: str, input_name: str, oracle: Any) -> float:
     return float(np.abs(y - oracle(x)).max())
 
 
-def stream_throughput(target: str, rows: int, batch: int, plan: Any) -> dict[str, Any]:
-    """Rows/s through one native PredictStream vs the same batches through the Plan in this process."""
+def stream_throughput(target: str, rows: int, batch: int, plan: Any, server_pgid: int | None = None) -> dict[str, Any]:
+    """Rows/s through one native PredictStream vs the same batches through the Plan in this process. With
+    ``server_pgid``: also the CPU the server (its process group) and this client process spend per message."""
     from leanserve.client.client import Client
 
     pool = [np.random.default_rng(i).random((batch, common.IN_FEATURES), dtype=np.float32) for i in range(16)]
@@ -80,10 +82,18 @@ def stream_throughput(target: str, rows: int, batch: int, plan: Any) -> dict[str
     batches = (pool[i % len(pool)] for i in range(n_batches))
     with Client(target, timeout=600) as c:
         list(c.stream(common.MODEL_NAME, iter(pool[:4])))  # warm the stream path
+        server_cpu = common.process_group_cpu_s(server_pgid) if server_pgid else 0.0
+        client_cpu = time.process_time()
         t = time.perf_counter()
         served = sum(out.output.shape[0] for out in c.stream(common.MODEL_NAME, batches))
         stream_s = time.perf_counter() - t
-    result: dict[str, Any] = {"rows": served, "batch": batch, "stream_s": stream_s, "stream_rows_per_s": served / stream_s}
+        client_cpu = time.process_time() - client_cpu
+        server_cpu = common.process_group_cpu_s(server_pgid) - server_cpu if server_pgid else None
+    result: dict[str, Any] = {"rows": served, "batch": batch, "stream_s": stream_s,
+                              "stream_rows_per_s": served / stream_s,
+                              "client_cpu_ms_per_message": 1e3 * client_cpu / n_batches}
+    if server_cpu is not None:
+        result["server_cpu_ms_per_message"] = 1e3 * server_cpu / n_batches
     if plan is not None:
         from leanserve.server.runtime.process import limit_blas_threads
         from leanserve.server.settings import Settings
@@ -105,7 +115,10 @@ def stream_floor(rows: int, batch: int, v2: bool, input_name: str) -> dict[str, 
     argv = [str(common.VENV_BIN / "python"), str(common.ROOT / "bench" / "floor_server.py"), "--workers", "4"]
     floor = common.ServerProcess("floor", argv).start()
     try:
-        result = {"floor_rows_per_s": stream_throughput(floor.target, rows, batch, None)["stream_rows_per_s"]}
+        st = stream_throughput(floor.target, rows, batch, None, floor.proc.pid)
+        result = {"floor_rows_per_s": st["stream_rows_per_s"],
+                  "floor_server_cpu_ms_per_message": st["server_cpu_ms_per_message"],
+                  "floor_client_cpu_ms_per_message": st["client_cpu_ms_per_message"]}
         if v2:
             n, seconds, _ = loadgen.v2_stream_rows(floor.target, common.MODEL_NAME, input_name, max(1, rows // batch),
                                                    batch, common.IN_FEATURES)
@@ -211,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
                     points.append(common.measure(load))
 
             plan, plan_source = load_plan(repository, h5)
-            report["stream_throughput"] = st = stream_throughput(target, args.rows, args.stream_batch, plan)
+            report["stream_throughput"] = st = stream_throughput(target, args.rows, args.stream_batch, plan,
+                                                                 server.proc.pid if server is not None else None)
             st["kernel_plan"] = plan_source
             if v2:
                 # the same batches through tritonclient's ModelStreamInfer, as many in flight as the server reads ahead
@@ -251,6 +265,13 @@ def main(argv: list[str] | None = None) -> int:
         f"→ the stream is {100 * st['stream_vs_floor']:.0f} % of it; transport + compute bound "
         f"{st.get('bound_rows_per_s', float('nan')):,.0f} rows/s → {100 * st.get('stream_vs_bound', float('nan')):.0f} %"
     )
+    if "server_cpu_ms_per_message" in st:
+        cpu_ms = st["server_cpu_ms_per_message"] + st["client_cpu_ms_per_message"]
+        console.print(
+            f"CPU per message: server {st['server_cpu_ms_per_message']:.2f} ms + client "
+            f"{st['client_cpu_ms_per_message']:.2f} ms (the floor's: {st['floor_server_cpu_ms_per_message']:.2f} + "
+            f"{st['floor_client_cpu_ms_per_message']:.2f} ms); with server and client sharing this machine's "
+            f"{os.cpu_count()} cores the stream cannot pass {os.cpu_count() * st['batch'] / cpu_ms * 1e3:,.0f} rows/s")
     if "v2_stream_rows_per_s" in st:
         console.print(f"tritonclient ModelStreamInfer, same batches: {st['v2_stream_rows_per_s']:,.0f} rows/s → "
                       f"{100 * st['v2_vs_native']:.0f} % of the native stream (target ≥ 80 %); "
