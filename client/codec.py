@@ -64,8 +64,7 @@ def to_numpy(t: tensor_pb.Tensor, *, max_elements: int | None = None, data: Any 
             f"got {len(data)}"
         )
     try:
-        a = np.ndarray(shape, dtype, data)  # a read-only view of the bytes, as frombuffer + reshape but cheaper
-        return a if a.flags.aligned else a.copy()
+        return view(shape, dtype, data)
     except (ValueError, TypeError) as exc:  # e.g. a 0 beside dims numpy cannot address, or more than 64 dims
         raise TensorCodecError(f"tensor {t.name[:64]!r}: shape {list(shape)[:8]} is not a valid array: {exc}") from None
 
@@ -82,6 +81,14 @@ def fill(t: tensor_pb.Tensor, a: np.ndarray, name: str = "") -> tensor_pb.Tensor
     t.shape[:] = a.shape
     t.data = a.tobytes()
     return t
+
+
+def view(shape: tuple[int, ...], dtype: np.dtype, data: Any) -> np.ndarray:
+    """``data`` (bytes, or a view of them) as a read-only array, as frombuffer + reshape but cheaper; copied when the
+    bytes are not aligned for ``dtype`` (a view split off a received message), so kernels see aligned arrays only
+    (Numba would compile an unaligned variant, numpy's BLAS path would be skipped). Count checked by the caller."""
+    a = np.ndarray(shape, dtype, data)
+    return a if a.flags.aligned else a.copy()
 
 
 def wire_array(a: np.ndarray) -> tuple[np.ndarray, int]:

@@ -145,14 +145,17 @@ def predict_request(
     model: str, x: np.ndarray, *, version: int = 0, postprocess: str = "raw", top_k: int = 0,
     request_id: str = "", input_name: str = "",
 ) -> inf_pb.PredictRequest:
-    if postprocess not in POSTPROCESS:
-        raise ValueError(f"postprocess must be one of {', '.join(POSTPROCESS)}")
-    req = inf_pb.PredictRequest(
-        model_name=model, model_version=version, postprocess=POSTPROCESS[postprocess], top_k=top_k,
-        request_id=request_id,
-    )
+    req = _request_head(model, version, postprocess, top_k, request_id)
     codec.fill(req.inputs.add(), x, input_name)
     return req
+
+
+def _request_head(model: str, version: int, postprocess: str, top_k: int, request_id: str) -> inf_pb.PredictRequest:
+    """A PredictRequest without its inputs."""
+    if postprocess not in POSTPROCESS:
+        raise ValueError(f"postprocess must be one of {', '.join(POSTPROCESS)}")
+    return inf_pb.PredictRequest(model_name=model, model_version=version, postprocess=POSTPROCESS[postprocess],
+                                 top_k=top_k, request_id=request_id)
 
 
 def predict_request_bytes(
@@ -165,12 +168,7 @@ def predict_request_bytes(
     if x.nbytes < wire.SPLIT_MIN_BYTES:  # the copies cost less than joining the parts
         return predict_request(model, x, version=version, postprocess=postprocess, top_k=top_k,
                                request_id=request_id, input_name=input_name).SerializeToString()
-    if postprocess not in POSTPROCESS:
-        raise ValueError(f"postprocess must be one of {', '.join(POSTPROCESS)}")
-    head = inf_pb.PredictRequest(
-        model_name=model, model_version=version, postprocess=POSTPROCESS[postprocess], top_k=top_k,
-        request_id=request_id,
-    ).SerializeToString()
+    head = _request_head(model, version, postprocess, top_k, request_id).SerializeToString()
     a, code = codec.wire_array(x)
     meta = tensor_pb.Tensor(name=input_name, dtype=code, shape=a.shape).SerializeToString()
     return wire.join(head, _INPUTS_FIELD, [(meta, a)], _DATA_FIELD, padding=_PADDING_FIELD)

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from leanserve.client import codec
 from leanserve.v2 import grpc_service_pb2 as pb
 from leanserve.server.errors import InvalidArgument
 from leanserve.server.serving.model import PredictResult, ServedModel, TensorSignature
@@ -122,8 +123,7 @@ def _tensor(t: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, max_byt
                 f"input {t.name[:_ECHO]!r}: shape {list(shape)} of {t.datatype} needs {count * dtype.itemsize} bytes, "
                 f"got {len(raw)}"
             )
-        a = np.ndarray(shape, dtype, raw)  # a read-only view of the bytes (half frombuffer + reshape's cost)
-        return a if a.flags.aligned else a.copy()  # kernels see aligned arrays only (a view split off a message)
+        return codec.view(shape, dtype, raw)
     if t.datatype not in _CONTENTS:
         raise InvalidArgument(f"input {t.name[:_ECHO]!r}: {t.datatype} must be sent in raw_input_contents")
     field, wire_dtype = _CONTENTS[t.datatype]
