@@ -270,18 +270,19 @@ def test_a_long_stream_request_computes_on_the_batch_thread_even_when_idle() -> 
 
     threads: list[threading.Thread] = []
     stream = RequestContext(stream=True)
-    b = Batcher(runner, BatchConfig(inline_below_us=5_000, max_queue_delay_us=0), ModelStats(), "long")
+    # 50 ms: far above one row (0.5 ms, even 50x slower on a loaded machine), far below 200 rows (never < 100 ms)
+    b = Batcher(runner, BatchConfig(inline_below_us=50_000, max_queue_delay_us=0), ModelStats(), "long")
     try:
         first = b.submit(_rows(1, 1.0), stream)  # nothing measured yet: handed off
         np.testing.assert_array_equal(first.result(30), _rows(1, 2.0))
         assert threads[-1] is not threading.current_thread()
         assert 0.4e6 < b._row_ns < 50e6
-        short = b.submit(_rows(2, 1.0), stream)  # ~1 ms < 5 ms: at once, here
+        short = b.submit(_rows(1, 1.0), stream)  # at once, here
         assert short.done() and threads[-1] is threading.current_thread()
-        long = b.submit(_rows(20, 1.0), stream)  # ~10 ms: to the batch thread
-        np.testing.assert_array_equal(long.result(30), _rows(20, 2.0))
+        long = b.submit(_rows(200, 1.0), stream)  # to the batch thread
+        np.testing.assert_array_equal(long.result(30), _rows(200, 2.0))
         assert threads[-1] is not threading.current_thread()
-        unary = b.submit(_rows(20, 1.0))
+        unary = b.submit(_rows(200, 1.0))
         assert unary.done() and threads[-1] is threading.current_thread()
     finally:
         b.stop(30)
