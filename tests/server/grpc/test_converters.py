@@ -75,3 +75,29 @@ def test_argmax_and_probabilities(y: np.ndarray) -> None:
     q = np.abs(y) + 1e-3
     q /= q.sum(axis=1, keepdims=True)
     np.testing.assert_array_equal(apply(PostProcess.PROBABILITIES, "y", q, is_probability=True)["probabilities"], q)
+
+
+V2_DTYPES = [*DTYPES, "uint16", "uint32", "uint64", ">f4", ">f8", ">i4", ">i8", ">u2", ">f2"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(V2_DTYPES).flatmap(lambda dt: hnp.arrays(dt, hnp.array_shapes(min_dims=1, max_dims=3,
+                                                                                     max_side=5))),
+       st.booleans())
+def test_v2_response_is_little_endian_c_order_with_its_datatype(a: np.ndarray, transposed: bool) -> None:
+    """Whatever a model or post-processing returns (any byte order, any layout), the V2 answer carries the values
+    as little-endian C-order bytes under the datatype of the value type."""
+    from leanserve.server.grpc import v2_converters as conv
+    from leanserve.server.serving.model import PredictResult
+    from leanserve.v2 import grpc_service_pb2 as pb
+
+    if transposed:
+        a = a.T
+    call = conv.InferCall("m", None, {}, PostProcess.RAW, 0, (), "7")
+    resp = pb.ModelInferResponse.FromString(
+        conv.infer_response(PredictResult("m", 3, {"y": a}), call).SerializeToString())
+    (out,), (raw,) = resp.outputs, resp.raw_output_contents
+    little = a.dtype.newbyteorder("<")
+    assert (resp.model_version, resp.id, out.name, list(out.shape)) == ("3", "7", "y", list(a.shape))
+    assert out.datatype == conv.v2_datatype(little.newbyteorder("="))
+    np.testing.assert_array_equal(np.frombuffer(raw, little).reshape(a.shape), a)
