@@ -110,15 +110,12 @@ def _reassembled(data: bytes, v2: bool) -> object:
         with pytest.raises(InvalidArgument, match="is not a valid"):
             request_decoders.unpack(decoded)
         raise DecodeError(decoded.error)
+    message = decoded.message
     if v2:
-        unpacked = request_decoders.infer_request(data)
-        message = unpacked.message
-        if unpacked.raws is not None:
-            message.raw_input_contents.extend(bytes(r) for r in unpacked.raws)
+        if decoded.raws is not None:
+            message.raw_input_contents.extend(bytes(r) for r in decoded.raws)
         return message
-    unpacked = request_decoders.predict_request(data)
-    message = unpacked.message
-    for tensor, raw in zip(message.inputs, unpacked.raws or ()):
+    for tensor, raw in zip(message.inputs, decoded.raws or ()):
         if raw is not None:
             tensor.data = bytes(raw)
     return message
