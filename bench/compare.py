@@ -4,7 +4,8 @@ One run starts, in turn, each system on 127.0.0.1 with the seed MLP (1000→128�
 hits it with the same closed-loop tritonclient.grpc load (batch-1 requests, several client processes):
 
 * ``floor``      — the physical floor: a bare grpcio V2 server answering a canned response (floor_server.py),
-  measured with 1, 2 and 4 worker threads; the series is the best per point (named in its label);
+  measured with 1, 2 and 4 worker threads and as a ``grpc.aio`` server; the series is the best per point (named
+  in its label);
 * ``mlserver``   — MLServer 1.7.1 in its own virtualenv (made on first use under ~/.cache/leanserve-bench), a custom
   numpy MLModel computing the MLP from the same weights (.npz). Measured in each setup its users would try
   (``parallel_workers`` 0 and 1 × adaptive batching on and off); the ``mlserver`` series is the best setup per
@@ -66,8 +67,9 @@ SYSTEMS = ("floor", "leanserve", "leanserve-2p", "mlserver", "seed-keras")
 #: MLServer setups measured: (parallel_workers, adaptive batching max_batch_size; <= 1 = off)
 MLSERVER_SETUPS = ((0, 1), (0, 64), (1, 1), (1, 64))
 MLSERVER_DEFAULT = (1, 1)
-#: worker threads the floor is measured with (few threads = fewer GIL hand-offs; which count wins is the machine's)
-FLOOR_WORKERS = (1, 2, 4)
+#: floor setups measured: worker threads of the thread-pool server (few threads = fewer GIL hand-offs; which count
+#: wins is the machine's), and "aio" for grpcio's asyncio server
+FLOOR_SETUPS = ("1", "2", "4", "aio")
 SWEEP = (1, 4, 16, 32, 64)
 QUICK_SWEEP = (1, 32)
 HEADLINE = 32
@@ -117,9 +119,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="MLServer setups as WORKERS:BATCH (parallel_workers : adaptive max_batch_size, <= 1 = off)")
     p.add_argument("--mlserver-batch-time", type=float, default=0.0005,
                    help="MLServer adaptive batching max_batch_time (s)")
-    p.add_argument("--floor-workers", type=int, nargs="+", default=list(FLOOR_WORKERS),
-                   help="worker threads of the bare grpcio floor server: each is measured, the best per point is "
-                   "the floor")
+    p.add_argument("--floor-setups", nargs="+", default=list(FLOOR_SETUPS),
+                   help="setups of the bare grpcio floor server: a number of worker threads, or 'aio' (grpc.aio); "
+                   "each is measured, the best per point is the floor")
     p.add_argument("--out", type=Path, default=common.RESULTS / "compare.json")
     args = p.parse_args(argv)
     args.duration = args.duration or (2.0 if args.quick else 5.0)
@@ -182,9 +184,10 @@ def start_system(name: str, tmp: Path, h5: Path, npz: Path, args: argparse.Names
         wait_all_processes(server.target)
         return server, {"settings": f"defaults except {env or 'nothing'}; V2 endpoint"}
     if name.startswith("floor:"):
-        workers = name.split(":")[1]
-        argv = [str(common.VENV_BIN / "python"), str(common.ROOT / "bench" / "floor_server.py"), "--workers", workers]
-        return common.ServerProcess(name, argv).start(), {"settings": f"bare grpcio, {workers} threads"}
+        setup = name.split(":")[1]
+        argv = [str(common.VENV_BIN / "python"), str(common.ROOT / "bench" / "floor_server.py"),
+                *(["--aio"] if setup == "aio" else ["--workers", setup])]
+        return common.ServerProcess(name, argv).start(), {"settings": f"bare grpcio, {setup_label(name)}"}
     if name.startswith("mlserver:"):
         workers, batch = (int(v) for v in name.split(":")[1:])
         return start_mlserver(tmp / name.replace(":", "-"), npz, args, workers, batch)
@@ -195,10 +198,10 @@ def start_system(name: str, tmp: Path, h5: Path, npz: Path, args: argparse.Names
 
 
 def setup_label(system: str) -> str:
-    """What a measured setup ("mlserver:W:B", "floor:T") was, in words."""
+    """What a measured setup ("mlserver:W:B", "floor:T", "floor:aio") was, in words."""
     kind, *values = system.split(":")
     if kind == "floor":
-        return f"{values[0]} worker thread(s)"
+        return "grpc.aio server" if values[0] == "aio" else f"{values[0]} worker thread(s)"
     workers, batch = (int(v) for v in values)
     return f"parallel_workers={workers}, adaptive batching {'max_batch_size=' + str(batch) if batch > 1 else 'off'}"
 
@@ -296,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = []
         for name in args.systems:
             if name == "floor":
-                runs += [f"floor:{w}" for w in args.floor_workers]
+                runs += [f"floor:{w}" for w in args.floor_setups]
             elif name == "mlserver":
                 runs += [f"mlserver:{s}" for s in args.mlserver_setups]
             else:

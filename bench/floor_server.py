@@ -9,7 +9,10 @@ of the right shape (rows from the request's shape, nothing decoded), so bench/se
 rows/s beside what grpcio alone moves. The floor runs with the malloc thresholds leanserve sets (its best setup for
 large messages; ``--glibc-malloc`` leaves glibc's defaults).
 
-    python bench/floor_server.py [--port 0] [--workers 4] [--classes 10] [--glibc-malloc]
+``--aio`` serves the same answers from grpcio's asyncio server (``grpc.aio``: one event loop, no thread pool), the
+other way a Python gRPC server can be built; bench/compare.py measures both kinds and keeps the faster as the floor.
+
+    python bench/floor_server.py [--port 0] [--workers 4 | --aio] [--classes 10] [--glibc-malloc]
 
 Prints ``listening on HOST:PORT`` once serving; SIGTERM/SIGINT stop it.
 """
@@ -17,9 +20,10 @@ Prints ``listening on HOST:PORT`` once serving; SIGTERM/SIGINT stop it.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent import futures
 from typing import Any
 
@@ -35,14 +39,34 @@ from leanserve.v2 import grpc_service_pb2_grpc as pb_grpc
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 
 
+def zeros_response(rows: int, classes: int, **fields: Any) -> pb.ModelInferResponse:
+    """A V2 answer of ``rows`` × ``classes`` FP32 zeros (the tensor's metadata is all tritonclient needs)."""
+    resp = pb.ModelInferResponse(model_version="1", **fields)
+    resp.outputs.add(name="output", datatype="FP32", shape=[rows, classes])
+    resp.raw_output_contents.append(bytes(4 * rows * classes))
+    return resp
+
+
+def request_rows(req: Any) -> int:
+    """Rows of a request as its first input's shape says (nothing decoded)."""
+    return req.inputs[0].shape[0] if req.inputs and req.inputs[0].shape else 1
+
+
+def v1_zeros(req: Any, classes: int) -> v1_pb.PredictResponse:
+    """A leanserve.v1 answer of zeros shaped after the request."""
+    rows = request_rows(req)
+    resp = v1_pb.PredictResponse(model_name=req.model_name, model_version=1, request_id=req.request_id)
+    out = resp.outputs.add(name="output", dtype=req.inputs[0].dtype if req.inputs else 1)
+    out.shape[:] = [rows, classes]
+    out.data = bytes(4 * rows * classes)
+    return resp
+
+
 class FloorServicer(pb_grpc.GRPCInferenceServiceServicer):
     """Answers ModelInfer with a canned response; nothing is read from the request."""
 
     def __init__(self, classes: int) -> None:
-        self._response = pb.ModelInferResponse(model_name="seed", model_version="1")
-        out = self._response.outputs.add(name="output", datatype="FP32", shape=[1, classes])
-        del out  # the tensor's metadata is all tritonclient needs beside the raw bytes
-        self._response.raw_output_contents.append(bytes(4 * classes))
+        self._response = zeros_response(1, classes, model_name="seed")
         self._classes = classes
 
     def ServerLive(self, request: Any, context: Any) -> pb.ServerLiveResponse:
@@ -59,10 +83,7 @@ class FloorServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def ModelStreamInfer(self, requests: Iterator[Any], context: Any) -> Iterator[pb.ModelStreamInferResponse]:
         for req in requests:
-            rows = req.inputs[0].shape[0] if req.inputs and req.inputs[0].shape else 1
-            resp = pb.ModelInferResponse(model_name=req.model_name, model_version="1", id=req.id)
-            resp.outputs.add(name="output", datatype="FP32", shape=[rows, self._classes])
-            resp.raw_output_contents.append(bytes(4 * rows * self._classes))
+            resp = zeros_response(request_rows(req), self._classes, model_name=req.model_name, id=req.id)
             yield pb.ModelStreamInferResponse(infer_response=resp)
 
 
@@ -74,12 +95,43 @@ class FloorStreams(v1_grpc.InferenceServiceServicer):
 
     def PredictStream(self, requests: Iterator[Any], context: Any) -> Iterator[v1_pb.PredictResponse]:
         for req in requests:
-            rows = req.inputs[0].shape[0] if req.inputs and req.inputs[0].shape else 1
-            resp = v1_pb.PredictResponse(model_name=req.model_name, model_version=1, request_id=req.request_id)
-            out = resp.outputs.add(name="output", dtype=req.inputs[0].dtype if req.inputs else 1)
-            out.shape[:] = [rows, self._classes]
-            out.data = bytes(4 * rows * self._classes)
-            yield resp
+            yield v1_zeros(req, self._classes)
+
+
+class AioFloorServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """FloorServicer's answers from coroutines, for ``grpc.aio``."""
+
+    def __init__(self, classes: int) -> None:
+        self._sync = FloorServicer(classes)
+
+    async def ServerLive(self, request: Any, context: Any) -> pb.ServerLiveResponse:
+        return self._sync.ServerLive(request, context)
+
+    async def ServerReady(self, request: Any, context: Any) -> pb.ServerReadyResponse:
+        return self._sync.ServerReady(request, context)
+
+    async def ModelReady(self, request: Any, context: Any) -> pb.ModelReadyResponse:
+        return self._sync.ModelReady(request, context)
+
+    async def ModelInfer(self, request: Any, context: Any) -> pb.ModelInferResponse:
+        return self._sync._response
+
+    async def ModelStreamInfer(self, requests: AsyncIterator[Any],
+                               context: Any) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        async for req in requests:
+            resp = zeros_response(request_rows(req), self._sync._classes, model_name=req.model_name, id=req.id)
+            yield pb.ModelStreamInferResponse(infer_response=resp)
+
+
+class AioFloorStreams(v1_grpc.InferenceServiceServicer):
+    """FloorStreams for ``grpc.aio``."""
+
+    def __init__(self, classes: int) -> None:
+        self._classes = classes
+
+    async def PredictStream(self, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[v1_pb.PredictResponse]:
+        async for req in requests:
+            yield v1_zeros(req, self._classes)
 
 
 def main() -> None:
@@ -87,6 +139,7 @@ def main() -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--workers", type=int, default=4, help="gRPC worker threads (few threads = fewer GIL convoys)")
+    p.add_argument("--aio", action="store_true", help="grpcio's asyncio server instead of the thread-pool one")
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--glibc-malloc", action="store_true", help="keep glibc's malloc thresholds (not leanserve's)")
     args = p.parse_args()
@@ -95,6 +148,9 @@ def main() -> None:
         tune_malloc(settings.malloc_trim_threshold_bytes, settings.malloc_mmap_threshold_bytes)
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+    if args.aio:
+        asyncio.run(serve_aio(args.host, args.port, args.classes, options))
+        return
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=args.workers), options=options)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(FloorServicer(args.classes), server)
     v1_grpc.add_InferenceServiceServicer_to_server(FloorStreams(args.classes), server)
@@ -106,6 +162,22 @@ def main() -> None:
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     server.stop(1).wait()
+
+
+async def serve_aio(host: str, port: int, classes: int, options: list[tuple[str, int]]) -> None:
+    """The same floor on ``grpc.aio`` until SIGTERM/SIGINT."""
+    server = grpc.aio.server(options=options)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(AioFloorServicer(classes), server)
+    v1_grpc.add_InferenceServiceServicer_to_server(AioFloorStreams(classes), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    print(f"listening on {host}:{bound}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(1)
 
 
 if __name__ == "__main__":
