@@ -31,6 +31,11 @@ _PB_BY_DTYPE: dict[np.dtype, int] = {v: k for k, v in DTYPES.items()}
 _PB_BY_NAME: dict[str, int] = {v.name: k for k, v in DTYPES.items()}
 
 
+#: most dimensions a tensor can have (numpy's own limit): checked before the shape is read, so a message of millions
+#: of dimensions costs nothing
+MAX_DIMS = 64
+
+
 class TensorCodecError(ValueError):
     """A tensor message that does not describe a valid array, or an array that cannot be sent."""
 
@@ -49,6 +54,8 @@ def to_numpy(t: tensor_pb.Tensor, *, max_elements: int | None = None, data: Any 
     dtype = DTYPES.get(t.dtype)
     if dtype is None:
         raise TensorCodecError(f"tensor {t.name[:64]!r}: unsupported or unset dtype ({t.dtype})")
+    if len(t.shape) > MAX_DIMS:
+        raise TensorCodecError(f"tensor {t.name[:64]!r}: {len(t.shape)} dimensions; an array has at most {MAX_DIMS}")
     shape = tuple(t.shape)
     if any(d < 0 for d in shape):
         raise TensorCodecError(f"tensor {t.name[:64]!r}: negative dimension in shape {list(shape)[:8]}")
@@ -58,10 +65,12 @@ def to_numpy(t: tensor_pb.Tensor, *, max_elements: int | None = None, data: Any 
                                "elements")
     if data is None:
         data = t.data  # each attribute access copies the bytes out of the message: read it once
-    if len(data) != count * dtype.itemsize:
+    needs = count * dtype.itemsize
+    if len(data) != needs:
+        # a hostile shape's product can have thousands of digits: never format more than fits in 64 bits
+        shown = needs if needs < 2**64 else "more than 2**64"
         raise TensorCodecError(
-            f"tensor {t.name[:64]!r}: shape {list(shape)[:8]} of {dtype.name} needs {count * dtype.itemsize} bytes, "
-            f"got {len(data)}"
+            f"tensor {t.name[:64]!r}: shape {list(shape)[:8]} of {dtype.name} needs {shown} bytes, got {len(data)}"
         )
     try:
         return view(shape, dtype, data)

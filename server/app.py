@@ -22,6 +22,7 @@ from leanserve.server.grpc.inference_servicer import InferenceServicer
 from leanserve.server.grpc.auth import AuthInterceptor, TokenFile
 from leanserve.server.grpc.interceptors import ErrorInterceptor
 from leanserve.server.grpc.request_decoders import REQUEST_DECODERS
+from leanserve.server.grpc.send_watchdog import SendWatchdog
 from leanserve.server.grpc.tls import ServerCertificates
 from leanserve.server.grpc.model_servicer import ModelServicer
 from leanserve.server.grpc.optimize_servicer import OptimizeServicer
@@ -156,7 +157,8 @@ def create_server(settings: Settings) -> ServerHandle:
         rpc_pool,
         # auth first: a refused call costs no more than the refusal; no token file = no auth interceptor at all
         interceptors=[*([AuthInterceptor(tokens, settings.client_error_log_per_second)] if tokens else []),
-                      ErrorInterceptor(settings.client_error_log_per_second, stream_pool, REQUEST_DECODERS)],
+                      ErrorInterceptor(settings.client_error_log_per_second, stream_pool, REQUEST_DECODERS,
+                                       SendWatchdog(settings.stream_idle_timeout_seconds))],
         options=grpc_options(settings),
         maximum_concurrent_rpcs=None,
     )

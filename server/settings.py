@@ -139,7 +139,8 @@ class Settings(BaseSettings):
         gt=0,
         description="Longest wait for the next message of a client stream (UploadModel, Optimize, PredictStream, "
         "ModelStreamInfer) while the server has nothing of it in hand; then the call ends with DEADLINE_EXCEEDED "
-        "and its slot is free again.",
+        "and its slot is free again. Also the longest a streamed response may wait to be sent (a client that "
+        "stopped reading): then the call is cancelled.",
     )
     max_models: int = Field(
         1000, ge=1, description="Most models the repository may hold; an upload of a new model past it is refused "

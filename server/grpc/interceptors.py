@@ -21,6 +21,8 @@ from typing import Any
 import grpc
 
 from leanserve.server.errors import Code, LeanserveError
+from leanserve.server.grpc.request_decoders import check, refusing
+from leanserve.server.grpc.send_watchdog import SendWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,27 @@ class RateLimitedLog:
         self._log.log(self._level, fmt, *args)
 
 
+def _checked_stream(requests: Iterator[Any]) -> Iterator[Any]:
+    """A request stream whose undecodable message raises InvalidArgument where the servicer reads it."""
+    for request in requests:
+        yield check(request)
+
+
+def _watched(responses: Iterator[Any], context: grpc.ServicerContext, watchdog: SendWatchdog) -> Iterator[Any]:
+    """``responses``, each of which must be sent within the watchdog's timeout (gRPC resumes a stream's handler
+    only once its last response is sent)."""
+    try:
+        for response in responses:
+            watchdog.arm(context)
+            yield response
+            watchdog.disarm(context)
+    finally:
+        watchdog.disarm(context)
+        close = getattr(responses, "close", None)
+        if close is not None:  # the handler's own cleanup (its stream slot) now, not when collected
+            close()
+
+
 def _is_abort(exc: BaseException) -> bool:
     # context.abort() raises a bare Exception after setting the status; let it through untouched.
     return type(exc) is Exception and not exc.args
@@ -75,12 +98,16 @@ class ErrorInterceptor(grpc.ServerInterceptor):
     server's pool, kept small, serves unary calls only (few runnable handler threads = no GIL convoy).
     ``request_decoders`` (full method name -> deserializer) replace the registered request deserializers of those
     methods (see request_decoders.py): this wrapper is the one place every handler passes through.
+    With ``send_watchdog``, a streaming response that cannot be sent within its timeout (the client stopped reading)
+    cancels the call (see send_watchdog.py).
     """
 
     def __init__(self, client_errors_per_second: int = 10, stream_pool: futures.ThreadPoolExecutor | None = None,
-                 request_decoders: Mapping[str, Callable[[bytes], Any]] | None = None) -> None:
+                 request_decoders: Mapping[str, Callable[[bytes], Any]] | None = None,
+                 send_watchdog: SendWatchdog | None = None) -> None:
         self._client_error = RateLimitedLog(log, client_errors_per_second)
         self._stream_pool = stream_pool
+        self._watchdog = send_watchdog
         self._decoders = dict(request_decoders or {})
         # method -> (handler as registered, wrapped handler); only methods that exist get an entry
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
@@ -106,15 +133,24 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see the server log")
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        # every method's request deserializer turns bytes that are not a message into Undecodable (answered
+        # INVALID_ARGUMENT): the inference methods' own decoders, and for the rest their deserializer wrapped here,
+        # its requests checked before the servicer sees them
+        checked = False
         if method in self._decoders:
             handler = handler._replace(request_deserializer=self._decoders[method])
+        elif handler.request_deserializer is not None:
+            handler = handler._replace(request_deserializer=refusing(handler.request_deserializer))
+            checked = True
         abort = self._abort
-
+        watchdog = self._watchdog
         stream_pool = self._stream_pool
 
         def unary(fn: Callable[..., Any], streaming: bool = False) -> Callable[..., Any]:
             def wrapper(request: Any, context: grpc.ServicerContext) -> Any:
                 try:
+                    if checked:
+                        request = _checked_stream(request) if streaming else check(request)
                     return fn(request, context)
                 except Exception as exc:
                     if _is_abort(exc):
@@ -126,10 +162,15 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                 wrapper.experimental_thread_pool = stream_pool  # type: ignore[attr-defined]
             return wrapper
 
-        def stream(fn: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
+        def stream(fn: Callable[..., Iterator[Any]], streaming: bool) -> Callable[..., Iterator[Any]]:
             def wrapper(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 try:
-                    yield from fn(request, context)
+                    if checked:
+                        request = _checked_stream(request) if streaming else check(request)
+                    if watchdog is None:
+                        yield from fn(request, context)
+                    else:
+                        yield from _watched(fn(request, context), context, watchdog)
                 except Exception as exc:
                     if _is_abort(exc):
                         raise
@@ -144,7 +185,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         if handler.stream_unary:
             return handler._replace(stream_unary=unary(handler.stream_unary, streaming=True))
         if handler.unary_stream:
-            return handler._replace(unary_stream=stream(handler.unary_stream))
+            return handler._replace(unary_stream=stream(handler.unary_stream, streaming=False))
         if handler.stream_stream:
-            return handler._replace(stream_stream=stream(handler.stream_stream))
+            return handler._replace(stream_stream=stream(handler.stream_stream, streaming=True))
         return handler

@@ -36,14 +36,41 @@ class Undecodable(NamedTuple):
     error: str
 
 
+def _not_valid(data: bytes, cls: Any) -> str:
+    return f"the request ({len(data)} bytes) is not a valid {cls.DESCRIPTOR.full_name}"
+
+
 def _decoder(cls: Any, field: int, inner: int | None = None) -> Callable[[bytes], Unpacked | Undecodable]:
     def decode(data: bytes) -> Unpacked | Undecodable:
         try:
             return split(data, cls.FromString, field, inner)
         except DecodeError:
-            return Undecodable(cls(), f"the request ({len(data)} bytes) is not a valid {cls.DESCRIPTOR.full_name}")
+            return Undecodable(cls(), _not_valid(data, cls))
 
     return decode
+
+
+def refusing(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    """A method's own request deserializer (``Message.FromString``) returning ``Undecodable`` for bytes that are not
+    a message, where grpc would answer its exception with INTERNAL; see ``check``."""
+    cls = getattr(parse, "__self__", None)
+
+    def decode(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError:
+            if cls is None:
+                return Undecodable(None, f"the request ({len(data)} bytes) is not a valid message for this method")
+            return Undecodable(cls(), _not_valid(data, cls))
+
+    return decode
+
+
+def check(request: Any) -> Any:
+    """``request`` itself; InvalidArgument when ``refusing`` could not decode it."""
+    if type(request) is Undecodable:
+        raise InvalidArgument(request.error)
+    return request
 
 
 #: a leanserve.v1 PredictRequest; its tensors' ``data`` as views

@@ -19,7 +19,7 @@ from leanserve.server.errors import InvalidArgument
 from leanserve.server.serving.model import PredictResult, ServedModel, TensorSignature
 from leanserve.server.serving.postprocess import PostProcess
 from leanserve.server.serving.stats import StatsSnapshot
-from leanserve.server.serving.validation import tensor_shape
+from leanserve.server.serving.validation import check_rank, tensor_shape
 
 DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype("?"),
@@ -56,6 +56,18 @@ _POSTPROCESS = {p.value: p for p in PostProcess}
 #: no tensor larger than the largest message can arrive; the default when a caller names no cap
 _MAX_TENSOR_BYTES = 2**63 - 1
 _ECHO = 64  # characters of a client-sent name echoed in an error message
+
+
+#: Triton's stream option (tritonclient ``enable_empty_final_response``): every answer then carries
+#: ``triton_final_response``, true on a request's last one; here each request has exactly one answer, always last
+FINAL_FLAG_OPTION = "triton_enable_empty_final_response"
+FINAL_FLAG = "triton_final_response"
+
+
+def wants_final_flag(req: pb.ModelInferRequest) -> bool:
+    """Whether a stream request asked for Triton's final-response flag on its answers."""
+    params = req.parameters
+    return bool(params) and FINAL_FLAG_OPTION in params and params[FINAL_FLAG_OPTION].bool_param
 
 
 class InferCall(NamedTuple):
@@ -98,6 +110,7 @@ def v2_datatype(dtype: str | np.dtype) -> str:
 def _signature(t: pb.ModelInferRequest.InferInputTensor, max_bytes: int) -> tuple[np.dtype, tuple[int, ...], int]:
     """dtype, shape and element count of an input tensor, checked (see ``tensor_shape``) before anything is
     allocated."""
+    check_rank(t.name[:_ECHO], len(t.shape))  # before the key: a tuple of millions of dims is itself the attack
     key = (t.datatype, tuple(t.shape[:]))
     known = _CHECKED.get(key)
     if known is None:
@@ -132,7 +145,14 @@ def _tensor(t: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, max_byt
         raise InvalidArgument(
             f"input {t.name[:_ECHO]!r}: shape {list(shape)} needs {count} elements, got {len(values)}"
         )
-    return np.fromiter(values, dtype=wire_dtype, count=count).astype(dtype, copy=False).reshape(shape)
+    a = np.fromiter(values, dtype=wire_dtype, count=count)
+    if dtype.kind in "iu" and dtype.itemsize < wire_dtype.itemsize and a.size:
+        # INT8/INT16/UINT8/UINT16 travel in 32-bit fields: a value out of range must not wrap around silently
+        info = np.iinfo(dtype)
+        if a.min() < info.min or a.max() > info.max:
+            raise InvalidArgument(f"input {t.name[:_ECHO]!r}: a value is outside the range of {t.datatype} "
+                                  f"({info.min}..{info.max})")
+    return a.astype(dtype, copy=False).reshape(shape)
 
 
 def _inputs(tensors: Iterable[pb.ModelInferRequest.InferInputTensor], raws: list[bytes],
@@ -169,14 +189,41 @@ def infer_request(req: pb.ModelInferRequest, max_bytes: int = _MAX_TENSOR_BYTES,
     params = req.parameters
     if params:
         if "postprocess" in params:
-            kind = _POSTPROCESS.get(params["postprocess"].string_param)
+            kind = _POSTPROCESS.get(_param(params, "postprocess", ("string_param",)))
             if kind is None:
                 raise InvalidArgument(f"parameter postprocess must be one of {', '.join(_POSTPROCESS)}")
-        top_k = int(params["top_k"].int64_param) if "top_k" in params else 0
-        if top_k < 0:
-            raise InvalidArgument("top_k must not be negative")
-    outputs = tuple(o.name for o in req.outputs) if req.outputs else ()
+        if "top_k" in params:
+            top_k = int(_param(params, "top_k", ("int64_param", "uint64_param")))
+            if top_k < 0:
+                raise InvalidArgument("top_k must not be negative")
+    outputs = _requested_outputs(req.outputs) if req.outputs else ()
     return InferCall(req.model_name, parse_version(req.model_version), inputs, kind, top_k, outputs, req.id)
+
+
+def _param(params: Any, name: str, kinds: tuple[str, ...]) -> Any:
+    """The value of request parameter ``name``, which must be set as one of ``kinds`` (a top_k sent as a string is
+    refused rather than read as the int field's default)."""
+    p = params[name]
+    kind = p.WhichOneof("parameter_choice")
+    if kind not in kinds:
+        raise InvalidArgument(f"parameter {name} must be a{'n' if kinds[0][0] in 'aeiou' else ''} "
+                              f"{' or '.join(k.removesuffix('_param') for k in kinds)}, got {kind or 'nothing'}")
+    return getattr(p, kind)
+
+
+def _requested_outputs(outputs: Any) -> tuple[str, ...]:
+    """The names of the requested outputs: each once, with no per-output option this server would ignore (Triton's
+    ``classification`` is not served; the ``postprocess`` request parameter is its equivalent)."""
+    names = []
+    for o in outputs:
+        if o.name in names:
+            raise InvalidArgument(f"output {o.name[:_ECHO]!r} requested twice")
+        if o.parameters:
+            raise InvalidArgument(f"output {o.name[:_ECHO]!r}: output parameters "
+                                  f"({', '.join(sorted(o.parameters))[:_ECHO]}) are not supported; use the request "
+                                  "parameters postprocess and top_k")
+        names.append(o.name)
+    return tuple(names)
 
 
 def infer_response(result: PredictResult, call: InferCall) -> pb.ModelInferResponse:

@@ -83,20 +83,26 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
 
         def submit(request: pb.ModelInferRequest) -> Callable[[], pb.ModelStreamInferResponse]:
             call, pending = self._submit(request, ctx)
+            final_flag = conv.wants_final_flag(message_of(request))
 
             def answer() -> pb.ModelStreamInferResponse:
                 resp = pb.ModelStreamInferResponse()
                 conv.fill_infer_response(resp.infer_response, pending.result(), call)
+                if final_flag:
+                    resp.infer_response.parameters[conv.FINAL_FLAG].bool_param = True
                 return resp
 
             return answer
 
         def on_error(request: pb.ModelInferRequest, exc: LeanserveError) -> pb.ModelStreamInferResponse:
             request = message_of(request)
-            return pb.ModelStreamInferResponse(
+            resp = pb.ModelStreamInferResponse(
                 error_message=f"{status_code(exc).name}: {exc.message}",
                 infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),
             )
+            if conv.wants_final_flag(request):
+                resp.infer_response.parameters[conv.FINAL_FLAG].bool_param = True
+            return resp
 
         settings = self.dp.settings
         with self.streams.hold():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -15,14 +15,20 @@ from leanserve.server.serving.model import ServedModel
 MAX_TENSOR_DIMS = 32
 
 
-def tensor_shape(name: str, dims: Iterable[int], itemsize: int, max_bytes: int) -> tuple[tuple[int, ...], int]:
+def check_rank(name: str, ndims: int) -> None:
+    """InvalidArgument when a request tensor has more than ``MAX_TENSOR_DIMS`` dimensions; called on the count
+    before the dimensions are read, so a message of millions of them is refused without building anything."""
+    if ndims > MAX_TENSOR_DIMS:
+        raise InvalidArgument(f"tensor {name!r}: {ndims} dimensions; at most {MAX_TENSOR_DIMS} are allowed")
+
+
+def tensor_shape(name: str, dims: Sequence[int], itemsize: int, max_bytes: int) -> tuple[tuple[int, ...], int]:
     """A request tensor's shape and element count, checked before anything is allocated: at most
     ``MAX_TENSOR_DIMS`` dimensions, none negative, and at most ``max_bytes`` of data (counted in Python integers,
     so no product wraps around; a 0 dimension counts as 1 here because numpy refuses such shapes past its size
     limit too)."""
+    check_rank(name, len(dims))
     shape = tuple(int(d) for d in dims)
-    if len(shape) > MAX_TENSOR_DIMS:
-        raise InvalidArgument(f"tensor {name!r}: {len(shape)} dimensions; at most {MAX_TENSOR_DIMS} are allowed")
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"tensor {name!r}: negative dimension in shape {list(shape)}")
     if math.prod(d or 1 for d in shape) * itemsize > max_bytes:
@@ -43,7 +49,8 @@ def select_input(model: ServedModel, inputs: dict[str, np.ndarray]) -> np.ndarra
 def validate_batch(model: ServedModel, x: np.ndarray, max_batch_size: int) -> np.ndarray:
     """Check dtype, shape and batch size; return a C-contiguous array ready for the runner."""
     sig = model.input
-    if x.shape[1:] == sig.shape and x.dtype == sig.np_dtype and 1 <= x.shape[0] <= max_batch_size \
+    # x.ndim first: a 0-d tensor has the same shape[1:] as a model taking scalars per row, and no batch dimension
+    if x.ndim and x.shape[1:] == sig.shape and x.dtype == sig.np_dtype and 1 <= x.shape[0] <= max_batch_size \
             and x.flags.c_contiguous:
         return x  # the usual request: exactly the signature
     if x.dtype != sig.np_dtype:

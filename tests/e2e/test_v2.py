@@ -142,6 +142,22 @@ def test_stream_error_message_and_order(stub) -> None:
             assert not a.error_message and _out(a.infer_response)[0, 0] == 2 * i
 
 
+def test_stream_answers_carry_tritons_final_flag_when_asked(stub) -> None:
+    """tritonclient's ``enable_empty_final_response``: each answer (errors too) says it is its request's last."""
+    def req(name: str, flag: bool | None) -> pb.ModelInferRequest:
+        r = pb.ModelInferRequest(model_name=name, raw_input_contents=[np.ones((1, 4), np.float32).tobytes()],
+                                 inputs=[Tensor(name="x", datatype="FP32", shape=[1, 4])])
+        if flag is not None:
+            r.parameters["triton_enable_empty_final_response"].bool_param = flag
+        return r
+
+    answers = list(stub.ModelStreamInfer(iter([req("toy", True), req("nope", True), req("toy", None),
+                                               req("toy", False)]), timeout=60))
+    flags = [dict(a.infer_response.parameters).get("triton_final_response") for a in answers]
+    assert [f.bool_param if f is not None else None for f in flags] == [True, True, None, None]
+    assert not answers[0].error_message and answers[1].error_message.startswith("NOT_FOUND")
+
+
 def test_metadata_postprocess_and_statistics(stub) -> None:
     md = stub.ServerMetadata(pb.ServerMetadataRequest())
     assert md.name == "leanserve" and "statistics" in md.extensions

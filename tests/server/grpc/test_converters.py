@@ -101,3 +101,50 @@ def test_v2_response_is_little_endian_c_order_with_its_datatype(a: np.ndarray, t
     assert (resp.model_version, resp.id, out.name, list(out.shape)) == ("3", "7", "y", list(a.shape))
     assert out.datatype == conv.v2_datatype(little.newbyteorder("="))
     np.testing.assert_array_equal(np.frombuffer(raw, little).reshape(a.shape), a)
+
+
+@pytest.mark.parametrize("datatype, field, values, ok", [
+    ("INT8", "int_contents", [-128, 127], True), ("INT8", "int_contents", [1, 128], False),
+    ("INT8", "int_contents", [-129, 0], False), ("UINT8", "uint_contents", [0, 255], True),
+    ("UINT8", "uint_contents", [256, 0], False), ("INT16", "int_contents", [-32768, 32767], True),
+    ("INT16", "int_contents", [40000, 0], False), ("UINT16", "uint_contents", [65536, 1], False),
+])
+def test_v2_narrow_integer_contents_never_wrap(datatype: str, field: str, values: list[int], ok: bool) -> None:
+    """INT8/INT16/UINT8/UINT16 travel in 32-bit ``contents`` fields: a value out of the type's range is refused,
+    not wrapped around (129 as INT8 would otherwise reach the model as -127)."""
+    from leanserve.server.grpc import v2_converters as conv
+    from leanserve.v2 import grpc_service_pb2 as pb
+
+    tensor = pb.ModelInferRequest.InferInputTensor(name="x", datatype=datatype, shape=[1, 2])
+    getattr(tensor.contents, field).extend(values)
+    request = pb.ModelInferRequest(model_name="m", inputs=[tensor])
+    if ok:
+        x = conv.infer_request(request).inputs["x"]
+        assert x.dtype == conv.DTYPES[datatype] and x.tolist() == [values]
+    else:
+        with pytest.raises(InvalidArgument, match="outside the range"):
+            conv.infer_request(request)
+
+
+class _Dims:
+    """A repeated dims field of a million entries that fails the test if anything reads them."""
+
+    def __len__(self) -> int:
+        return 1_000_000
+
+    def __iter__(self):
+        raise AssertionError("the dimensions were read before they were counted")
+
+    __getitem__ = __iter__
+
+
+def test_v2_and_v1_count_dimensions_before_reading_them() -> None:
+    from leanserve.server.grpc import v2_converters as conv
+
+    class Tensor:
+        name, datatype, shape = "x", "FP32", _Dims()
+
+    with pytest.raises(InvalidArgument, match="1000000 dimensions"):
+        conv._signature(Tensor(), 2**40)
+    with pytest.raises(InvalidArgument, match="1000000 dimensions"):
+        tensor_to_numpy(Tensor())
