@@ -153,11 +153,13 @@ def check_reference(conv: Converted, settings: Settings) -> dict[str, Any]:
     from leanserve.server.ingest.reference import reference_check
 
     # the sample rows of a model with very wide inputs are capped by bytes, not only by count
-    row_bytes = 4 * math.prod(max(d, 1) for d in conv.input.shape)
+    dtype = conv.input.np_dtype
+    row_bytes = dtype.itemsize * math.prod(max(d, 1) for d in conv.input.shape)
     report = reference_check(
         conv.runner,
         conv.reference,
         conv.input.shape,
+        dtype=dtype,
         n=max(1, min(settings.reference_samples, REFERENCE_SAMPLE_BYTES // row_bytes)),
         seed=0,
         atol=settings.reference_atol,
@@ -165,7 +167,7 @@ def check_reference(conv: Converted, settings: Settings) -> dict[str, Any]:
     ).to_dict()
     report["reference"] = conv.reference_name
     if not math.isfinite(report["max_abs_error"]):
-        raise InvalidArgument(f"model refused: it computes NaN or infinite outputs from standard normal inputs "
+        raise InvalidArgument(f"model refused: it computes NaN or infinite outputs from random inputs "
                               f"(served or {conv.reference_name} reference); its weights are not usable")
     if not report["within_tolerance"]:
         raise FailedPrecondition(

@@ -1,7 +1,9 @@
 """Check a served model against a reference on seeded random inputs.
 
-Inputs are standard-normal float32 drawn from ``numpy.random.default_rng(seed)`` (so a report is reproducible),
-fed in a few batches of different sizes (1, 3, then up to 64 rows) so batch-size-dependent bugs show up.
+Inputs are drawn from ``numpy.random.default_rng(seed)`` (so a report is reproducible) in the model's input dtype:
+standard normal for floating point, integers in the range the type shares with int8/uint8 (a model taking
+integers usually takes indices or pixel values), random bits for bool. They are fed in a few batches of different
+sizes (1, 3, then up to 64 rows) so batch-size-dependent bugs show up.
 """
 
 from __future__ import annotations
@@ -42,18 +44,19 @@ def reference_check(
     reference: Predict,
     input_shape: tuple[int, ...],
     *,
+    dtype: np.dtype | str = np.float32,
     n: int = 256,
     seed: int = 0,
     atol: float = 1e-4,
     rtol: float = 1e-3,
 ) -> ReferenceReport:
-    """Compare ``served(x)`` with ``reference(x)`` on ``n`` seeded standard-normal inputs of ``input_shape``.
+    """Compare ``served(x)`` with ``reference(x)`` on ``n`` seeded random inputs of ``input_shape`` and ``dtype``.
 
     Raises ``FailedPrecondition`` if the two disagree on the output shape.
     """
     if n < 1:
         raise ValueError("n must be at least 1")
-    x = np.random.default_rng(seed).standard_normal((n, *input_shape), dtype=np.float32)
+    x = sample_inputs(np.random.default_rng(seed), (n, *input_shape), np.dtype(dtype))
     max_abs = max_rel = 0.0
     ok = True
     for batch in _batches(x):
@@ -70,6 +73,19 @@ def reference_check(
     return ReferenceReport(n, max_abs, max_rel, ok, atol, rtol, seed)
 
 
+def sample_inputs(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """Random inputs of ``dtype`` (see the module docstring)."""
+    if dtype.kind == "f":
+        return rng.standard_normal(shape, dtype=np.float32).astype(dtype)
+    if dtype.kind == "b":
+        return rng.random(shape) < 0.5
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        low, high = (0, 255) if dtype.kind == "u" else (-128, 127)
+        return rng.integers(max(low, info.min), min(high, info.max), size=shape, endpoint=True).astype(dtype)
+    raise ValueError(f"no random inputs for dtype {dtype}")
+
+
 def _batches(x: np.ndarray) -> list[np.ndarray]:
     bounds = [0, 1, 4, *range(4 + 64, len(x), 64), len(x)]
     bounds = sorted({min(b, len(x)) for b in bounds})
@@ -77,13 +93,14 @@ def _batches(x: np.ndarray) -> list[np.ndarray]:
 
 
 def keras_reference(model: Any) -> Predict:
-    """A reference callable running ``model(x, training=False)`` in float32 and returning numpy."""
+    """A reference callable running ``model(x, training=False)`` on ``x`` as given (in the model's input dtype) and
+    returning float32 numpy."""
     from leanserve.server.ingest.keras_loader import import_keras
 
     keras = import_keras()
 
     def run(x: np.ndarray) -> np.ndarray:
-        out = model(np.asarray(x, dtype=np.float32), training=False)
+        out = model(np.asarray(x), training=False)
         return np.asarray(keras.ops.convert_to_numpy(out), dtype=np.float32)
 
     return run

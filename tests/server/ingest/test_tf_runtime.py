@@ -58,3 +58,35 @@ def test_rejects_bad_inputs_and_multi_output(keras: Any, layernorm_model: Any) -
     two = keras.Model(inp, [keras.layers.Dense(2)(inp), keras.layers.Dense(1)(inp)])
     with pytest.raises(UnsupportedModel):
         TFRuntime(two)
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int32", "float64"])
+def test_a_model_taking_other_than_float32_is_checked_in_its_own_dtype(keras: Any, tmp_path: Path,
+                                                                      dtype: str) -> None:
+    """The reference check feeds the model's own input dtype (it fed float32 to every model, so an upload of a
+    model taking uint8 pixels or int32 indices was refused by its own runtime)."""
+    from leanserve.server.ingest.build import check_reference, convert
+    from leanserve.server.settings import Settings
+
+    inp = keras.Input((4,), dtype=dtype, name="x")
+    model = keras.Model(inp, keras.layers.Dense(3, activation="softmax")(inp))
+    path = tmp_path / "m.keras"
+    model.save(path)
+    settings = Settings(repository=tmp_path / "repo", reference_samples=64)
+    conv = convert("keras", path, settings)
+    assert conv.input.dtype == dtype
+    assert check_reference(conv, settings)["within_tolerance"]
+    x = np.arange(8).reshape(2, 4).astype(dtype)
+    np.testing.assert_allclose(conv.runner(x), np.asarray(model(x, training=False)), atol=1e-6, rtol=1e-5)
+
+
+def test_reference_samples_stay_in_the_range_of_the_dtype() -> None:
+    from leanserve.server.ingest.reference import sample_inputs
+
+    rng = np.random.default_rng(0)
+    for dtype, low, high in (("uint8", 0, 255), ("int8", -128, 127), ("int64", -128, 127), ("uint32", 0, 255)):
+        x = sample_inputs(rng, (2000,), np.dtype(dtype))
+        assert x.dtype == dtype and x.min() == low and x.max() == high
+    assert sample_inputs(rng, (100,), np.dtype("bool")).dtype == bool
+    f16 = sample_inputs(rng, (1000,), np.dtype("float16"))
+    assert f16.dtype == np.float16 and -1.5 < float(f16.mean()) < 1.5 and f16.std() > 0.5
