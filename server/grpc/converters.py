@@ -15,7 +15,7 @@ from leanserve.server.errors import InvalidArgument
 from leanserve.server.serving.model import PredictResult, ServedModel, TensorSignature
 from leanserve.server.ingest.uploads import UploadRequest
 from leanserve.server.serving.postprocess import PostProcess
-from leanserve.server.serving.validation import check_rank
+from leanserve.server.serving.validation import MAX_TENSOR_DIMS, check_rank
 
 _FORMATS = {model_pb.MODEL_FORMAT_UNSPECIFIED: "", model_pb.KERAS: "keras", model_pb.H5: "h5", model_pb.LEANSERVE: "leanserve"}
 _PB_FORMATS = {v: k for k, v in _FORMATS.items() if v}
@@ -31,7 +31,8 @@ _POSTPROCESS = {
 def tensor_to_numpy(t: tensor_pb.Tensor, data: Any = None) -> np.ndarray:
     """A read-only numpy view over the message's bytes (or ``data``, its bytes taken out of the message);
     InvalidArgument when the message is not a valid array."""
-    check_rank(t.name[:64], len(t.shape))
+    if len(t.shape) > MAX_TENSOR_DIMS:
+        check_rank(t.name[:64], len(t.shape))
     try:
         return codec.to_numpy(t, data=data)
     except codec.TensorCodecError as exc:

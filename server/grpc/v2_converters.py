@@ -19,7 +19,7 @@ from leanserve.server.errors import InvalidArgument
 from leanserve.server.serving.model import PredictResult, ServedModel, TensorSignature
 from leanserve.server.serving.postprocess import PostProcess
 from leanserve.server.serving.stats import StatsSnapshot
-from leanserve.server.serving.validation import check_rank, tensor_shape
+from leanserve.server.serving.validation import MAX_TENSOR_DIMS, check_rank, tensor_shape
 
 DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype("?"),
@@ -110,7 +110,8 @@ def v2_datatype(dtype: str | np.dtype) -> str:
 def _signature(t: pb.ModelInferRequest.InferInputTensor, max_bytes: int) -> tuple[np.dtype, tuple[int, ...], int]:
     """dtype, shape and element count of an input tensor, checked (see ``tensor_shape``) before anything is
     allocated."""
-    check_rank(t.name[:_ECHO], len(t.shape))  # before the key: a tuple of millions of dims is itself the attack
+    if len(t.shape) > MAX_TENSOR_DIMS:  # before the key: a tuple of millions of dims is itself the attack
+        check_rank(t.name[:_ECHO], len(t.shape))
     key = (t.datatype, tuple(t.shape[:]))
     known = _CHECKED.get(key)
     if known is None:
