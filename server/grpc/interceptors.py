@@ -162,7 +162,10 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                 wrapper.experimental_thread_pool = stream_pool  # type: ignore[attr-defined]
             return wrapper
 
-        def stream(fn: Callable[..., Iterator[Any]], streaming: bool) -> Callable[..., Iterator[Any]]:
+        def stream(fn: Callable[..., Iterator[Any]], streaming: bool) -> Callable[..., Any]:
+            if getattr(fn, "experimental_non_blocking", False):
+                return non_blocking(fn)
+
             def wrapper(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 try:
                     if checked:
@@ -178,6 +181,24 @@ class ErrorInterceptor(grpc.ServerInterceptor):
 
             if stream_pool is not None:
                 wrapper.experimental_thread_pool = stream_pool  # type: ignore[attr-defined]
+            return wrapper
+
+        def non_blocking(fn: Callable[..., Any]) -> Callable[..., Any]:
+            # A server-streaming method that answers through grpc's send callback (grpc-health's Watch) returns at
+            # once and holds no thread while its call stays open: keep it so. As a generator on the stream pool it
+            # would hold a thread per open call, and the open Watch method would let anyone take them all.
+            def wrapper(request: Any, context: grpc.ServicerContext,
+                        send_response_callback: Callable[[Any], None] | None = None) -> Any:
+                try:
+                    return fn(check(request) if checked else request, context,
+                              send_response_callback=send_response_callback)
+                except Exception as exc:
+                    if _is_abort(exc):
+                        raise
+                    abort(context, exc, method)
+
+            wrapper.experimental_non_blocking = True  # type: ignore[attr-defined]
+            wrapper.experimental_thread_pool = getattr(fn, "experimental_thread_pool", None)  # type: ignore[attr-defined]
             return wrapper
 
         if handler.unary_unary:

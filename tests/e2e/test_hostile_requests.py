@@ -156,3 +156,23 @@ def test_v2_options_the_server_cannot_honour_are_refused(served) -> None:
     as_uint = _v2_request("ok", [1, 4], x)
     as_uint.parameters["top_k"].uint64_param = 0
     assert stub.ModelInfer(as_uint, timeout=60).outputs[0].name == "y"
+
+
+def test_open_health_watches_take_no_stream_threads(served) -> None:
+    """grpc-health's Watch is open to anyone (no token needed) and stays open: more watches than the stream pool
+    has threads must not keep a predict stream from being answered."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    handle, client = served
+    health = health_pb2_grpc.HealthStub(client.channel)
+    watches = [health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
+               for _ in range(handle.dataplane.settings.stream_threads + 4)]
+    try:
+        for watch in watches:  # each is open: its first answer came
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        stub = v2_grpc.GRPCInferenceServiceStub(client.channel)
+        answers = list(stub.ModelStreamInfer(iter([_v2_request("ok", [1, 4], bytes(16))]), timeout=30))
+        assert len(answers) == 1 and not answers[0].error_message
+    finally:
+        for watch in watches:
+            watch.cancel()
