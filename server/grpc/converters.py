@@ -57,8 +57,10 @@ def spec_to_pb(sig: TensorSignature) -> tensor_pb.TensorSpec:
 
 
 def upload_header(h: model_pb.UploadHeader) -> UploadRequest:
+    if h.format not in _FORMATS:
+        raise InvalidArgument(f"unknown model format value {h.format}")
     return UploadRequest(
-        name=h.name, format=_FORMATS.get(h.format, ""), size_bytes=h.size_bytes, sha256=h.sha256.lower(),
+        name=h.name, format=_FORMATS[h.format], size_bytes=h.size_bytes, sha256=h.sha256.lower(),
         description=h.description,
     )
 

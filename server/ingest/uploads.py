@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from leanserve.server.errors import InvalidArgument, ResourceExhausted
+from leanserve.server.repository.manifest import check_description
 
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -34,6 +35,7 @@ def check_header(req: UploadRequest, max_bytes: int) -> None:
         raise InvalidArgument("upload header needs size_bytes > 0")
     if req.size_bytes > max_bytes:
         raise ResourceExhausted(f"model file of {req.size_bytes} bytes exceeds the upload limit of {max_bytes} bytes")
+    check_description(req.description)
 
 
 def receive(req: UploadRequest, chunks: Iterable[bytes], dest: Path, max_bytes: int) -> Path:

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from leanserve.server.errors import InvalidArgument
+from leanserve.server.repository.manifest import check_description
 
 MAX_SPARSITY = 0.99
 MAX_BLOCK_SIDE = 64
@@ -68,6 +69,7 @@ def validate(opts: OptimizeOptions, *, max_epochs: int, max_data_bytes: int,
 
     if not opts.model_name:
         raise InvalidArgument("model_name is required")
+    check_description(opts.description)
     if not 0.0 <= opts.target_sparsity <= MAX_SPARSITY:
         raise InvalidArgument(f"target_sparsity must be in [0, {MAX_SPARSITY}], got {opts.target_sparsity}")
     if opts.granularity not in ("per_layer", "global"):

@@ -150,6 +150,17 @@ class ReferenceRecord(_Strict):
     seed: int | None = None
 
 
+#: longest description a new version may carry: it is stored in every manifest and returned by every GetModel
+MAX_DESCRIPTION_CHARS = 4096
+
+
+def check_description(text: str) -> None:
+    """InvalidArgument for a description longer than ``MAX_DESCRIPTION_CHARS`` (checked before anything is
+    stored; manifests already stored are read as they are)."""
+    if len(text) > MAX_DESCRIPTION_CHARS:
+        raise InvalidArgument(f"description of {len(text)} characters; at most {MAX_DESCRIPTION_CHARS} are allowed")
+
+
 class Manifest(_Strict):
     """A version's ``manifest.json`` (also the manifest inside an uploaded ``.leanserve`` zip, which carries only
     the format, signature, layers and weights checksum)."""

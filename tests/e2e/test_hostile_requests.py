@@ -176,3 +176,28 @@ def test_open_health_watches_take_no_stream_threads(served) -> None:
     finally:
         for watch in watches:
             watch.cancel()
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("description", "d" * 5000, "description of 5000 characters"),  # stored in every manifest, sent by every GetModel
+    ("format", 99, "unknown model format"),  # was read as "detect it" and accepted
+])
+def test_upload_headers_are_checked_before_anything_is_stored(served, field: str, value: object, words: str) -> None:
+    handle, client = served
+    header = model_pb.UploadHeader(name="m", size_bytes=4, sha256="0" * 64, **{field: value})
+    requests = iter([model_pb.UploadModelRequest(header=header), model_pb.UploadModelRequest(chunk=b"abcd")])
+    code, message = _code(lambda: client.models_stub.UploadModel(requests, timeout=60))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and words in message, message
+    assert "m" not in handle.dataplane.repository.models()
+
+
+def test_optimize_descriptions_are_bounded_too() -> None:
+    from leanserve.server.errors import InvalidArgument
+    from leanserve.server.optimize.options import OptimizeOptions, validate
+
+    def options(chars: int) -> OptimizeOptions:
+        return OptimizeOptions(model_name="m", quantize="int8", description="d" * chars)
+
+    with pytest.raises(InvalidArgument, match="description of 5000 characters"):
+        validate(options(5000), max_epochs=5, max_data_bytes=1 << 20)
+    assert validate(options(4096), max_epochs=5, max_data_bytes=1 << 20).description == "d" * 4096
