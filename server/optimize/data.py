@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from leanserve.server.errors import InvalidArgument, ResourceExhausted
-from leanserve.server.ingest.archives import read_npz
+from leanserve.server.ingest.archives import expansion_limit, read_npz
 
 _KEYS = frozenset({"x", "y", "x_val", "y_val"})
 
@@ -42,16 +42,25 @@ def receive(chunks: Iterable[bytes], declared: int, max_bytes: int) -> bytes:
     return b"".join(parts)
 
 
-def parse(blob: bytes, input_shape: tuple[int, ...], num_classes: int, max_bytes: int) -> OptimizeData:
+def parse(blob: bytes, input_shape: tuple[int, ...], num_classes: int, max_bytes: int,
+          max_ratio: float | None = None) -> OptimizeData:
     """Read the .npz (no pickle), reshape rows to ``input_shape`` and turn one-hot labels into class ids.
 
-    ``max_bytes`` (the Optimize data cap) bounds what the archive may inflate to, counted while inflating."""
-    arrays = read_npz(blob, max_bytes, "the optimization data (.npz)")
+    What the data may take in memory is bounded as for uploads (``archives.expansion_limit``): at most
+    ``max_ratio`` times the bytes received (at least the expansion floor; None: no ratio), never more than
+    ``max_bytes`` (the Optimize data cap). The archive's members are counted while inflating, and the arrays as they will be held
+    (float32 rows, int64 labels: a compressed int8 array grows 4× more when converted) before any conversion."""
+    cap = max_bytes if max_ratio is None else expansion_limit(len(blob), max_bytes, max_ratio)
+    arrays = read_npz(blob, cap, "the optimization data (.npz)")
     unknown = set(arrays) - _KEYS
     if unknown or "x" not in arrays:
         raise InvalidArgument(f"the .npz must hold x and optionally y, x_val, y_val; found {sorted(arrays)}")
     if ("x_val" in arrays) != ("y_val" in arrays) or ("y_val" in arrays and "y" not in arrays):
         raise InvalidArgument("x_val and y_val come together, and only with y")
+    held = sum(4 * a.size if key.startswith("x") else 8 * len(a) for key, a in arrays.items())
+    if held > cap:
+        raise ResourceExhausted(f"the optimization data would take {held} bytes as float32 rows and int64 labels; "
+                                f"{len(blob)} bytes received may take at most {cap}")
     x = _rows(arrays["x"], "x", input_shape)
     y = _labels(arrays["y"], "y", len(x), num_classes) if "y" in arrays else None
     x_val = y_val = None

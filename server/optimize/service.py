@@ -125,7 +125,7 @@ class Optimizer:
             if blob:
                 data = data_mod.parse(blob, base.plan.input_shape if base.plan else base.input.shape,
                                       base.output.shape[-1] if base.output.shape else 1,
-                                      self.settings.optimize_max_data_bytes)
+                                      self.settings.optimize_max_data_bytes, self.settings.max_unpack_ratio)
             job = Job()
             worker = threading.Thread(target=self._work, args=(job, base, opts, data, ctx), daemon=True,
                                       name=f"leanserve-optimize-{opts.model_name}")

@@ -109,3 +109,21 @@ def test_receive_enforces_the_limit_and_the_declared_size() -> None:
         data_mod.receive([b"x" * 600, b"x" * 600], 1200, 1000)
     with pytest.raises(InvalidArgument):
         data_mod.receive([b"x" * 10], 20, 1000)
+
+
+def test_data_may_take_at_most_the_upload_ratio_of_what_was_received() -> None:
+    """A compressed .npz of int8 zeros: ~60 KB on the wire, 60 MB inflated, 240 MB as float32 rows. With the
+    upload ratio it is refused while inflating; without a ratio the arrays as held are counted before any
+    conversion."""
+    buf = io.BytesIO()
+    np.savez_compressed(buf, x=np.zeros((2_500_000, 24), np.int8), y=np.zeros(2_500_000, np.int8))
+    blob = buf.getvalue()
+    assert len(blob) < 1 << 20
+    with pytest.raises(ResourceExhausted):
+        data_mod.parse(blob, (24,), 2, 256 << 20, max_ratio=2.0)
+    with pytest.raises(ResourceExhausted, match="as float32 rows and int64 labels"):
+        data_mod.parse(blob, (24,), 2, 64 << 20)  # inflates within 64 MiB, would take 260 MB converted
+    small = io.BytesIO()
+    np.savez_compressed(small, x=np.zeros((1000, 24), np.int8), y=np.zeros(1000, np.int8))
+    d = data_mod.parse(small.getvalue(), (24,), 2, 256 << 20, max_ratio=2.0)  # under the 16 MiB floor
+    assert d.x.dtype == np.float32 and d.x.shape == (1000, 24) and d.y.dtype == np.int64
