@@ -48,8 +48,9 @@ def parse(blob: bytes, input_shape: tuple[int, ...], num_classes: int, max_bytes
 
     What the data may take in memory is bounded as for uploads (``archives.expansion_limit``): at most
     ``max_ratio`` times the bytes received (at least the expansion floor; None: no ratio), never more than
-    ``max_bytes`` (the Optimize data cap). The archive's members are counted while inflating, and the arrays as they will be held
-    (float32 rows, int64 labels: a compressed int8 array grows 4× more when converted) before any conversion."""
+    ``max_bytes`` (the Optimize data cap). The archive's members are counted while inflating, and the arrays as
+    they will be held (float32 rows, int64 labels: a compressed int8 array grows 4× more when converted) before
+    any conversion."""
     cap = max_bytes if max_ratio is None else expansion_limit(len(blob), max_bytes, max_ratio)
     arrays = read_npz(blob, cap, "the optimization data (.npz)")
     unknown = set(arrays) - _KEYS
