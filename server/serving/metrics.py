@@ -7,11 +7,16 @@ Triton's ``nv_inference_count`` is scraped as ``nv_inference_count_total``.
 
 from __future__ import annotations
 
+import socket
+import ssl
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from wsgiref.simple_server import WSGIServer
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -59,6 +64,61 @@ class ModelStatsCollector(Collector):
         yield hist
 
 
+#: scrapes served at once; past it a connection is closed at once (scrapers retry), so idle or slow clients hold at
+#: most this many threads
+MAX_CONNECTIONS = 16
+#: longest wait for a client's TLS handshake or its next bytes; then its connection is closed
+CONNECTION_TIMEOUT_SECONDS = 10.0
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 -- the base class's signature
+        pass
+
+
+class _MetricsHTTPServer(ThreadingMixIn, WSGIServer):
+    """A threaded WSGI server whose connections cannot hold it: the TLS handshake runs in the connection's own
+    thread (prometheus-client's server runs it inside ``accept``, so one silent TCP connection stops every scrape),
+    every read and the handshake time out, and at most ``MAX_CONNECTIONS`` are served at once."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], tls: ssl.SSLContext | None) -> None:
+        self._tls = tls
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, _QuietHandler)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        conn, addr = self.socket.accept()
+        conn.settimeout(CONNECTION_TIMEOUT_SECONDS)
+        return conn, addr
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        return self._slots.acquire(blocking=False)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            if self._tls is not None:
+                request = self._tls.wrap_socket(request, server_side=True)  # the handshake, under the timeout
+            self.finish_request(request, client_address)
+        except (OSError, ssl.SSLError):
+            pass  # a client that went away, timed out or failed the handshake: nothing to answer
+        finally:
+            self.shutdown_request(request)
+            self._slots.release()
+
+
+def _tls_context(certfile: Path, keyfile: Path, client_cafile: Path | None) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(certfile), str(keyfile))
+    if client_cafile is not None:
+        context.load_verify_locations(cafile=str(client_cafile))
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
 class MetricsServer:
     """The /metrics HTTP endpoint of one leanserve server."""
 
@@ -69,13 +129,11 @@ class MetricsServer:
         certificate signed by ``client_cafile`` when given."""
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(ModelStatsCollector(models))
-        self._httpd: WSGIServer
-        tls = {}
-        if certfile is not None and keyfile is not None:
-            tls = {"certfile": str(certfile), "keyfile": str(keyfile)}
-            if client_cafile is not None:
-                tls.update(client_cafile=str(client_cafile), client_auth_required=True)
-        self._httpd, self._thread = start_http_server(port, addr=host, registry=self.registry, **tls)
+        tls = _tls_context(certfile, keyfile, client_cafile) if certfile is not None and keyfile is not None else None
+        self._httpd = _MetricsHTTPServer((host, port), tls)
+        self._httpd.set_app(make_wsgi_app(self.registry))
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="metrics-http", daemon=True)
+        self._thread.start()
         self.port: int = self._httpd.server_port
 
     def stop(self) -> None:

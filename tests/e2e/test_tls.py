@@ -11,6 +11,7 @@ import signal
 import ssl
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -103,6 +104,30 @@ def test_metrics_endpoint_serves_https_with_the_same_certificate(secured: Secure
         assert resp.status == 200 and b"nv_inference" in resp.read()
     with pytest.raises((urllib.error.URLError, http.client.HTTPException, ConnectionError)):
         urllib.request.urlopen(f"http://127.0.0.1:{secured.handle.metrics_port}/metrics", timeout=30).read()
+
+
+def test_silent_connections_do_not_stop_https_scrapes(secured: Secured) -> None:
+    """The TLS handshake runs in each connection's thread under a timeout: a few connections that send nothing do
+    not block a scrape (one blocked prometheus-client's server for good), and many hold at most MAX_CONNECTIONS
+    threads, the rest being closed at once."""
+    import socket
+    import threading
+
+    from leanserve.server.serving.metrics import MAX_CONNECTIONS
+
+    port = secured.handle.metrics_port
+    context = ssl.create_default_context(cafile=str(secured.pki.ca))
+    threads = threading.active_count()
+    silent = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(4)]
+    try:
+        with urllib.request.urlopen(f"https://127.0.0.1:{port}/metrics", context=context, timeout=5) as resp:
+            assert resp.status == 200 and b"nv_inference" in resp.read()
+        silent += [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(MAX_CONNECTIONS + 8)]
+        time.sleep(0.5)
+        assert threading.active_count() <= threads + MAX_CONNECTIONS + 1
+    finally:
+        for conn in silent:
+            conn.close()
 
 
 @pytest.mark.parametrize("host, loopback", [
