@@ -215,7 +215,7 @@ def _param(params: Any, name: str, kinds: tuple[str, ...]) -> Any:
 def _requested_outputs(outputs: Any) -> tuple[str, ...]:
     """The names of the requested outputs: each once, with no per-output option this server would ignore (Triton's
     ``classification`` is not served; the ``postprocess`` request parameter is its equivalent)."""
-    names = []
+    names: dict[str, None] = {}  # a dict, not a list: a request may name very many outputs
     for o in outputs:
         if o.name in names:
             raise InvalidArgument(f"output {o.name[:_ECHO]!r} requested twice")
@@ -223,7 +223,7 @@ def _requested_outputs(outputs: Any) -> tuple[str, ...]:
             raise InvalidArgument(f"output {o.name[:_ECHO]!r}: output parameters "
                                   f"({', '.join(sorted(o.parameters))[:_ECHO]}) are not supported; use the request "
                                   "parameters postprocess and top_k")
-        names.append(o.name)
+        names[o.name] = None
     return tuple(names)
 
 
