@@ -11,13 +11,14 @@ from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from leanserve.v2 import grpc_service_pb2, grpc_service_pb2_grpc
 from leanserve.v1 import inference_service_pb2, inference_service_pb2_grpc, model_service_pb2, model_service_pb2_grpc
 from leanserve.server.dataplane import DataPlane
 from leanserve.server.grpc.calls import StreamSlots
+from leanserve.server.grpc.health import SERVICE_NAME as HEALTH_SERVICE_NAME, SERVING, HealthServicer
 from leanserve.server.grpc.inference_servicer import InferenceServicer
 from leanserve.server.grpc.auth import AuthInterceptor, TokenFile
 from leanserve.server.grpc.interceptors import ErrorInterceptor
@@ -54,7 +55,7 @@ class ServerHandle:
     server: grpc.Server
     port: int
     dataplane: DataPlane
-    health: health.HealthServicer
+    health: HealthServicer
     metrics: MetricsServer | None = None
     poller: RepositoryPoller | None = None
     certificates: ServerCertificates | None = None
@@ -168,13 +169,13 @@ def create_server(settings: Settings) -> ServerHandle:
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(V2Servicer(dataplane, streams), server)
     optimize_service_pb2_grpc.add_OptimizeServiceServicer_to_server(OptimizeServicer(Optimizer(dataplane)), server)
 
-    health_servicer = health.HealthServicer()
+    health_servicer = HealthServicer(settings.max_health_watches)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", *SERVICE_NAMES):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        health_servicer.set(name, SERVING)
     if settings.serves_reflection:
         reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (*SERVICE_NAMES, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME),
             server,
         )
 

@@ -134,6 +134,12 @@ class Settings(BaseSettings):
         description="Optimize calls open at once (receiving data or following a job); more are refused with "
         "RESOURCE_EXHAUSTED. Which of them may run a job is optimize_max_jobs.",
     )
+    max_health_watches: int = Field(
+        1024,
+        ge=1,
+        description="grpc.health.v1 Watch calls open at once (open to callers without a token; each holds no "
+        "thread, only its call); more are refused with RESOURCE_EXHAUSTED.",
+    )
     stream_idle_timeout_seconds: float = Field(
         30.0,
         gt=0,
