@@ -238,8 +238,6 @@ class DataPlane:
     def delete_model(self, name: str, version: int | None = None, ctx: RequestContext = NO_CONTEXT) -> list[int]:
         """Stop serving and delete one version or all; NotFound when unknown."""
         with self.audit.change(ctx, "delete", name, version or None) as entry, self._load_lock:
-            if version:
-                self.registry.get(name, version)  # NotFound with a good message
             entry.version = deleted = self.repository.delete(name, version or None)
             self._retire(self.registry.remove(name, deleted))
         return deleted

@@ -291,3 +291,32 @@ def repository_index(entries: Iterable[tuple[str, int, bool]], ready_only: bool)
             if served or not ready_only
         ]
     )
+
+
+def repository_load(req: pb.RepositoryModelLoadRequest) -> str:
+    """The model a RepositoryModelLoad names. Triton's load-time overrides (``config``, ``file:`` contents) are
+    refused, not ignored: a model here is what its stored version holds; publish or upload a new version instead."""
+    check_repository_name(req.repository_name)
+    if req.parameters:
+        raise InvalidArgument(f"load parameters ({', '.join(sorted(req.parameters))[:_ECHO]}) are not supported: a "
+                              "model is served as its stored version holds it; upload or publish a new version")
+    return req.model_name
+
+
+def repository_unload(req: pb.RepositoryModelUnloadRequest) -> str:
+    """The model a RepositoryModelUnload names; tritonclient always sends ``unload_dependents``, which has nothing
+    to act on here (no ensembles), so it is accepted as a bool and nothing else is."""
+    check_repository_name(req.repository_name)
+    params = req.parameters
+    if params:
+        unknown = sorted(set(params) - {"unload_dependents"})
+        if unknown:
+            raise InvalidArgument(f"unload parameters ({', '.join(unknown)[:_ECHO]}) are not supported")
+        _param(params, "unload_dependents", ("bool_param",))
+    return req.model_name
+
+
+def check_repository_name(name: str) -> None:
+    """One repository per server: a RepositoryIndex, Load or Unload naming one is refused, as Triton does."""
+    if name:
+        raise InvalidArgument(f"repository_name {name[:_ECHO]!r}: this server follows one repository; leave it empty")

@@ -123,12 +123,13 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- repository ------------------------------------------------------------------------------------------
     def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: grpc.ServicerContext):
+        conv.check_repository_name(request.repository_name)
         return conv.repository_index(self.dp.repository_index(), request.ready)
 
     def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context: grpc.ServicerContext):
-        self.dp.load_model(request.model_name, caller_context(context))
+        self.dp.load_model(conv.repository_load(request), caller_context(context))
         return pb.RepositoryModelLoadResponse()
 
     def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest, context: grpc.ServicerContext):
-        self.dp.unload_model(request.model_name, caller_context(context))
+        self.dp.unload_model(conv.repository_unload(request), caller_context(context))
         return pb.RepositoryModelUnloadResponse()

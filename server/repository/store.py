@@ -189,8 +189,11 @@ class Repository:
     def delete(self, name: str, version: int | None = None) -> list[int]:
         """Delete one version (or all); each disappears in one rename. Returns the deleted versions."""
         validate_name(name)
-        targets = self.versions(name) if version is None else [version]
         with self._lock():
+            stored = self.versions(name)
+            targets = stored if version is None else [version]
+            if version is not None and version not in stored:
+                raise NotFound(f"model {shown(name)} version {version} not found")
             for v in targets:
                 src = self.path(name, v)
                 trash = self.root / _TRASH / uuid.uuid4().hex

@@ -84,10 +84,28 @@ def test_versions_and_delete(client: Client, model_files, server) -> None:
     assert not (server.dataplane.repository.root / "m" / "2").exists()
     # numbers are never reused: the next upload is version 3
     assert client.upload(model_files["seed_h5"], "m").version == 3
+    with pytest.raises(grpc.RpcError) as err:
+        client.delete("m", 2)  # gone already
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
     assert client.delete("m") == [1, 3]
     with pytest.raises(grpc.RpcError) as err:
         client.info("m")
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_version_of_an_unloaded_model_can_be_deleted(client: Client, model_files, server) -> None:
+    """DeleteModel of one version asked the registry, so an unloaded model's versions were NOT_FOUND while
+    deleting all of them worked."""
+    client.upload(model_files["seed_h5"], "m")
+    client.upload(model_files["seed_h5"], "m")
+    server.dataplane.unload_model("m")
+    assert client.delete("m", 1) == [1]
+    assert server.dataplane.repository.versions("m") == [2]
+    with pytest.raises(grpc.RpcError) as err:
+        client.delete("m", 7)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "version 7" in err.value.details()
+    server.dataplane.load_model("m")
+    assert client.models() == {"m": [2]}
 
 
 def test_postprocessing(client: Client, model_files, keras_predict) -> None:

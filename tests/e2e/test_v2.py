@@ -196,3 +196,35 @@ def test_repository_unload_and_load(server: ServerHandle, client: Client, model_
         grpc.StatusCode.NOT_FOUND
     assert _code(stub.RepositoryModelUnload, pb.RepositoryModelUnloadRequest(model_name="nope"))[0] == \
         grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize("call, request_", [
+    ("RepositoryModelLoad", pb.RepositoryModelLoadRequest(
+        model_name="seed", parameters={"config": pb.ModelRepositoryParameter(string_param='{"max_batch_size": 8}')})),
+    ("RepositoryModelLoad", pb.RepositoryModelLoadRequest(
+        model_name="seed", parameters={"file:1/model.onnx": pb.ModelRepositoryParameter(bytes_param=b"x")})),
+    ("RepositoryModelLoad", pb.RepositoryModelLoadRequest(model_name="seed", repository_name="other")),
+    ("RepositoryModelUnload", pb.RepositoryModelUnloadRequest(model_name="seed", repository_name="other")),
+    ("RepositoryModelUnload", pb.RepositoryModelUnloadRequest(
+        model_name="seed", parameters={"unload_dependents": pb.ModelRepositoryParameter(string_param="yes")})),
+    ("RepositoryModelUnload", pb.RepositoryModelUnloadRequest(
+        model_name="seed", parameters={"force": pb.ModelRepositoryParameter(bool_param=True)})),
+    ("RepositoryIndex", pb.RepositoryIndexRequest(repository_name="other")),
+])
+def test_repository_options_this_server_cannot_honour_are_refused(server: ServerHandle, client: Client, call: str,
+                                                                   request_: object) -> None:
+    """Triton's load-time config and file overrides and a named repository were answered OK and ignored: the caller
+    believed a model was loaded with its configuration. Each is INVALID_ARGUMENT, and the model is as it was."""
+    server.dataplane.serve(toy_model(lambda x: x * 2, name="seed", features=4))
+    stub = pb_grpc.GRPCInferenceServiceStub(client.channel)
+    code, message = _code(getattr(stub, call), request_)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, message
+    assert stub.ModelReady(pb.ModelReadyRequest(name="seed")).ready
+
+
+def test_tritonclients_unload_parameter_is_accepted(server: ServerHandle, client: Client) -> None:
+    server.dataplane.serve(toy_model(lambda x: x * 2, name="toy", features=4))
+    stub = pb_grpc.GRPCInferenceServiceStub(client.channel)
+    stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(
+        model_name="toy", parameters={"unload_dependents": pb.ModelRepositoryParameter(bool_param=False)}))
+    assert not stub.ModelReady(pb.ModelReadyRequest(name="toy")).ready
