@@ -28,8 +28,13 @@ class OptimizeData:
 
 
 def receive(chunks: Iterable[bytes], declared: int, max_bytes: int) -> bytes:
-    """Concatenate the data chunks, refusing more than ``max_bytes`` (ResourceExhausted) or a size mismatch."""
+    """Concatenate the data chunks, refusing more than ``max_bytes`` (ResourceExhausted) or a size mismatch.
+
+    Returns as soon as the declared bytes are in, without waiting for the end of the stream: a client that keeps
+    its side open until the report comes (as bidirectional clients may) must not wait for the idle timeout."""
     parts, total = [], 0
+    if declared <= 0:
+        return b""
     for chunk in chunks:
         total += len(chunk)
         if total > max_bytes:
@@ -37,6 +42,8 @@ def receive(chunks: Iterable[bytes], declared: int, max_bytes: int) -> bytes:
         if total > declared:
             raise InvalidArgument(f"data is larger than the declared data_size_bytes={declared}")
         parts.append(chunk)
+        if total == declared:
+            break
     if total != declared:
         raise InvalidArgument(f"data ended after {total} bytes but data_size_bytes declared {declared}")
     return b"".join(parts)

@@ -127,3 +127,21 @@ def test_data_may_take_at_most_the_upload_ratio_of_what_was_received() -> None:
     np.savez_compressed(small, x=np.zeros((1000, 24), np.int8), y=np.zeros(1000, np.int8))
     d = data_mod.parse(small.getvalue(), (24,), 2, 256 << 20, max_ratio=2.0)  # under the 16 MiB floor
     assert d.x.dtype == np.float32 and d.x.shape == (1000, 24) and d.y.dtype == np.int64
+
+
+def _then_hang(*chunks: bytes):
+    """Chunks, then a stream the client keeps open: reading past them is a bug (it would wait for the timeout)."""
+    yield from chunks
+    raise AssertionError("read past the declared bytes")
+
+
+def test_data_is_in_once_the_declared_bytes_are() -> None:
+    receive = data_mod.receive
+    assert receive(_then_hang(b"ab", b"cd"), declared=4, max_bytes=100) == b"abcd"
+    assert receive(_then_hang(), declared=0, max_bytes=100) == b""
+    with pytest.raises(InvalidArgument, match="larger than the declared"):
+        receive(iter([b"ab", b"cdef"]), declared=4, max_bytes=100)
+    with pytest.raises(InvalidArgument, match="ended after 2 bytes"):
+        receive(iter([b"ab"]), declared=4, max_bytes=100)
+    with pytest.raises(ResourceExhausted):
+        receive(iter([b"abcdef"]), declared=6, max_bytes=4)
