@@ -62,6 +62,7 @@ class ServerHandle:
     tokens: TokenFile | None = None
     stream_pool: futures.ThreadPoolExecutor | None = None
     rpc_pool: WorkerPool | None = None
+    watchdog: SendWatchdog | None = None
 
     def reload_credentials(self) -> None:
         """Re-read the TLS files (for the next handshake) and the token file now, changed or not (SIGHUP)."""
@@ -86,6 +87,8 @@ class ServerHandle:
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
         self.dataplane.close()
+        if self.watchdog is not None:
+            self.watchdog.stop()
         if self.metrics is not None:
             self.metrics.stop()
 
@@ -154,12 +157,13 @@ def create_server(settings: Settings) -> ServerHandle:
     stream_pool = futures.ThreadPoolExecutor(max_workers=settings.stream_threads, thread_name_prefix="leanserve-stream")
     rpc_pool = WorkerPool(settings.worker_threads, max(settings.worker_threads, settings.max_worker_threads),
                           "leanserve-rpc")
+    watchdog = SendWatchdog(settings.stream_idle_timeout_seconds)
     server = grpc.server(
         rpc_pool,
         # auth first: a refused call costs no more than the refusal; no token file = no auth interceptor at all
         interceptors=[*([AuthInterceptor(tokens, settings.client_error_log_per_second)] if tokens else []),
                       ErrorInterceptor(settings.client_error_log_per_second, stream_pool, REQUEST_DECODERS,
-                                       SendWatchdog(settings.stream_idle_timeout_seconds))],
+                                       watchdog)],
         options=grpc_options(settings),
         maximum_concurrent_rpcs=None,
     )
@@ -208,4 +212,4 @@ def create_server(settings: Settings) -> ServerHandle:
              f"tokens from {settings.auth_tokens_file}" if tokens else "no authentication")
     return ServerHandle(server=server, port=port, dataplane=dataplane, health=health_servicer, metrics=metrics,
                         poller=poller, certificates=certificates, tokens=tokens, stream_pool=stream_pool,
-                        rpc_pool=rpc_pool)
+                        rpc_pool=rpc_pool, watchdog=watchdog)

@@ -34,12 +34,13 @@ class SendWatchdog:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._stopped = False
 
     def arm(self, context: grpc.ServicerContext) -> None:
         """The handler of ``context`` is about to yield a response: it must be sent within the timeout."""
         with self._lock:
             self._waiting[context] = self._clock() + self.timeout
-            if self._thread is None and self._watch_thread:
+            if self._thread is None and self._watch_thread and not self._stopped:
                 self._thread = threading.Thread(target=self._watch, name="send-watchdog", daemon=True)
                 self._thread.start()
         self._wake.set()
@@ -61,11 +62,22 @@ class SendWatchdog:
             context.cancel()
         return len(late)
 
+    def stop(self) -> None:
+        """End the watch thread (the server stopped; its calls are over)."""
+        with self._lock:
+            self._stopped = True
+            thread = self._thread
+        self._wake.set()
+        if thread is not None:
+            thread.join(2 * self._period + 1)
+
     def _watch(self) -> None:
         while True:
             self._wake.wait()
+            if self._stopped:
+                return
             time.sleep(self._period)
             self.expire()
             with self._lock:
-                if not self._waiting:
+                if not self._waiting and not self._stopped:
                     self._wake.clear()

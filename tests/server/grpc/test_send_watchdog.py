@@ -30,3 +30,16 @@ def test_only_overdue_sends_are_cancelled_once() -> None:
     now[0] += 10
     assert dog.expire() == 1 and reading.cancelled == 1
     assert dog.expire() == 0 and stuck.cancelled == 1  # each call is cancelled once
+
+
+def test_the_watch_thread_ends_with_the_server() -> None:
+    """Each server started its own watch thread, which outlived it (one more idle thread per server created)."""
+    dog = SendWatchdog(0.04)
+    call = _Call()
+    dog.arm(call)
+    thread = dog._thread
+    assert thread is not None and thread.is_alive()
+    dog.stop()
+    assert not thread.is_alive()
+    dog.arm(_Call())  # after stop: no new thread
+    assert dog._thread is thread
