@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from leanserve.v2 import grpc_service_pb2, grpc_service_pb2_grpc
 from leanserve.v1 import inference_service_pb2, inference_service_pb2_grpc, model_service_pb2, model_service_pb2_grpc
@@ -22,6 +21,7 @@ from leanserve.server.grpc.health import SERVICE_NAME as HEALTH_SERVICE_NAME, SE
 from leanserve.server.grpc.inference_servicer import InferenceServicer
 from leanserve.server.grpc.auth import AuthInterceptor, TokenFile
 from leanserve.server.grpc.interceptors import ErrorInterceptor
+from leanserve.server.grpc.reflection import add_reflection
 from leanserve.server.grpc.request_decoders import REQUEST_DECODERS
 from leanserve.server.grpc.send_watchdog import SendWatchdog
 from leanserve.server.grpc.tls import ServerCertificates
@@ -178,10 +178,8 @@ def create_server(settings: Settings) -> ServerHandle:
     for name in ("", *SERVICE_NAMES):
         health_servicer.set(name, SERVING)
     if settings.serves_reflection:
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME),
-            server,
-        )
+        add_reflection(server, (*SERVICE_NAMES, HEALTH_SERVICE_NAME), settings.max_open_reflection_streams,
+                       settings.stream_idle_timeout_seconds)
 
     address = f"{settings.host}:{settings.port}"
     try:

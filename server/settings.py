@@ -134,6 +134,13 @@ class Settings(BaseSettings):
         description="Optimize calls open at once (receiving data or following a job); more are refused with "
         "RESOURCE_EXHAUSTED. Which of them may run a job is optimize_max_jobs.",
     )
+    max_open_reflection_streams: int = Field(
+        4,
+        ge=1,
+        description="Server reflection streams (grpcurl and the like) open at once; more are refused with "
+        "RESOURCE_EXHAUSTED. Each holds a stream-pool thread while open, and ends after "
+        "stream_idle_timeout_seconds without a request.",
+    )
     max_health_watches: int = Field(
         1024,
         ge=1,
@@ -251,7 +258,8 @@ class Settings(BaseSettings):
     @property
     def stream_threads(self) -> int:
         """Threads of the stream pool: one per stream slot of every kind, and a few to refuse calls past them."""
-        return self.max_open_streams + self.max_open_uploads + self.max_open_optimizations + 4
+        return (self.max_open_streams + self.max_open_uploads + self.max_open_optimizations
+                + self.max_open_reflection_streams + 4)
 
     @property
     def poll_seconds(self) -> float:

@@ -272,16 +272,6 @@ class S3Repository:
             target.parent.mkdir(parents=True, exist_ok=True)
             self._bucket.download(rel, target, obj.size)
 
-    def update_manifest(self, name: str, version: int, manifest: dict[str, Any]) -> None:
-        """Replace the manifest of an existing version (one PUT: readers see the old or the new one)."""
-        self._manifest_bytes(name, version)  # NotFound when absent
-        data = json.dumps(manifest, indent=2, sort_keys=True).encode()
-        etag = self._bucket.put(f"{name}/{version}/{MANIFEST}", data)
-        self._cache.manifest_changed(name, version, data)
-        with self._lock:
-            self._manifests[(name, version)] = (etag, data)
-            self._model_locked(name).committed[version] = etag
-
     def _model_locked(self, name: str) -> _ModelState:
         """The state of ``name`` about to be changed by a write of ours (caller holds the lock)."""
         self._epochs[name] = self._epochs.get(name, 0) + 1

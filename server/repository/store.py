@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from leanserve.server.errors import InvalidArgument, NotFound, shown
+from leanserve.server.errors import FailedPrecondition, InvalidArgument, NotFound, shown
 
 log = logging.getLogger(__name__)
 
@@ -66,25 +66,32 @@ def write_file_durably(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def write_json_durably(path: Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON to ``path`` and fsync it."""
-    write_file_durably(path, json.dumps(obj, indent=2, sort_keys=True).encode())
-
-
 class Repository:
     """Versioned, crash-safe storage of model folders (no knowledge of what is inside them)."""
 
     def __init__(self, root: Path, *, sweep: bool = True) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / _STAGING).mkdir(exist_ok=True)
         self._thread_lock = threading.Lock()
+        #: a repository mounted read-only (KServe's /mnt/models) is served as it is; every change is refused
+        self.read_only = not os.access(self.root, os.W_OK)  # a read-only mount or no write permission
+        if self.read_only:
+            log.warning("repository %s is read-only: served as it is; uploads and changes are refused", self.root)
+            return
+        (self.root / _STAGING).mkdir(exist_ok=True)
         if sweep:
             self._sweep()
 
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise FailedPrecondition(f"the repository {self.root} is read-only: models can be served from it, "
+                                     "not uploaded, changed or deleted")
+
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
-        """Exclusive against this process's threads and other processes on the same repository."""
+        """Exclusive against this process's threads and other processes on the same repository (every change
+        takes it: FailedPrecondition on a read-only repository)."""
+        self._check_writable()
         with self._thread_lock, open(self.root / _LOCK, "a+b") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
@@ -103,6 +110,7 @@ class Repository:
     @contextlib.contextmanager
     def staging(self) -> Iterator[Path]:
         """A fresh private folder for assembling a version; removed on exit unless committed (moved away)."""
+        self._check_writable()
         path = self.root / _STAGING / uuid.uuid4().hex
         path.mkdir()
         try:
@@ -177,14 +185,6 @@ class Repository:
     def manifest(self, name: str, version: int) -> dict[str, Any]:
         """The manifest of one version."""
         return json.loads((self.path(name, version) / MANIFEST).read_text())
-
-    def update_manifest(self, name: str, version: int, manifest: dict[str, Any]) -> None:
-        """Atomically replace the manifest of an existing version (write temp, fsync, rename)."""
-        path = self.path(name, version)
-        tmp = path / f"{MANIFEST}.tmp"
-        write_json_durably(tmp, manifest)
-        os.replace(tmp, path / MANIFEST)
-        fsync_dir(path)
 
     def delete(self, name: str, version: int | None = None) -> list[int]:
         """Delete one version (or all); each disappears in one rename. Returns the deleted versions."""

@@ -168,15 +168,6 @@ class VersionCache:
         with self._lock:
             self._verified[(name, version)] = manifest_bytes
 
-    def manifest_changed(self, name: str, version: int, manifest_bytes: bytes) -> None:
-        """The version's manifest was replaced in the store: the copy (if any) follows."""
-        folder = self.folder(name, version)
-        if folder.is_dir():
-            (folder / MANIFEST).write_bytes(manifest_bytes)
-        with self._lock:
-            if (name, version) in self._verified:
-                self._verified[(name, version)] = manifest_bytes
-
     def drop(self, gone: set[tuple[str, int]]) -> None:
         """Forget versions deleted from the store and remove their copies."""
         for name, version in gone:

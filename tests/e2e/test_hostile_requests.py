@@ -11,6 +11,7 @@ output options such as Triton's classification, an output requested twice).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -176,6 +177,44 @@ def test_open_health_watches_take_no_stream_threads(served) -> None:
     finally:
         for watch in watches:
             watch.cancel()
+
+
+def test_reflection_streams_are_bounded_and_time_out(served) -> None:
+    """Reflection streams (open without a token) took stream threads without a slot or a timeout: enough idle
+    ones and predict streams hung. Past the reflection slots a stream is refused, an idle one ends, and a
+    predict stream is answered meanwhile."""
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    handle, client = served
+    stub = reflection_pb2_grpc.ServerReflectionStub(client.channel)
+    settings = handle.dataplane.settings
+    gates = [threading.Event() for _ in range(settings.stream_threads + 2)]
+
+    def requests(gate: threading.Event):
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+        gate.wait(30)  # then idle, the stream open
+
+    streams = [stub.ServerReflectionInfo(requests(gate), timeout=30) for gate in gates]
+    try:
+        outcomes = []
+        for stream in streams:
+            try:
+                outcomes.append("SERVICES" if next(stream).HasField("list_services_response") else "?")
+            except grpc.RpcError as exc:
+                outcomes.append(exc.code().name)
+        assert outcomes.count("SERVICES") == settings.max_open_reflection_streams
+        assert set(outcomes) == {"SERVICES", "RESOURCE_EXHAUSTED"}
+        v2_stub = v2_grpc.GRPCInferenceServiceStub(client.channel)
+        answers = list(v2_stub.ModelStreamInfer(iter([_v2_request("ok", [1, 4], bytes(16))]), timeout=30))
+        assert len(answers) == 1 and not answers[0].error_message
+        with pytest.raises(grpc.RpcError) as idle:  # the open ones end after the idle timeout
+            next(streams[outcomes.index("SERVICES")])
+        assert idle.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        for gate in gates:
+            gate.set()
+        for stream in streams:
+            stream.cancel()
 
 
 @pytest.mark.parametrize("field, value, words", [

@@ -54,6 +54,16 @@ def test_manifests_name_a_grpc_v2_runtime_with_valid_flags() -> None:
     assert 'ENTRYPOINT ["leanserve"]' in dockerfile and "EXPOSE 8081" in dockerfile
 
 
+def _read_only(folder: Path) -> list[str]:
+    """A command prefix that runs the rest with ``folder`` mounted read-only (its own mount namespace), as
+    KServe mounts /mnt/models. Root ignores file modes, so a chmod would prove nothing here."""
+    probe = ["unshare", "-m", "sh", "-c", 'mount --bind "$0" "$0" && mount -o remount,ro,bind "$0" && exec "$@"',
+             str(folder)]
+    if subprocess.run([*probe, "true"], capture_output=True).returncode != 0:
+        pytest.skip("no mount namespace here (unshare -m) to mount a folder read-only")
+    return probe
+
+
 def _run(argv: list[str], env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=open(log, "w"), stdin=subprocess.DEVNULL, text=True,
                             env=env)
@@ -77,10 +87,10 @@ def test_container_command_serves_a_model_file_from_mnt_models(tmp_path: Path, m
     mnt = tmp_path / "mnt" / "models"  # what the storage initializer leaves: one plain model file
     mnt.mkdir(parents=True)
     (mnt / "model.h5").write_bytes(model_files["seed_h5"].read_bytes())
-    mnt.chmod(0o555)  # read-only, as mounted into the container
     substitute = {"0.0.0.0": "127.0.0.1", "8081": "0", "/mnt/models": str(mnt), "{{.Name}}": "seed"}
-    # `leanserve` as this interpreter runs it (LEANSERVE), then the container args as the runtime passes them
-    argv = [*LEANSERVE, *[substitute.get(a, a) for a in container["args"]]]
+    # `leanserve` as this interpreter runs it (LEANSERVE), then the container args as the runtime passes them,
+    # with /mnt/models read-only as mounted into the container
+    argv = [*_read_only(mnt), *LEANSERVE, *[substitute.get(a, a) for a in container["args"]]]
     env = server_env(**{e["name"]: e["value"] for e in container["env"]})
     env.update(LEANSERVE_METRICS_PORT="0", LEANSERVE_REPOSITORY_CACHE_DIR=str(tmp_path / "writable"))
     x = np.random.default_rng(5).normal(size=(3, 1000)).astype(np.float32)
@@ -103,3 +113,38 @@ def test_container_command_serves_a_model_file_from_mnt_models(tmp_path: Path, m
             proc.terminate()
             assert proc.wait(60) == 0
     assert sorted(p.name for p in mnt.iterdir()) == ["model.h5"]  # nothing written into /mnt/models
+
+
+@pytest.mark.slow
+def test_a_read_only_leanserve_repository_is_served_and_changes_are_refused(tmp_path: Path, model_files) -> None:
+    """A repository of versions (what `leanserve publish` writes) mounted read-only: the server failed to start
+    (it created .staging in it). It serves it as it is; an upload or delete is FAILED_PRECONDITION."""
+    import grpc
+
+    from leanserve.client import Client
+
+    _, container = _container()
+    mnt = tmp_path / "models"
+    publish = subprocess.run([*LEANSERVE, "publish", str(model_files["seed_h5"]), "--name", "seed",
+                              "--repository", str(mnt)], env=server_env(), capture_output=True, text=True)
+    assert publish.returncode == 0, publish.stderr
+    before = sorted(str(p.relative_to(mnt)) for p in mnt.rglob("*"))
+    substitute = {"0.0.0.0": "127.0.0.1", "8081": "0", "/mnt/models": str(mnt), "{{.Name}}": "seed"}
+    argv = [*_read_only(mnt), *LEANSERVE, *[substitute.get(a, a) for a in container["args"]]]
+    env = server_env(**{e["name"]: e["value"] for e in container["env"]})
+    env.update(LEANSERVE_METRICS_PORT="0", LEANSERVE_REPOSITORY_CACHE_DIR=str(tmp_path / "writable"))
+    proc, address = _run(argv, env, tmp_path / "server.log")
+    try:
+        with Client(address, timeout=60) as client:
+            x = np.ones((2, 1000), np.float32)
+            assert client.predict("seed", x).output.shape == (2, 10)
+            for change in (lambda: client.upload(model_files["seed_h5"], "other"), lambda: client.delete("seed", 1)):
+                with pytest.raises(grpc.RpcError) as refused:
+                    change()
+                assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+                assert "read-only" in refused.value.details()
+            assert client.models() == {"seed": [1]}
+    finally:
+        proc.terminate()
+        assert proc.wait(60) == 0
+    assert sorted(str(p.relative_to(mnt)) for p in mnt.rglob("*")) == before

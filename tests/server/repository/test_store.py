@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -73,13 +72,3 @@ def test_commit_requires_manifest_and_valid_name(tmp_path: Path) -> None:
         for bad in ("", "../x", ".hidden", "-x", "a/b", "x" * 200):
             with pytest.raises(InvalidArgument):
                 repo.commit(bad, staged)
-
-
-def test_update_manifest_is_atomic_replace(tmp_path: Path) -> None:
-    repo = Repository(tmp_path)
-    repo.commit("m", _stage(repo))
-    inode_before = os.stat(repo.path("m", 1) / MANIFEST).st_ino
-    repo.update_manifest("m", 1, {"new": True})
-    assert repo.manifest("m", 1) == {"new": True}
-    assert os.stat(repo.path("m", 1) / MANIFEST).st_ino != inode_before
-    assert not (repo.path("m", 1) / f"{MANIFEST}.tmp").exists()

@@ -84,15 +84,6 @@ def test_an_adopted_staging_folder_is_never_filled(tmp_path: Path) -> None:
     assert cache.get("m", 2, MANIFEST_BYTES, fill) == tmp_path / "m" / "2" and fill.calls == 0
 
 
-def test_a_replaced_manifest_reaches_the_copy(tmp_path: Path) -> None:
-    cache, fill = VersionCache(tmp_path), Filler()
-    folder = cache.get("m", 1, MANIFEST_BYTES, fill)
-    new = json.dumps({"name": "m", "note": "promoted"}).encode()
-    cache.manifest_changed("m", 1, new)
-    assert (folder / MANIFEST).read_bytes() == new
-    assert cache.get("m", 1, new, fill) == folder and fill.calls == 1
-
-
 def test_drop_and_sweep_remove_what_the_store_no_longer_has(tmp_path: Path) -> None:
     cache, fill = VersionCache(tmp_path), Filler()
     for version in (1, 2, 3):
