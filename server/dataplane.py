@@ -18,8 +18,8 @@ import numpy as np
 
 from leanserve.server.ingest import build as ingest
 from leanserve.server.serving.batching import BatchConfig, Batcher, Ready
-from leanserve.server.errors import (Cancelled, DeadlineExceeded, FailedPrecondition, LeanserveError, NotFound,
-                                     ResourceExhausted, shown)
+from leanserve.server.errors import (Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument, LeanserveError,
+                                     NotFound, ResourceExhausted, shown)
 from leanserve.server.repository.audit import AUDIT_FILE, AuditLog
 from leanserve.server.repository.loading import load_version, served_from_plan
 from leanserve.server.serving.model import PredictResult, ServedModel
@@ -265,6 +265,8 @@ class DataPlane:
         ctx: RequestContext = NO_CONTEXT,
     ) -> "PendingPredict":
         """Validate and queue one request without waiting for it (streams keep several in flight)."""
+        if top_k and postprocess is not PostProcess.TOP_K:
+            raise InvalidArgument(f"top_k applies to the top_k post-processing only, not to {postprocess.value}")
         model = self.registry.get(name, version)
         started = time.perf_counter_ns()
         try:

@@ -80,6 +80,8 @@ class InferCall(NamedTuple):
     top_k: int
     outputs: tuple[str, ...]
     id: str
+    #: Triton's ``timeout`` request parameter (µs, 0 = none): the request must be answered within it
+    timeout_us: int = 0
 
 
 #: (datatype, dims) already checked -> (dtype, shape, element count, bytes); filled by the first request of each
@@ -186,7 +188,7 @@ def infer_request(req: pb.ModelInferRequest, max_bytes: int = _MAX_TENSOR_BYTES,
         inputs = {t.name: _tensor(t, raw_field[0], max_bytes)}
     else:
         inputs = _inputs(tensors, raw_field[:], max_bytes)  # one list: each indexing copies the bytes again
-    kind, top_k = PostProcess.RAW, 0
+    kind, top_k, timeout_us = PostProcess.RAW, 0, 0
     params = req.parameters
     if params:
         if "postprocess" in params:
@@ -197,8 +199,27 @@ def infer_request(req: pb.ModelInferRequest, max_bytes: int = _MAX_TENSOR_BYTES,
             top_k = int(_param(params, "top_k", ("int64_param", "uint64_param")))
             if top_k < 0:
                 raise InvalidArgument("top_k must not be negative")
+        if "timeout" in params:
+            timeout_us = int(_param(params, "timeout", ("int64_param", "uint64_param")))
+            if timeout_us < 0:
+                raise InvalidArgument("timeout must not be negative")
+        if len(params) > ("postprocess" in params) + ("top_k" in params) + ("timeout" in params):
+            _refuse_unknown(params)
     outputs = _requested_outputs(req.outputs) if req.outputs else ()
-    return InferCall(req.model_name, parse_version(req.model_version), inputs, kind, top_k, outputs, req.id)
+    return InferCall(req.model_name, parse_version(req.model_version), inputs, kind, top_k, outputs, req.id,
+                     timeout_us)
+
+
+#: request parameters this server acts on; any other is refused rather than ignored (Triton's ``priority`` and
+#: ``sequence_*`` have no meaning here: no priority levels, no stateful models)
+_REQUEST_PARAMETERS = ("postprocess", "top_k", "timeout", FINAL_FLAG_OPTION)
+
+
+def _refuse_unknown(params: Any) -> None:
+    unknown = sorted(name for name in params if name not in _REQUEST_PARAMETERS)
+    if unknown:
+        raise InvalidArgument(f"request parameters {', '.join(unknown)[:_ECHO]} are not supported "
+                              f"(supported: {', '.join(_REQUEST_PARAMETERS)})")
 
 
 def _param(params: Any, name: str, kinds: tuple[str, ...]) -> Any:

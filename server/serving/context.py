@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -21,6 +22,11 @@ class RequestContext(NamedTuple):
     peer: str | None = None
     #: the call is a stream whose reader has more requests to read: a long request is computed off its thread
     stream: bool = False
+
+    def within(self, seconds: float) -> "RequestContext":
+        """This context with its deadline at most ``seconds`` from now."""
+        deadline = time.monotonic() + seconds
+        return self if self.deadline is not None and self.deadline <= deadline else self._replace(deadline=deadline)
 
 
 NO_CONTEXT = RequestContext()

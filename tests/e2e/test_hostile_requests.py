@@ -150,8 +150,19 @@ def test_v2_options_the_server_cannot_honour_are_refused(served) -> None:
     twice = _v2_request("ok", [1, 4], x, outputs=[Output(name="y"), Output(name="y")])
     classification = _v2_request("ok", [1, 4], x, outputs=[Output(name="y")])
     classification.outputs[0].parameters["classification"].int64_param = 2
+    # Triton's options for features this server does not have, an unknown parameter, and top_k without its
+    # post-processing were answered OK, the option ignored
+    triton_options = []
+    for name, value in (("priority", 1), ("sequence_id", 7), ("sequence_start", True), ("my_option", "x")):
+        request = _v2_request("ok", [1, 4], x)
+        field = {bool: "bool_param", int: "int64_param", str: "string_param"}[type(value)]
+        setattr(request.parameters[name], field, value)
+        triton_options.append((request, name))
+    top_k_alone = _v2_request("ok", [1, 4], x)
+    top_k_alone.parameters["top_k"].int64_param = 1
     for request, words in ((top_k_as_text, "top_k must be"), (twice, "requested twice"),
-                           (classification, "classification")):
+                           (classification, "classification"), *triton_options,
+                           (top_k_alone, "top_k applies to the top_k post-processing only")):
         code, message = _code(lambda: stub.ModelInfer(request, timeout=60))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and words in message, message
     as_uint = _v2_request("ok", [1, 4], x)
@@ -240,3 +251,31 @@ def test_optimize_descriptions_are_bounded_too() -> None:
     with pytest.raises(InvalidArgument, match="description of 5000 characters"):
         validate(options(5000), max_epochs=5, max_data_bytes=1 << 20)
     assert validate(options(4096), max_epochs=5, max_data_bytes=1 << 20).description == "d" * 4096
+
+
+def test_tritons_timeout_parameter_bounds_the_wait(repo_dir: Path) -> None:
+    """Triton's ``timeout`` request parameter (µs) was ignored: a request queued behind a busy model waited for
+    as long as it took. It is the request's deadline now (the call's own deadline still applies when sooner)."""
+    from tests.toy import GatedRunner
+
+    handle = create_server(make_settings(repo_dir, batch_workers=1, batch_inline_below_us=0))
+    gate = GatedRunner()
+    gate.gate.clear()
+    handle.dataplane.serve(toy_model(gate, name="slow", features=4))
+    try:
+        with Client(f"127.0.0.1:{handle.port}", timeout=60) as client:
+            stub = v2_grpc.GRPCInferenceServiceStub(client.channel)
+            x = np.ones((1, 4), np.float32).tobytes()
+            first = stub.ModelInfer.future(_v2_request("slow", [1, 4], x), timeout=60)
+            assert gate.entered.wait(30)  # the model is busy with the first request
+            timed = _v2_request("slow", [1, 4], x)
+            timed.parameters["timeout"].int64_param = 200_000
+            started = time.monotonic()
+            code, message = _code(lambda: stub.ModelInfer(timed, timeout=60))
+            assert code == grpc.StatusCode.DEADLINE_EXCEEDED, message
+            assert time.monotonic() - started < 30
+            gate.gate.set()
+            assert first.result().outputs[0].name == "y"
+    finally:
+        gate.gate.set()
+        handle.stop(0.5)
