@@ -36,7 +36,7 @@ from leanserve.server.serving.workers import WorkerPool
 from leanserve.server.repository.poll import RepositoryPoller
 from leanserve.server.repository.open import open_repository
 from leanserve.server.runtime.process import apply_process_settings
-from leanserve.server.settings import Settings
+from leanserve.server.settings import Settings, listen_address
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def create_server(settings: Settings) -> ServerHandle:
         add_reflection(server, (*SERVICE_NAMES, HEALTH_SERVICE_NAME), settings.max_open_reflection_streams,
                        settings.stream_idle_timeout_seconds)
 
-    address = f"{settings.host}:{settings.port}"
+    address = listen_address(settings.host, settings.port)
     try:
         if certificates is not None:
             port = server.add_secure_port(address, certificates.credentials())
@@ -201,11 +201,12 @@ def create_server(settings: Settings) -> ServerHandle:
                                     certfile=settings.tls_cert_file, keyfile=settings.tls_key_file,
                                     client_cafile=settings.tls_client_ca_file)
         except OSError as exc:  # metrics are auxiliary: a taken port must not stop inference
-            log.error("metrics endpoint off: cannot listen on %s:%d: %s", settings.host, settings.metrics_port, exc)
+            log.error("metrics endpoint off: cannot listen on %s: %s",
+                      listen_address(settings.host, settings.metrics_port), exc)
     server.start()
     poller = RepositoryPoller(dataplane, settings.poll_seconds) if settings.poll_seconds > 0 else None
     log.info("serving %d model(s) from %s", len(registry.names()), settings.repository)
-    log.info("gRPC on %s:%d: %s, %s", settings.host, port,
+    log.info("gRPC on %s: %s, %s", listen_address(settings.host, port),
              "mTLS" if settings.tls_client_ca_file else "TLS" if certificates else "plaintext",
              f"tokens from {settings.auth_tokens_file}" if tokens else "no authentication")
     return ServerHandle(server=server, port=port, dataplane=dataplane, health=health_servicer, metrics=metrics,

@@ -112,22 +112,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class SettingsError(ValueError):
+    """Flags or ``LEANSERVE_*`` variables the settings refuse, in one line per problem."""
+
+
+def _problem(error: dict) -> str:
+    where = ".".join(str(p) for p in error["loc"]) or "settings"
+    given = error.get("input")
+    return f"{where}: {error['msg']}" + ("" if given is None or isinstance(given, dict) else f" (got {given!r})")
+
+
 def settings_from_args(args: argparse.Namespace):
-    """Settings from the environment, overridden by the flags that were given."""
+    """Settings from the environment, overridden by the flags that were given; SettingsError when invalid."""
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError as SourceError
+
     from leanserve.server.settings import Settings
 
     flags = ("host", "port", "repository", "worker_threads", "processes", "log_level", "tls_cert_file", "tls_key_file",
              "tls_client_ca_file", "auth_tokens_file", "reflection", "insecure")
     overrides = {k: getattr(args, k) for k in flags if getattr(args, k, None) is not None}
-    return Settings(**overrides)
+    try:
+        return Settings(**overrides)
+    except SourceError as exc:  # a LEANSERVE_* variable that is not even JSON where JSON is expected
+        raise SettingsError(f"invalid settings: {exc}: {exc.__cause__}") from None
+    except ValidationError as exc:
+        problems = [_problem(e) for e in exc.errors()]
+        raise SettingsError("invalid settings (flags or LEANSERVE_* variables): " + "; ".join(problems)) from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from leanserve.server.app import ConfigurationError, create_server
     from leanserve.server.processes import READY, ExtraProcesses, watch_first_process
+    from leanserve.server.settings import listen_address
     from leanserve.server.runtime.process import apply_process_settings
 
-    settings = settings_from_args(args)
+    try:
+        settings = settings_from_args(args)
+    except SettingsError as exc:
+        print(f"leanserve serve: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     apply_process_settings(settings)  # --model files are converted and tuned before create_server
     stop = threading.Event()
@@ -148,6 +172,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return 2
         except LeanserveError as exc:
             print(f"leanserve serve: {exc.code.value}: {exc.message}", file=sys.stderr)
+            return 2
+        except OSError as exc:  # a --model file that cannot be read
+            print(f"leanserve serve: {exc}", file=sys.stderr)
             return 2
     try:
         handle = create_server(settings)
@@ -170,7 +197,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.write(args.ready_fd, READY)
         os.close(args.ready_fd)
     if settings.process_index == 0:
-        print(f"listening on {settings.host}:{handle.port}", flush=True)
+        print(f"listening on {listen_address(settings.host, handle.port)}", flush=True)
     stop.wait()
     logging.getLogger("leanserve").info("stopping: %.1f s for in-flight requests", settings.shutdown_grace_seconds)
     if extra is not None:
@@ -187,7 +214,11 @@ def cmd_publish(args: argparse.Namespace) -> int:
     from leanserve.server.ingest.publish import publish_file
     from leanserve.server.runtime.process import apply_process_settings
 
-    settings = settings_from_args(args)
+    try:
+        settings = settings_from_args(args)
+    except SettingsError as exc:
+        print(f"leanserve publish: {exc}", file=sys.stderr)
+        return 2
     apply_process_settings(settings)  # the tuner measures under the limits the server will serve with
     logging.basicConfig(level=(args.log_level or "WARNING").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -215,7 +246,11 @@ def cmd_ray(args: argparse.Namespace) -> int:
 
     from leanserve.server.ray_app import APP_NAME, SERVICER_FUNCTIONS, build_app, wait_for_proxy
 
-    settings = settings_from_args(args)
+    try:
+        settings = settings_from_args(args)
+    except SettingsError as exc:
+        print(f"leanserve ray: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     http_port = args.http_port
     if http_port is None:
@@ -299,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in SERVER_MODULES:
         missing = missing_server_modules(args.command)
         if missing:
-            print(f"leanserve {args.command} needs the server extra: pip install 'leanserve[server]' "
+            extra = "ray" if "ray" in missing else "server"
+            print(f"leanserve {args.command} needs the {extra} extra: pip install 'leanserve[{extra}]' "
                   f"(missing: {', '.join(missing)})", file=sys.stderr)
             return 2
         return args.func(args)

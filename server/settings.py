@@ -3,6 +3,7 @@ to every constructor that needs it; nothing else in the server reads the environ
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated, Union
 
@@ -23,6 +24,26 @@ def _repository_location(value: object) -> object:
 RepositoryLocation = Annotated[Union[Path, str], BeforeValidator(_repository_location)]
 
 
+def _bare_host(value: object) -> object:
+    """``[::1]`` (as written in an address) and ``::1`` name the same host: kept without brackets."""
+    if isinstance(value, str) and value.startswith("[") and value.endswith("]"):
+        return value[1:-1]
+    return value
+
+
+def _log_level(value: object) -> object:
+    if isinstance(value, str):
+        if not isinstance(logging.getLevelName(value.upper()), int):
+            raise ValueError(f"unknown log level {value!r}: use DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return value.upper()
+    return value
+
+
+def listen_address(host: str, port: int) -> str:
+    """``host:port`` as gRPC and people write it (``[::1]:8500`` for an IPv6 address)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class BatchOverride(BaseModel):
     """Per-model batching settings; a field left unset keeps the server-wide value."""
 
@@ -39,7 +60,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="LEANSERVE_", extra="ignore")
 
-    host: str = Field("127.0.0.1", description="Address to listen on.")
+    host: Annotated[str, BeforeValidator(_bare_host)] = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8500, ge=0, le=65535, description="Port to listen on; 0 picks a free one.")
     repository: RepositoryLocation = Field(
         Path("./models"), description="The model repository: a folder, or s3://BUCKET/PREFIX (endpoint, credentials "
@@ -282,7 +303,7 @@ class Settings(BaseSettings):
     metrics_port: int = Field(8502, ge=0, le=65535, description="Port of the metrics endpoint; 0 picks a free one.")
 
     shutdown_grace_seconds: float = Field(5.0, ge=0, description="Time in-flight RPCs get to finish on SIGTERM.")
-    log_level: str = Field("INFO", description="Python logging level.")
+    log_level: Annotated[str, BeforeValidator(_log_level)] = Field("INFO", description="Python logging level.")
 
     optimize_max_jobs: int = Field(
         1, ge=1, description="Optimizations running at once; another Optimize call gets RESOURCE_EXHAUSTED."

@@ -72,3 +72,51 @@ def test_failed_calls_exit_non_zero_with_status(served, tmp_path: Path) -> None:
     proc = run_cli("upload", str(bad), "--name", "bad", "--server", address, check=False)
     assert proc.returncode == 1 and "INVALID_ARGUMENT" in proc.stderr
     assert json.loads(run_cli("models", "--server", address, "--json").stdout) == {}
+
+
+@pytest.mark.parametrize("args, env, words", [
+    (("--port", "99999"), {}, "port: Input should be less than or equal to 65535"),
+    (("--workers", "0"), {}, "worker_threads: Input should be greater than or equal to 1"),
+    (("--log-level", "LOUD"), {}, "unknown log level 'LOUD'"),
+    ((), {"LEANSERVE_PORT": "abc"}, "port: Input should be a valid integer"),
+    ((), {"LEANSERVE_BATCH_OVERRIDES": "notjson"}, 'field "batch_overrides"'),
+    (("--model", "x=/nonexistent/model.h5"), {}, "No such file or directory"),
+], ids=["port", "workers", "log-level", "env-port", "env-json", "model-file"])
+def test_settings_that_cannot_be_served_exit_2_with_one_line(tmp_path: Path, args, env, words) -> None:
+    """Each used to end in a pydantic, logging or OSError traceback with exit 1."""
+    port = [] if "LEANSERVE_PORT" in env else ["--port", "0"]  # a flag wins over the variable
+    proc = subprocess.run([*LEANSERVE, "serve", "--host", "127.0.0.1", *port, "--repository",
+                           str(tmp_path / "repo"), *args], capture_output=True, text=True, timeout=120,
+                          env=server_env(**env), stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2, proc.stderr
+    assert words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_serves_on_ipv6_loopback(tmp_path: Path) -> None:
+    """``--host ::1`` was refused as "not an address of this machine" (the address was written ::1:0), and
+    ``--host [::1]`` served gRPC but not its metrics."""
+    import socket
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    for host in ("::1", "[::1]"):
+        proc = subprocess.Popen([*LEANSERVE, "serve", "--host", host, "--port", "0", "--repository",
+                                 str(tmp_path / "repo")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=server_env(), stdin=subprocess.DEVNULL)
+        try:
+            first = proc.stdout.readline()
+            assert first.startswith("listening on [::1]:"), first + proc.stderr.read()
+            with grpc.insecure_channel(first.split()[-1]) as channel:
+                health = health_pb2_grpc.HealthStub(channel)
+                assert health.Check(health_pb2.HealthCheckRequest(), timeout=30).status == \
+                    health_pb2.HealthCheckResponse.SERVING
+        finally:
+            proc.terminate()
+            _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0 and "metrics endpoint off" not in err, err
