@@ -1,6 +1,6 @@
 """Python client for leanserve: ``Client`` (blocking) and ``AsyncClient`` (asyncio)."""
 
-from leanserve.client.client import Client, PredictOutput
+from leanserve.client.client import Client, PredictOutput, StreamError
 from leanserve.client.aio import AsyncClient
 
-__all__ = ["Client", "AsyncClient", "PredictOutput"]
+__all__ = ["Client", "AsyncClient", "PredictOutput", "StreamError"]

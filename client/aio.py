@@ -1,29 +1,45 @@
-"""asyncio Python client for the leanserve.v1 API (same methods as ``Client``, awaitable)."""
+"""asyncio Python client for the leanserve.v1 API: ``Client``'s methods, with the same parameters, awaitable
+(tests/client/test_client_parity.py keeps the two in step)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 
+import grpc
 import numpy as np
 
 from leanserve.client import common
 from leanserve.client import optimize as opt
-from leanserve.client.client import PredictOutput, StreamError
+from leanserve.client.common import PredictOutput
 from leanserve.v1 import inference_service_pb2_grpc as inf_grpc
 from leanserve.v1 import model_service_pb2 as model_pb
 from leanserve.v1 import model_service_pb2_grpc as model_grpc
+from leanserve.v1 import optimize_service_pb2 as optimize_pb
 from leanserve.v1 import optimize_service_pb2_grpc as optimize_grpc
 
 
 class AsyncClient:
-    """asyncio client; use ``async with AsyncClient(target) as c:``. ``token`` and ``tls*``: as for ``Client``."""
+    """asyncio client; use ``async with AsyncClient(target) as c:``. Arguments, methods and errors as ``Client``'s
+    (``grpc.aio.AioRpcError``, a ``grpc.RpcError``; ``StreamError``; an exception raised while a request stream is
+    sent is raised as it is once the call has ended). ``channel``: a ``grpc.aio`` channel to use as is."""
 
-    def __init__(self, target: str = common.DEFAULT_SERVER, *, token: str | None = None, tls: bool = False,
-                 tls_ca: str | Path | None = None, tls_cert: str | Path | None = None,
-                 tls_key: str | Path | None = None, max_message_bytes: int = common.DEFAULT_MAX_MESSAGE_BYTES,
-                 timeout: float | None = None) -> None:
-        self.channel = common.Connection(target, token, tls, tls_ca, tls_cert, tls_key, max_message_bytes).aio_channel()
+    def __init__(
+        self,
+        target: str = common.DEFAULT_SERVER,
+        *,
+        token: str | None = None,
+        tls: bool = False,
+        tls_ca: str | Path | None = None,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
+        max_message_bytes: int = common.DEFAULT_MAX_MESSAGE_BYTES,
+        channel: grpc.aio.Channel | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        self.channel = channel or common.Connection(target, token, tls, tls_ca, tls_cert, tls_key,
+                                                    max_message_bytes).aio_channel()
         self.models_stub = model_grpc.ModelServiceStub(self.channel)
         self.inference_stub = inf_grpc.InferenceServiceStub(self.channel)
         self._raw = common.raw_predict_methods(self.channel)
@@ -39,47 +55,92 @@ class AsyncClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def upload(self, path: str | Path, name: str, *, format: str = "", description: str = "",
-                     progress: Callable[[int], None] | None = None) -> model_pb.ModelInfo:
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        """Wait until the channel is connected; ``common.ReadyTimeout`` (a ``grpc.FutureTimeoutError`` and a
+        ``TimeoutError``) after ``timeout`` seconds."""
+        try:
+            await asyncio.wait_for(self.channel.channel_ready(), timeout)
+        except TimeoutError:  # asyncio's, the builtin since 3.11
+            raise common.ReadyTimeout(f"not connected to the server within {timeout} s") from None
+
+    # -- models ----------------------------------------------------------------------------------------------
+    async def upload(
+        self, path: str | Path, name: str, *, format: str = "", description: str = "",
+        progress: Callable[[int], None] | None = None,
+    ) -> model_pb.ModelInfo:
+        """Upload a ``.keras``, ``.h5`` or ``.leanserve`` file as the next version of ``name``."""
         msgs = common.upload_messages(Path(path), name, fmt=format, description=description, progress=progress)
-        return (await self.models_stub.UploadModel(msgs, timeout=self.timeout)).model
+        with common.CapturedRequests(msgs) as requests:
+            return (await self.models_stub.UploadModel(requests, timeout=self.timeout)).model
 
     async def models(self) -> dict[str, list[int]]:
-        resp = await self.models_stub.ListModels(model_pb.ListModelsRequest(), timeout=self.timeout)
-        return {m.name: list(m.versions) for m in resp.models}
+        """Every model and its versions."""
+        return common.model_versions(await self.models_stub.ListModels(model_pb.ListModelsRequest(),
+                                                                       timeout=self.timeout))
 
     async def info(self, name: str, version: int = 0) -> model_pb.ModelInfo:
-        return await self.models_stub.GetModel(model_pb.GetModelRequest(name=name, version=version), timeout=self.timeout)
+        """Everything known about one version (latest when 0)."""
+        req = model_pb.GetModelRequest(name=name, version=version)
+        return await self.models_stub.GetModel(req, timeout=self.timeout)
 
     async def delete(self, name: str, version: int = 0) -> list[int]:
-        resp = await self.models_stub.DeleteModel(model_pb.DeleteModelRequest(name=name, version=version), timeout=self.timeout)
-        return list(resp.deleted_versions)
+        """Delete one version, or all when 0; returns the deleted versions."""
+        req = model_pb.DeleteModelRequest(name=name, version=version)
+        return list((await self.models_stub.DeleteModel(req, timeout=self.timeout)).deleted_versions)
 
-    async def predict(self, name: str, x: np.ndarray, *, version: int = 0, postprocess: str = "raw",
-                      top_k: int = 0) -> PredictOutput:
+    # -- inference -------------------------------------------------------------------------------------------
+    async def predict(
+        self, name: str, x: np.ndarray, *, version: int = 0, postprocess: str = "raw", top_k: int = 0,
+        timeout: float | None = None,
+    ) -> PredictOutput:
+        """One batch in, its outputs back."""
         req = common.predict_request_bytes(name, x, version=version, postprocess=postprocess, top_k=top_k)
-        resp = await self._raw.predict(req, timeout=self.timeout)
-        return PredictOutput(resp.model_name, resp.model_version, common.outputs(resp), resp.request_id)
+        return common.predict_output(await self._raw.predict(req, timeout=timeout or self.timeout))
 
-    async def stream(self, name: str, batches: Iterable[np.ndarray], *, version: int = 0, postprocess: str = "raw",
-                     top_k: int = 0) -> AsyncIterator[PredictOutput]:
-        requests = (
-            common.predict_request_bytes(name, x, version=version, postprocess=postprocess, top_k=top_k,
-                                         request_id=str(i))
-            for i, x in enumerate(batches)
-        )
-        async for resp in self._raw.stream(requests, timeout=self.timeout):
-            if resp.HasField("error"):
-                raise StreamError(resp.error.code, resp.error.message, resp.request_id)
-            yield PredictOutput(resp.model_name, resp.model_version, common.outputs(resp), resp.request_id)
+    async def stream(
+        self, name: str, batches: Iterable[np.ndarray], *, version: int = 0, postprocess: str = "raw",
+        top_k: int = 0, raise_on_error: bool = True,
+    ) -> AsyncIterator[PredictOutput]:
+        """Push many batches through one PredictStream; results come back in order, request ids "0", "1", ...
 
-    async def optimize(self, name: str, data: None | str | Path | dict[str, np.ndarray] = None, *,
-                       progress: opt.ProgressCallback | None = None, **options: object) -> dict:
-        """Like ``Client.optimize``: the report of a prune/quantize run within an accuracy budget."""
-        msgs = opt.requests(name, opt.data_bytes(data), **options)  # type: ignore[arg-type]
-        report = None
-        async for event in self.optimize_stub.Optimize(msgs, timeout=self.timeout):
-            report = opt.handle_event(event, progress) or report
-        if report is None:
-            raise RuntimeError("the Optimize stream ended without a report")
-        return report
+        A request the server fails raises ``StreamError`` (skipped when not ``raise_on_error``)."""
+        requests = common.stream_requests(name, batches, version=version, postprocess=postprocess, top_k=top_k)
+        call = self._raw.stream(requests, timeout=self.timeout)
+        try:
+            with requests:
+                async for resp in call:
+                    out = common.stream_output(resp, raise_on_error)
+                    if out is not None:
+                        yield out
+        finally:
+            call.cancel()  # no-op once the call has ended; frees the server when the caller stops early
+
+    # -- optimization ----------------------------------------------------------------------------------------
+    async def optimize(
+        self, name: str, data: None | str | Path | dict[str, np.ndarray] = None, *, version: int = 0,
+        sparsity: float = 0.0, block: str = "", granularity: str = "per_layer", quantize: str = "none",
+        max_accuracy_drop: float = 0.01, epochs: int | None = None, search: bool = False, promote: bool = False,
+        description: str = "", time_budget: float = 0.0, progress: opt.ProgressCallback | None = None,
+        timeout: float | None = None,
+    ) -> dict:
+        """As ``Client.optimize``: the report of a prune/quantize run within an accuracy budget (options that
+        cannot be valid raise ``ValueError`` before the call starts)."""
+        msgs = common.CapturedRequests(opt.requests(
+            name, opt.data_bytes(data), version=version, sparsity=sparsity, block=block, granularity=granularity,
+            quantize=quantize, max_accuracy_drop=max_accuracy_drop, epochs=epochs, search=search, promote=promote,
+            description=description, time_budget=time_budget))
+        call = self.optimize_stub.Optimize(msgs, timeout=timeout or self.timeout)
+        try:
+            with msgs:
+                report = None
+                async for event in call:
+                    report = opt.handle_event(event, progress) or report
+            return opt.final_report(report)
+        finally:
+            call.cancel()  # no-op once the call has ended; stops the run when ``progress`` raised
+
+    async def set_default(self, name: str, version: int = 0) -> int:
+        """Pin ``version`` as the version requests with version 0 get (0 = unpin: the latest); returns the default
+        version afterwards (after unpinning, the latest)."""
+        req = optimize_pb.SetDefaultVersionRequest(name=name, version=version)
+        return (await self.optimize_stub.SetDefaultVersion(req, timeout=self.timeout)).default_version

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -11,40 +10,21 @@ import numpy as np
 
 from leanserve.client import common
 from leanserve.client import optimize as opt
+from leanserve.client.common import PredictOutput, StreamError
 from leanserve.v1 import inference_service_pb2_grpc as inf_grpc
 from leanserve.v1 import model_service_pb2 as model_pb
 from leanserve.v1 import model_service_pb2_grpc as model_grpc
 from leanserve.v1 import optimize_service_pb2 as optimize_pb
 from leanserve.v1 import optimize_service_pb2_grpc as optimize_grpc
 
-
-@dataclass(frozen=True)
-class PredictOutput:
-    """One answer: the version that served it and its named output arrays."""
-
-    model_name: str
-    model_version: int
-    outputs: dict[str, np.ndarray]
-    request_id: str = ""
-
-    @property
-    def output(self) -> np.ndarray:
-        """The only output (raises when there are several, e.g. top-k's indices and scores)."""
-        if len(self.outputs) != 1:
-            raise ValueError(f"several outputs: {', '.join(self.outputs)}")
-        return next(iter(self.outputs.values()))
-
-
-class StreamError(RuntimeError):
-    """A request inside a stream failed; the stream itself goes on."""
-
-    def __init__(self, code: int, message: str, request_id: str) -> None:
-        super().__init__(f"request {request_id!r} failed with status {code}: {message}")
-        self.code, self.message, self.request_id = code, message, request_id
+__all__ = ["Client", "PredictOutput", "StreamError"]
 
 
 class Client:
-    """Talks to one leanserve server. Errors surface as ``grpc.RpcError`` with the server's status code.
+    """Talks to one leanserve server. Errors surface as ``grpc.RpcError`` with the server's status code (a failed
+    request inside a stream as ``StreamError``, a ``grpc.RpcError`` too). An exception raised on this side while a
+    request stream is sent (a batch the codec refuses, a ``progress`` callback failing) ends the call and is
+    raised as it is once the call has ended (``stream`` first yields the results answered before it).
 
     ``token``: sent as ``authorization: Bearer <token>`` with every call. TLS when ``tls`` or any ``tls_*`` file is
     given: ``tls_ca`` is the CA the server's certificate must chain to (default: the system's roots),
@@ -82,8 +62,12 @@ class Client:
         self.close()
 
     def wait_ready(self, timeout: float = 30.0) -> None:
-        """Block until the channel is connected."""
-        grpc.channel_ready_future(self.channel).result(timeout=timeout)
+        """Block until the channel is connected; ``common.ReadyTimeout`` (a ``grpc.FutureTimeoutError`` and a
+        ``TimeoutError``) after ``timeout`` seconds."""
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise common.ReadyTimeout(f"not connected to the server within {timeout} s") from None
 
     # -- models ----------------------------------------------------------------------------------------------
     def upload(
@@ -92,12 +76,13 @@ class Client:
     ) -> model_pb.ModelInfo:
         """Upload a ``.keras``, ``.h5`` or ``.leanserve`` file as the next version of ``name``."""
         msgs = common.upload_messages(Path(path), name, fmt=format, description=description, progress=progress)
-        return self.models_stub.UploadModel(msgs, timeout=self.timeout).model
+        with common.CapturedRequests(msgs) as requests:
+            return self.models_stub.UploadModel(requests, timeout=self.timeout).model
 
     def models(self) -> dict[str, list[int]]:
         """Every model and its versions."""
         resp = self.models_stub.ListModels(model_pb.ListModelsRequest(), timeout=self.timeout)
-        return {m.name: list(m.versions) for m in resp.models}
+        return common.model_versions(resp)
 
     def info(self, name: str, version: int = 0) -> model_pb.ModelInfo:
         """Everything known about one version (latest when 0)."""
@@ -115,25 +100,25 @@ class Client:
     ) -> PredictOutput:
         """One batch in, its outputs back."""
         req = common.predict_request_bytes(name, x, version=version, postprocess=postprocess, top_k=top_k)
-        resp = self._raw.predict(req, timeout=timeout or self.timeout)
-        return PredictOutput(resp.model_name, resp.model_version, common.outputs(resp), resp.request_id)
+        return common.predict_output(self._raw.predict(req, timeout=timeout or self.timeout))
 
     def stream(
         self, name: str, batches: Iterable[np.ndarray], *, version: int = 0, postprocess: str = "raw",
         top_k: int = 0, raise_on_error: bool = True,
     ) -> Iterator[PredictOutput]:
-        """Push many batches through one PredictStream; results come back in order, request ids "0", "1", ..."""
-        requests = (
-            common.predict_request_bytes(name, x, version=version, postprocess=postprocess, top_k=top_k,
-                                         request_id=str(i))
-            for i, x in enumerate(batches)
-        )
-        for resp in self._raw.stream(requests, timeout=self.timeout):
-            if resp.HasField("error"):
-                if raise_on_error:
-                    raise StreamError(resp.error.code, resp.error.message, resp.request_id)
-                continue
-            yield PredictOutput(resp.model_name, resp.model_version, common.outputs(resp), resp.request_id)
+        """Push many batches through one PredictStream; results come back in order, request ids "0", "1", ...
+
+        A request the server fails raises ``StreamError`` (skipped when not ``raise_on_error``)."""
+        requests = common.stream_requests(name, batches, version=version, postprocess=postprocess, top_k=top_k)
+        call = self._raw.stream(requests, timeout=self.timeout)
+        try:
+            with requests:
+                for resp in call:
+                    out = common.stream_output(resp, raise_on_error)
+                    if out is not None:
+                        yield out
+        finally:
+            call.cancel()  # no-op once the call has ended; frees the server when the caller stops early
 
     # -- optimization ----------------------------------------------------------------------------------------
     def optimize(
@@ -150,19 +135,24 @@ class Client:
         ``y_val``; None = one-shot, judged by agreement on random inputs. ``block``: "RxC" or "" (unstructured).
         ``epochs``: None = the server fine-tunes when the data allows it, 0 = one-shot, N = N epochs per candidate.
         While over ``max_accuracy_drop`` the server keeps trying candidates, within ``time_budget`` seconds
-        (0 = the server's default). ``progress(stage, fraction, message)`` is called for every progress event."""
-        msgs = opt.requests(name, opt.data_bytes(data), version=version, sparsity=sparsity, block=block,
-                            granularity=granularity, quantize=quantize, max_accuracy_drop=max_accuracy_drop,
-                            epochs=epochs, search=search, promote=promote, description=description,
-                            time_budget=time_budget)
-        report = None
-        for event in self.optimize_stub.Optimize(msgs, timeout=timeout or self.timeout):
-            report = opt.handle_event(event, progress) or report
-        if report is None:
-            raise RuntimeError("the Optimize stream ended without a report")
-        return report
+        (0 = the server's default). ``progress(stage, fraction, message)`` is called for every progress event.
+        Options that cannot be valid raise ``ValueError`` before the call starts."""
+        msgs = common.CapturedRequests(opt.requests(
+            name, opt.data_bytes(data), version=version, sparsity=sparsity, block=block, granularity=granularity,
+            quantize=quantize, max_accuracy_drop=max_accuracy_drop, epochs=epochs, search=search, promote=promote,
+            description=description, time_budget=time_budget))
+        call = self.optimize_stub.Optimize(msgs, timeout=timeout or self.timeout)
+        try:
+            with msgs:
+                report = None
+                for event in call:
+                    report = opt.handle_event(event, progress) or report
+            return opt.final_report(report)
+        finally:
+            call.cancel()  # no-op once the call has ended; stops the run when ``progress`` raised
 
     def set_default(self, name: str, version: int = 0) -> int:
-        """Pin ``version`` as the version requests with version 0 get (0 = unpin: the latest); returns it."""
+        """Pin ``version`` as the version requests with version 0 get (0 = unpin: the latest); returns the default
+        version afterwards (after unpinning, the latest)."""
         req = optimize_pb.SetDefaultVersionRequest(name=name, version=version)
         return self.optimize_stub.SetDefaultVersion(req, timeout=self.timeout).default_version

@@ -29,6 +29,8 @@ DTYPES: dict[int, np.dtype] = {
 # keyed by the dtype object itself: ``dtype.name`` is built by a slow Python property on every access
 _PB_BY_DTYPE: dict[np.dtype, int] = {v: k for k, v in DTYPES.items()}
 _PB_BY_NAME: dict[str, int] = {v.name: k for k, v in DTYPES.items()}
+#: the numpy dtype names that can travel as tensors (for messages naming what is accepted)
+DTYPE_NAMES: tuple[str, ...] = tuple(v.name for v in DTYPES.values())
 
 
 #: most dimensions a tensor can have (numpy's own limit): checked before the shape is read, so a message of millions

@@ -1,9 +1,10 @@
-"""What the sync and asyncio clients share: message building, tensor conversion, channels (options, TLS, token)."""
+"""What the sync and asyncio clients share: message building, answer reading, tensor conversion, channels
+(options, TLS, token), and keeping a client-side error raised while a request stream is being sent."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -21,7 +22,92 @@ DEFAULT_MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 CHUNK_BYTES = 1024 * 1024
 
 POSTPROCESS = {"raw": inf_pb.RAW, "probabilities": inf_pb.PROBABILITIES, "top_k": inf_pb.TOP_K, "argmax": inf_pb.ARGMAX}
-FORMATS = {"": model_pb.MODEL_FORMAT_UNSPECIFIED, "keras": model_pb.KERAS, "h5": model_pb.H5, "leanserve": model_pb.LEANSERVE}
+FORMATS = {"": model_pb.MODEL_FORMAT_UNSPECIFIED, "keras": model_pb.KERAS, "h5": model_pb.H5,
+           "leanserve": model_pb.LEANSERVE}
+
+
+@dataclass(frozen=True)
+class PredictOutput:
+    """One answer: the version that served it and its named output arrays.
+
+    The arrays are read-only views of the received bytes (no copy); ``np.array(y)`` makes a writable copy."""
+
+    model_name: str
+    model_version: int
+    outputs: dict[str, np.ndarray]
+    request_id: str = ""
+
+    @property
+    def output(self) -> np.ndarray:
+        """The only output (raises when there are several, e.g. top-k's indices and scores)."""
+        if len(self.outputs) != 1:
+            raise ValueError(f"several outputs: {', '.join(self.outputs)}")
+        return next(iter(self.outputs.values()))
+
+
+_STATUS_BY_NUMBER = {status.value[0]: status for status in grpc.StatusCode}
+
+
+class StreamError(grpc.RpcError, RuntimeError):
+    """A request inside a stream failed: the server's own error answer to it (the server goes on with the stream's
+    other requests; ``stream(..., raise_on_error=False)`` skips such answers instead of raising).
+
+    Read it like the ``grpc.RpcError`` a failed call raises: ``code()`` is the ``grpc.StatusCode`` (e.g.
+    ``INVALID_ARGUMENT``), ``details()`` the server's message (also ``message``); ``request_id`` names the request.
+    ``except grpc.RpcError as err: print(f"error {err.code().name}: {err.details()}")`` covers both."""
+
+    def __init__(self, code: int | grpc.StatusCode, message: str, request_id: str) -> None:
+        status = code if isinstance(code, grpc.StatusCode) else _STATUS_BY_NUMBER.get(code, grpc.StatusCode.UNKNOWN)
+        super().__init__(f"request {request_id!r} failed with {status.name}: {message}")
+        self._code, self.message, self.request_id = status, message, request_id
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self.message
+
+
+class ReadyTimeout(grpc.FutureTimeoutError, TimeoutError):
+    """``wait_ready`` timed out (both clients; catch it as either base)."""
+
+
+class CapturedRequests:
+    """The requests of a client-streaming call, with an exception raised while building one kept, not sent.
+
+    grpc answers such an exception by cancelling the call with ``UNKNOWN "Exception iterating requests!"`` and drops
+    the exception. Wrapped, it ends the request stream instead (the server answers what was sent), and leaving the
+    ``with`` block around the call raises it (its own type and message) once the call has ended, whether the call
+    ended well or with the error the server gave the unfinished stream. A ``StreamError`` or any other exception
+    leaving the block goes on as it is. Used by the sync client (grpc iterates on its own thread) and the asyncio
+    one (iterated on the event loop)."""
+
+    def __init__(self, requests: Iterable[Any]) -> None:
+        self._requests = iter(requests)
+        self.error: Exception | None = None
+
+    def __iter__(self) -> CapturedRequests:
+        return self
+
+    def __next__(self) -> Any:
+        if self.error is not None:
+            raise StopIteration
+        try:
+            return next(self._requests)
+        except StopIteration:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- kept for the caller, see the class
+            self.error = exc
+            raise StopIteration from None
+
+    def __enter__(self) -> CapturedRequests:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if self.error is not None and (exc is None or isinstance(exc, grpc.RpcError)
+                                       and not isinstance(exc, StreamError)):
+            error, self.error = self.error, None
+            raise error
 
 
 def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
@@ -197,6 +283,34 @@ def raw_predict_methods(channel: Any) -> RawPredict:
 
 def outputs(resp: inf_pb.PredictResponse) -> dict[str, np.ndarray]:
     return {t.name: codec.to_numpy(t) for t in resp.outputs}
+
+
+def predict_output(resp: inf_pb.PredictResponse) -> PredictOutput:
+    return PredictOutput(resp.model_name, resp.model_version, outputs(resp), resp.request_id)
+
+
+def stream_requests(name: str, batches: Iterable[np.ndarray], *, version: int, postprocess: str,
+                    top_k: int) -> CapturedRequests:
+    """PredictStream's requests, ids "0", "1", ... (built as grpc sends them; an error is kept, see the class)."""
+    if postprocess not in POSTPROCESS:  # refused now rather than after the call starts
+        raise ValueError(f"postprocess must be one of {', '.join(POSTPROCESS)}")
+    return CapturedRequests(
+        predict_request_bytes(name, x, version=version, postprocess=postprocess, top_k=top_k, request_id=str(i))
+        for i, x in enumerate(batches)
+    )
+
+
+def stream_output(resp: inf_pb.PredictResponse, raise_on_error: bool) -> PredictOutput | None:
+    """A stream's answer as a result; an error answer raises ``StreamError`` (None when not ``raise_on_error``)."""
+    if resp.HasField("error"):
+        if raise_on_error:
+            raise StreamError(resp.error.code, resp.error.message, resp.request_id)
+        return None
+    return predict_output(resp)
+
+
+def model_versions(resp: model_pb.ListModelsResponse) -> dict[str, list[int]]:
+    return {m.name: list(m.versions) for m in resp.models}
 
 
 def detect_format(path: Path) -> str:

@@ -35,18 +35,40 @@ def requests(name: str, blob: bytes, *, version: int = 0, sparsity: float = 0.0,
              granularity: str = "per_layer", quantize: str = "none", max_accuracy_drop: float = 0.01,
              epochs: int | None = None, search: bool = False, promote: bool = False,
              description: str = "", time_budget: float = 0.0) -> Iterator[pb.OptimizeRequest]:
-    """Options first, then the data in 1 MiB chunks (``epochs`` None: the server decides)."""
+    """Options first, then the data in 1 MiB chunks (``epochs`` None: the server decides).
+
+    The options message is built now, so an option that cannot be sent (an unknown granularity or quantization,
+    a negative version or epochs, a value of the wrong type) raises ``ValueError`` or ``TypeError`` here, before
+    any call starts. Ranges (sparsity, accuracy drop, time budget, the most epochs) are the server's policy: it
+    answers ``INVALID_ARGUMENT`` naming the option."""
+    options = pb.OptimizeRequest(options=_options(
+        name, len(blob), version=version, sparsity=sparsity, block=block, granularity=granularity,
+        quantize=quantize, max_accuracy_drop=max_accuracy_drop, epochs=epochs, search=search, promote=promote,
+        description=description, time_budget=time_budget))
+    return _messages(options, blob)
+
+
+def _options(name: str, size: int, *, version: int, sparsity: float, block: str, granularity: str, quantize: str,
+             max_accuracy_drop: float, epochs: int | None, search: bool, promote: bool, description: str,
+             time_budget: float) -> pb.OptimizeOptions:
     if granularity not in GRANULARITY:
         raise ValueError(f"granularity must be one of {', '.join(GRANULARITY)}")
     if quantize not in QUANTIZATION:
         raise ValueError("quantize must be 'none' or 'int8'")
-    options = pb.OptimizeOptions(
+    if version < 0:
+        raise ValueError(f"version must be >= 0 (0 = the default version), got {version}")
+    if epochs is not None and epochs < 0:
+        raise ValueError(f"epochs must be >= 0 (None = the server decides, 0 = one-shot), got {epochs}")
+    return pb.OptimizeOptions(
         model_name=name, version=version, target_sparsity=sparsity, block=block,
         granularity=GRANULARITY[granularity], quantization=QUANTIZATION[quantize],
         max_accuracy_drop=max_accuracy_drop, epochs=epochs, search=search, promote=promote,
-        data_size_bytes=len(blob), description=description, time_budget_seconds=time_budget,
+        data_size_bytes=size, description=description, time_budget_seconds=time_budget,
     )
-    yield pb.OptimizeRequest(options=options)
+
+
+def _messages(options: pb.OptimizeRequest, blob: bytes) -> Iterator[pb.OptimizeRequest]:
+    yield options
     for i in range(0, len(blob), CHUNK_BYTES):
         yield pb.OptimizeRequest(data_chunk=blob[i:i + CHUNK_BYTES])
 
@@ -58,3 +80,10 @@ def handle_event(event: pb.OptimizeEvent, progress: ProgressCallback | None) -> 
             progress(event.progress.stage, event.progress.fraction, event.progress.message)
         return None
     return json.loads(event.report.report_json)
+
+
+def final_report(report: dict[str, Any] | None) -> dict[str, Any]:
+    """The report an Optimize stream ended with (RuntimeError when it ended without one)."""
+    if report is None:
+        raise RuntimeError("the Optimize stream ended without a report")
+    return report

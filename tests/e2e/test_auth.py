@@ -94,7 +94,7 @@ def test_infer_token_cannot_change_models_but_infers_also_with_tritonclient(
         np.testing.assert_allclose(np.concatenate([o.output for o in streamed]), expected, atol=1e-5)
         with pytest.raises(StreamError) as err:  # an error inside the stream is still a per-request answer
             list(c.stream("nope", [X]))
-        assert err.value.code == grpc.StatusCode.NOT_FOUND.value[0]
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
     assert secured.handle.dataplane.list_models() == {"seed": [1]}
 
     np.save(tmp_path / "x.npy", X)
