@@ -164,7 +164,9 @@ def create_server(settings: Settings) -> ServerHandle:
         interceptors=[*([AuthInterceptor(tokens, settings.client_error_log_per_second)] if tokens else []),
                       ErrorInterceptor(settings.client_error_log_per_second, stream_pool, REQUEST_DECODERS,
                                        watchdog)],
-        options=grpc_options(settings),
+        # gRPC sets SO_REUSEPORT by default: a second, unrelated server on the same port would bind it too and
+        # take half the connections; only the processes of one ``--processes`` server share a port
+        options=[*grpc_options(settings), ("grpc.so_reuseport", int(settings.processes > 1))],
         maximum_concurrent_rpcs=None,
     )
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(dataplane), server)

@@ -35,6 +35,10 @@ from leanserve.server.serving.workers import blocking
 
 log = logging.getLogger(__name__)
 
+#: the first wait before a version that failed to load is tried again; it doubles on each failure, up to the max
+RETRY_FIRST_SECONDS = 5.0
+RETRY_MAX_SECONDS = 300.0
+
 
 class DataPlane:
     """Everything the servicers can ask of the server."""
@@ -47,8 +51,10 @@ class DataPlane:
         self._ingest_lock = threading.Lock()
         # Serializes changes to what is served: loads, unloads, publishing, deletes and the repository poll.
         self._load_lock = threading.RLock()
-        #: versions that failed to load; the repository poll does not retry them every time
-        self._failed: set[tuple[str, int]] = set()
+        #: versions that failed to load -> (monotonic time of the next try, current backoff): the repository poll
+        #: retries them (a store that answered 503, a folder copied in by hand and seen half-written) without
+        #: reading a corrupt version again on every poll
+        self._failed: dict[tuple[str, int], tuple[float, float]] = {}
         #: False until the repository is loaded and again once shutting down
         self.ready = False
         #: who changed which model, when, with what result (see repository/audit.py)
@@ -65,13 +71,18 @@ class DataPlane:
     def sync(self) -> list[tuple[str, int, str]]:
         """Make what is served match the repository: serve stored versions that are not served (unless the model
         is marked unloaded), retire served versions that are gone, apply the pinned defaults. This is how server
-        processes sharing a repository follow each other. A version that failed to load is not retried here
-        (``load_model`` retries). Returns the new failures."""
+        processes sharing a repository follow each other. A version that failed to load is tried again after a
+        backoff (``load_model`` retries at once); a model whose entry cannot be read is reported and skipped, the
+        others followed. Returns the new failures."""
         with self._load_lock:
             stored = self.repository.models()  # versions first, pins after: see Optimizer._store
             failures = []
             for name in sorted(set(stored) | set(self.registry.names())):
-                failures += self._reconcile(name, stored.get(name, []))
+                try:
+                    failures += self._reconcile(name, stored.get(name, []))
+                except (LeanserveError, OSError, ValueError) as exc:
+                    log.error("could not follow model %s in the repository: %s", name, exc)
+                    failures.append((name, 0, str(exc)))
             return failures
 
     def _reconcile(self, name: str, stored: list[int]) -> list[tuple[str, int, str]]:
@@ -82,7 +93,8 @@ class DataPlane:
         if gone:
             self._retire(self.registry.remove(name, gone))
             log.info("stopped serving %s version(s) %s: no longer in the repository or unloaded", name, gone)
-        new = [v for v in wanted if v not in served and (name, v) not in self._failed]
+        now = time.monotonic()
+        new = [v for v in wanted if v not in served and self._failed.get((name, v), (0.0, 0.0))[0] <= now]
         failures = self._load_versions(name, new) if new else []
         self.registry.set_default(name, self.repository.default_version(name) if wanted else None)
         return failures
@@ -94,11 +106,13 @@ class DataPlane:
                 path = self.repository.path(name, version)
                 manifest = self.repository.manifest(name, version)
                 self.serve(load_version(name, version, path, manifest, self.settings))
-                self._failed.discard((name, version))
+                self._failed.pop((name, version), None)
                 log.info("loaded %s version %d", name, version)
-            except (LeanserveError, OSError, ValueError, KeyError) as exc:
-                log.error("could not load %s version %d: %s", name, version, exc)
-                self._failed.add((name, version))
+            except (LeanserveError, OSError, ValueError, KeyError, MemoryError) as exc:
+                backoff = min(2 * self._failed.get((name, version), (0.0, RETRY_FIRST_SECONDS / 2))[1],
+                              RETRY_MAX_SECONDS)
+                self._failed[(name, version)] = (time.monotonic() + backoff, backoff)
+                log.error("could not load %s version %d (next try in %.0f s): %s", name, version, backoff, exc)
                 failures.append((name, version, str(exc)))
         return failures
 
@@ -131,7 +145,8 @@ class DataPlane:
             with self._load_lock:
                 stored = self.repository.versions(name)  # NotFound for an unknown model
                 self._clear_unloaded(name)
-                self._failed -= {(name, v) for v in stored}
+                for v in stored:
+                    self._failed.pop((name, v), None)
                 before = set(self.registry.versions(name))
                 failures = self._reconcile(name, stored)
             if failures:

@@ -128,3 +128,17 @@ def test_reference_check_outside_tolerance_is_failed_precondition(client: Client
     assert "max abs error" in msg
     assert client.models() == {}
     assert not any((server.dataplane.repository.root / ".staging").iterdir())  # nothing left half-stored
+
+
+def test_a_second_server_on_a_taken_port_is_refused(repo_dir: Path, tmp_path: Path) -> None:
+    """gRPC's default SO_REUSEPORT let an unrelated second server bind the same port: both printed "listening"
+    and the connections were split between them."""
+    from leanserve.server.app import create_server
+    from tests.conftest import make_settings
+
+    first = create_server(make_settings(repo_dir))
+    try:
+        with pytest.raises(OSError, match="cannot listen"):
+            create_server(make_settings(tmp_path / "other", port=first.port))
+    finally:
+        first.stop(0)
