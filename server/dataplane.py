@@ -254,6 +254,8 @@ class DataPlane:
         """Stop serving and delete one version or all; NotFound when unknown."""
         with self.audit.change(ctx, "delete", name, version or None) as entry, self._load_lock:
             entry.version = deleted = self.repository.delete(name, version or None)
+            if not self.repository.versions(name, missing_ok=True):
+                self._clear_unloaded(name)  # a model deleted whole leaves no mark for its next upload
             self._retire(self.registry.remove(name, deleted))
         return deleted
 

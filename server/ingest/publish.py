@@ -62,6 +62,8 @@ def publish_file(path: Path, name: str, settings: Settings, *, description: str 
                 manifest, conv = ingest.build(req, source, staged, settings)
                 dataplane.check_limits(name, folder_bytes(staged))
                 entry.version = version = repository.commit(name, staged)
+            if repository.is_unloaded(name):  # as an upload through a server does: a new version is served
+                repository.set_unloaded(name, False)
     finally:
         dataplane.audit.close()
     log.info("published %s version %d (%s runtime) to %s", name, version, conv.runtime, settings.repository)
