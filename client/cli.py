@@ -289,8 +289,11 @@ def _is_npz(path: Path) -> bool:
 
 def _predict_stream(client: Client, args: argparse.Namespace, x: np.ndarray) -> tuple[dict[str, np.ndarray], int]:
     """Every row through one PredictStream in ``--batch-size`` requests; the outputs joined and the version that
-    answered. An empty input still makes one (empty) request, so the server answers it as it answers Predict."""
+    answered. An empty input still makes one (empty) request, so the server answers it as it answers Predict.
+    Without ``--version`` the default version is asked first and every request names it: a default that moves
+    during a long run (an upload, set-default, a promoted optimization) must not score part of the file."""
     rows, size = x.shape[0], args.batch_size
+    pinned = args.version or client.info(args.name).version
     starts = range(0, rows, size) if rows else range(1)
     batches = (np.ascontiguousarray(x[i:i + size]) for i in starts)
     parts: dict[str, list[np.ndarray]] = {}
@@ -299,7 +302,7 @@ def _predict_stream(client: Client, args: argparse.Namespace, x: np.ndarray) -> 
                   TimeRemainingColumn(), console=console, disable=no_progress(args), transient=True) as progress:
         task = progress.add_task("rows", total=rows)
         try:
-            for out in client.stream(args.name, batches, version=args.version, postprocess=args.postprocess,
+            for out in client.stream(args.name, batches, version=pinned, postprocess=args.postprocess,
                                      top_k=args.top_k):
                 version = out.model_version
                 for k, v in out.outputs.items():

@@ -287,3 +287,30 @@ def test_info_shows_the_optimization_report(server: ServerHandle, capsys: pytest
 
     status, out, _ = run(capsys, "info", "toy", "--version", "1", "--server", addr)  # an uploaded version
     assert status == 0 and "source" in out and "optimized from" not in out
+
+
+def test_a_stream_is_scored_by_one_version_when_the_default_moves(tmp_path: Path, work: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --version each request named "the default": a set-default (or an upload) during a long run
+    scored the rest of the file with another version, and the output said only one."""
+    handle = create_server(make_settings(tmp_path / "models"))
+    handle.dataplane.serve(toy_model(lambda x: x * 2, name="mv", version=1, features=4))
+    moved = []
+
+    def triple_then_move_default(x: np.ndarray) -> np.ndarray:
+        if not moved:  # the default moves back to version 1 while the stream's first request computes
+            moved.append(True)
+            handle.dataplane.registry.set_default("mv", 1)
+        return x * 3
+
+    handle.dataplane.serve(toy_model(triple_then_move_default, name="mv", version=2, features=4))
+    try:
+        x = np.arange(400 * 4, dtype=np.float32).reshape(400, 4)
+        status, out, err = run(capsys, "predict", "mv", "--server", f"127.0.0.1:{handle.port}", "--input",
+                               save(work / "x.npy", x), "--output", str(work / "y.npy"), "--stream",
+                               "--batch-size", "2", "--json")
+        assert status == 0, err
+        assert moved and json.loads(out)["version"] == 2
+        np.testing.assert_array_equal(np.load(work / "y.npy"), x * 3)
+    finally:
+        handle.stop(0)
