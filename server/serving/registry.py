@@ -11,6 +11,7 @@ import threading
 
 from leanserve.server.errors import NotFound, shown
 from leanserve.server.serving.model import ServedModel
+from leanserve.server.repository.store import validate_name
 
 
 class ModelRegistry:
@@ -26,6 +27,7 @@ class ModelRegistry:
         """The requested version, or the default (pinned, else the latest) when ``version`` is None or 0."""
         versions = self._models.get(name)
         if not versions:
+            validate_name(name)  # a name no model can have is the caller's mistake, not a missing model
             raise NotFound(f"model {shown(name)} not found")
         if not version:
             pinned = self._defaults.get(name)

@@ -142,3 +142,10 @@ def test_a_second_server_on_a_taken_port_is_refused(repo_dir: Path, tmp_path: Pa
             create_server(make_settings(tmp_path / "other", port=first.port))
     finally:
         first.stop(0)
+
+
+@pytest.mark.parametrize("name", ["", "../etc", "a b"])
+def test_a_name_no_model_can_have_is_invalid_argument_not_not_found(client: Client, name: str) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        client.predict(name, np.zeros((1, 4), np.float32))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
