@@ -37,7 +37,7 @@ def run_demo(workdir: Path, *, epochs: int = 3) -> int:
     console.print(f"  train accuracy {result.train_accuracy:.3f}, validation accuracy {result.val_accuracy:.3f}, "
                   f"saved {model_path} ({model_path.stat().st_size:,} bytes)")
 
-    settings = Settings(port=0, repository=workdir / "models")
+    settings = Settings(port=0, metrics_port=0, repository=workdir / "models")  # free ports: other servers may run
     _step(f"start the server on 127.0.0.1:0 with repository {settings.repository}")
     handle = create_server(settings)
     target = f"127.0.0.1:{handle.port}"
