@@ -41,7 +41,7 @@ def _row_scale(x: np.ndarray, r: int, bits: np.ndarray) -> np.float32:
         m = b if b > m else m
     bits[0] = m
     amax = bits.view(np.float32)[0]
-    if amax > 0.0:
+    if amax > 0.0 or amax != amax:  # NaN: the scale is NaN too (a comparison with NaN is False)
         return amax / _QMAX_F32
     return np.float32(1.0)
 

@@ -217,3 +217,19 @@ def test_path_selection():
         resolve_path("avx9")
     with pytest.raises(KernelInputError, match="unknown int8 path"):
         set_default_path("gpu")
+
+
+@pytest.mark.parametrize("fmt", ["int8", "csr_int8"])
+def test_a_nan_in_a_row_gives_nan_as_in_fp32(fmt: str) -> None:
+    """The row scale's ``amax > 0`` was False for NaN: the row was quantized with a step of 1, the NaN read as 0,
+    and the answer finite and wrong where fp32 answers NaN."""
+    from leanserve.kernels import get_format
+
+    x = np.array([[1.0, np.nan, 2.0, -3.0], [1.0, 0.5, 2.0, -3.0]], np.float32)
+    q, s = np.zeros((2, 4), np.int8), np.zeros(2, np.float32)
+    quantize_rows(x, q, s)
+    assert np.isnan(s[0]) and s[1] == np.float32(3.0 / 127)
+    w = np.eye(4, dtype=np.float32)
+    kernel = get_format(fmt)
+    y = kernel.from_dense(w, np.zeros(4, np.float32), "linear")(x)
+    assert np.isnan(y[0]).all() and np.isfinite(y[1]).all()
