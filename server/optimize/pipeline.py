@@ -261,7 +261,8 @@ def run(base: ServedModel, folder: Path, opts: OptimizeOptions, data: OptimizeDa
         job.progress("tune", 0.82, "measuring kernel formats per layer")
         plan = formats.tune(plan, settings.autotune_batch_sizes, chosen.recipe.block)
     job.check()
-    job.progress("measure", 0.88, "latency, size and reference error")
+    job.progress("measure", 0.88, "reference check, latency, size")
+    reference = check_reference(plan, sets.verdict.x[:TF_REFERENCE_ROWS], settings)
     outputs = evaluate.run_plan(plan, sets.verdict.x)
     after = evaluate.quality(outputs, sets.verdict, s.original_verdict)
     lat_before, lat_after = _latencies(base_plan, plan, settings.optimize_latency_repeats, job)
@@ -289,6 +290,7 @@ def run(base: ServedModel, folder: Path, opts: OptimizeOptions, data: OptimizeDa
                    "stopped": s.stopped, "skipped": s.skipped},
         "candidates": [c.summary() for c in s.candidates],
         "fine_tuning": chosen.fine_tuning,
+        "reference_check": reference,
         "tf_reference": evaluate.tf_reference_error(plan, sets.verdict.x[:TF_REFERENCE_ROWS]),
         "size_ratio": plan.nbytes / max(base_plan.nbytes, 1),
         "elapsed_seconds": 0.0,
@@ -296,6 +298,24 @@ def run(base: ServedModel, folder: Path, opts: OptimizeOptions, data: OptimizeDa
     report["summary"] = summary(report)
     report["elapsed_seconds"] = time.monotonic() - started
     return Result(plan, report)
+
+
+def check_reference(plan: Plan, x: np.ndarray, settings: Settings) -> dict[str, Any]:
+    """The stored reference check: the served kernels against ``evaluate.simulate`` (the same weights and, for int8,
+    the same activation quantization, in numpy float64) with the upload check's tolerances. Outside them the
+    kernels do not compute what the plan says, whatever the accuracy: FailedPrecondition, nothing is stored (an
+    upload outside tolerance is refused the same way). The intended int8 error is not judged here but by the
+    accuracy budget, and reported against TensorFlow as ``tf_reference``."""
+    report = evaluate.simulation_check(plan, x, settings.reference_atol, settings.reference_rtol)
+    if not report["within_tolerance"]:
+        log.error("optimized plan refused: served outputs differ from the simulation of its arithmetic: %s", report)
+        raise FailedPrecondition(
+            f"optimized model refused: served outputs differ from the {report['reference']} beyond tolerance "
+            f"(max abs error {report['max_abs_error']:.3g}, max rel error {report['max_rel_error']:.3g} on "
+            f"{report['n']} rows; allowed atol={report['atol']} rtol={report['rtol']}); a kernel computes something "
+            f"other than its weights say, so no version was stored"
+        )
+    return report
 
 
 def summary(r: dict[str, Any]) -> str:

@@ -10,6 +10,11 @@ Default version: a model's default (what version 0 resolves to) is its latest ve
 that is not promoted (``promote`` false, or over budget) pins the default to the version that was the default
 before, so the new version is stored and served by number only. A promoted result unpins (the latest, i.e. the
 new version, is the default). ``set_default`` is the rollback; pins live in the repository (survive restarts).
+
+Reference check: the result's served outputs must match an exact numpy simulation of its arithmetic (the same
+weights and, for int8, the same per-row activation quantization) within the upload tolerances
+(``pipeline.check_reference``). A result outside them is refused with FAILED_PRECONDITION and nothing is stored,
+as an upload outside tolerance is; being over the accuracy budget, by contrast, stores the version unpromoted.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import Any
 
 from leanserve.server.repository import artifacts
 from leanserve.server.dataplane import DataPlane
-from leanserve.server.errors import LeanserveError, ResourceExhausted
+from leanserve.server.errors import FailedPrecondition, LeanserveError, ResourceExhausted
 from leanserve.server.repository.loading import served_from_plan
 from leanserve.server.optimize import data as data_mod
 from leanserve.server.optimize import pipeline
@@ -33,11 +38,6 @@ from leanserve.server.repository.store import validate_name
 from leanserve.server.serving.context import NO_CONTEXT, RequestContext
 
 log = logging.getLogger(__name__)
-
-INT8_FORMATS = ("int8", "csr_int8", "bsr_int8")
-#: int8 kernels quantize activations per row at every call, so they differ from TF on the dequantized weights by
-#: more than fp32 rounding; this bounds that difference for the stored reference record
-INT8_REFERENCE_ATOL = 0.05
 
 
 @dataclass(frozen=True)
@@ -162,9 +162,9 @@ class Optimizer:
         """Commit the plan as the next version (staging → rename), serve it, then set the default."""
         promote = bool(opts.promote and result.report["within_budget"])
         report = {**result.report, "promoted": promote}
-        tf_ref = report["tf_reference"]
-        int8 = any(layer.format in INT8_FORMATS for layer in result.plan.layers)
-        atol = INT8_REFERENCE_ATOL if int8 else self.settings.reference_atol
+        ref = report["reference_check"]
+        if not ref["within_tolerance"]:  # pipeline.check_reference already refuses it; never store one
+            raise FailedPrecondition(f"optimized model refused: outside the reference tolerance ({ref})")
         previous_default = self.dp.registry.get(base.name, None).version
         plan_manifest, blob = artifacts.plan_manifest(result.plan, base.input.name, base.output.name)
         manifest = plan_manifest.with_fields(**{
@@ -174,9 +174,8 @@ class Optimizer:
             "output": base.output.to_dict(),
             "output_is_probability": bool(base.output_is_probability),
             "source": {"format": "optimized", "from_version": base.version},
-            "reference": {"reference": "tensorflow (same pruned/quantized weights)", "n": tf_ref["rows"],
-                          "max_abs_error": tf_ref["max_abs_error"], "max_rel_error": 0.0, "atol": atol, "rtol": 0.0,
-                          "within_tolerance": tf_ref["max_abs_error"] <= atol},
+            "reference": {key: ref[key] for key in ("reference", "n", "max_abs_error", "max_rel_error",
+                                                    "within_tolerance", "atol", "rtol")},
             "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
             "description": opts.description or f"optimized from version {base.version}",
             "conversion_note": "",

@@ -68,6 +68,8 @@ def test_pruned_90_int8_with_fine_tuning_within_one_and_a_half_points(digits_ser
         assert all(np.isfinite(t) and t > 0 for t in r[side]["latency_seconds"].values())
     # int8 activations are quantized per row: small differences from TF on the same dequantized weights
     assert 0 < r["tf_reference"]["max_abs_error"] < 0.1 and r["tf_reference"]["top1_agreement"] > 0.98
+    # ... while the kernels compute exactly that quantization scheme (the stored reference check)
+    assert r["reference_check"]["within_tolerance"] and r["reference_check"]["max_abs_error"] < 1e-5
 
 
 def test_one_shot_global_fp32_without_labels_uses_agreement(digits_served: ServedModel, digits: Digits) -> None:
@@ -81,6 +83,8 @@ def test_one_shot_global_fp32_without_labels_uses_agreement(digits_served: Serve
     total = sum(layer["nonzero"] for layer in r["after"]["layers"])
     assert total / sum(np.prod(layer["shape"]) for layer in r["after"]["layers"]) == pytest.approx(0.5, abs=0.01)
     assert r["tf_reference"]["max_abs_error"] < 1e-4  # fp32 sparse kernels vs TF on the same weights
+    assert r["reference_check"]["within_tolerance"] and r["reference_check"]["max_abs_error"] < 1e-5
+    assert r["reference_check"]["reference"] == "numpy float64 (same pruned weights)"
 
 
 def test_search_keeps_the_smallest_candidate_within_budget(digits_served: ServedModel, digits: Digits) -> None:
