@@ -147,7 +147,7 @@ def create_server(settings: Settings) -> ServerHandle:
     except (OSError, ValueError) as exc:
         raise ConfigurationError(str(exc)) from exc
     apply_process_settings(settings)  # before any model is tuned or served
-    # only the first process sweeps leftovers: the others would delete its uploads in flight
+    # one process sweeps leftovers at start (the sweep keeps every writer's staging that is still in use)
     repository = open_repository(settings.repository, settings, sweep=settings.process_index == 0)
     registry = ModelRegistry()
     dataplane = DataPlane(settings, repository, registry)

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from leanserve.server.errors import InvalidArgument
-from leanserve.server.repository.store import validate_name
+from leanserve.server.repository.store import parse_version, validate_name
 from leanserve.server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def model_files_in(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in MODEL_SUFFIXES)
-    has_versions = any(child.is_dir() and any(v.name.isdigit() for v in child.iterdir())
+    has_versions = any(child.is_dir() and any(parse_version(v.name) is not None for v in child.iterdir())
                        for child in folder.iterdir() if child.is_dir() and not child.name.startswith("."))
     return [] if has_versions else files
 

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import os
+import stat
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,7 +24,7 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from leanserve.kernels import KernelInputError, get_format
-from leanserve.server.errors import InvalidArgument
+from leanserve.server.errors import InvalidArgument, ResourceExhausted
 from leanserve.server.ingest.archives import BoundedZip
 from leanserve.server.repository.manifest import FORMAT_NAME, FORMAT_VERSION, Manifest, ManifestLimits, jsonable
 from leanserve.server.runtime.plan import Plan
@@ -99,6 +102,87 @@ def _load_weights(blob: bytes) -> dict[str, np.ndarray]:
         return st_load(blob)
     except Exception as exc:  # safetensors raises its own error types for malformed headers
         raise InvalidArgument(f"weights are not a valid safetensors file: {str(exc)[:300]}") from None
+
+
+def stored_name(folder: Path, name: str) -> str:
+    """How errors name a file of a version folder: ``<model>/<version>/<file>`` (no server paths)."""
+    return f"{folder.parent.name}/{folder.name}/{name}"
+
+
+def open_stored_file(folder: Path, name: str) -> int:
+    """A read-only descriptor of the regular file ``folder/name`` of a stored version. InvalidArgument (naming the
+    file) for a symlink leading out of ``folder``, anything but a regular file (a device such as /dev/zero, a FIFO,
+    a folder) or a file that cannot be opened."""
+    path, shown = folder / name, stored_name(folder, name)
+    try:
+        if os.path.islink(path):
+            base = os.path.realpath(folder)
+            if not os.path.realpath(path).startswith(base + os.sep):
+                raise InvalidArgument(f"{shown} is a symlink leading out of its version folder")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise InvalidArgument(f"{shown} is missing") from None
+    except OSError as exc:
+        raise InvalidArgument(f"cannot open {shown}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise InvalidArgument(f"{shown} is not a regular file")
+    return fd
+
+
+def max_weights_bytes(manifest: Manifest) -> int:
+    """Most bytes the weights of ``manifest``'s layers can take in any kernel format: 8-byte values and 8-byte
+    indices for every (block-padded) weight, 8-byte vectors along each side, plus the largest header."""
+    total = 8 + MAX_WEIGHTS_HEADER_BYTES
+    for entry in manifest.layers or []:
+        k, n = entry.meta.in_features, entry.meta.out_features
+        r, c = entry.meta.block or (1, 1)
+        total += 16 * (k + r) * (n + c) + 32 * (k + n + r + c + 2)
+    return total
+
+
+def read_weights(folder: Path, manifest: Manifest, max_bytes: int | None = None) -> bytes:
+    """The weights file of a stored Plan version, read only once its size is known to be the one its safetensors
+    header declares and no more than the manifest's layers can need (nor ``max_bytes``); counted while reading.
+    InvalidArgument naming the file otherwise (a symlink out of the folder, a device, a sparse giant, a
+    truncated file)."""
+    fd, shown = open_stored_file(folder, WEIGHTS), stored_name(folder, WEIGHTS)
+    try:
+        size = os.fstat(fd).st_size
+        bound = max_weights_bytes(manifest) if max_bytes is None else min(max_bytes, max_weights_bytes(manifest))
+        if size > bound:
+            raise InvalidArgument(f"{shown} is {size} bytes, more than its manifest's "
+                                  f"{len(manifest.layers or [])} layer(s) can take ({bound})")
+        head = os.pread(fd, 8, 0)
+        header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 2 <= header_len <= min(MAX_WEIGHTS_HEADER_BYTES, size - 8):
+            raise InvalidArgument(f"{shown} is not a valid safetensors file (bad header length)")
+        declared = 8 + header_len + _data_bytes(os.pread(fd, header_len, 8), shown)
+        if declared != size:
+            raise InvalidArgument(f"{shown} is {size} bytes but its header declares {declared}")
+        try:
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                blob = f.read(size)
+                grew = f.read(1)
+        except MemoryError:
+            raise ResourceExhausted(f"not enough memory to read {shown} ({size} bytes)") from None
+        if len(blob) != size or grew:
+            raise InvalidArgument(f"{shown} changed while it was read")
+        return blob
+    finally:
+        os.close(fd)
+
+
+def _data_bytes(header: bytes, shown: str) -> int:
+    """Bytes of tensor data a safetensors header declares (the end of its last tensor)."""
+    try:
+        entries = json.loads(header)
+        ends = [info["data_offsets"][1] for key, info in entries.items() if key != "__metadata__"]
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        raise InvalidArgument(f"{shown} is not a valid safetensors file (bad header)") from None
+    if not all(isinstance(end, int) and end >= 0 for end in ends):
+        raise InvalidArgument(f"{shown} is not a valid safetensors file (bad data offsets)")
+    return max(ends, default=0)
 
 
 def _manifest_text(manifest: Manifest | Mapping[str, Any]) -> str:

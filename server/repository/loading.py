@@ -1,8 +1,16 @@
-"""Loading a stored version from the repository into a ready ``ServedModel`` (warmed: no request pays a JIT)."""
+"""Loading a stored version from the repository into a ready ``ServedModel`` (warmed: no request pays a JIT).
+
+Nothing in a version folder is trusted: the manifest is parsed strictly (its errors name it), its signature must be
+what the runtime computes (the Plan's layers, or the TensorFlow model's own signature), and a file is read only once
+it is known to be a regular file inside the folder of the size its manifest allows (a symlink to /dev/zero or a
+sparse giant is refused before a byte is allocated).
+"""
 
 from __future__ import annotations
 
 import logging
+import math
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -10,6 +18,7 @@ from typing import Any
 from leanserve.server.errors import InvalidArgument
 from leanserve.server.repository import artifacts
 from leanserve.server.repository.manifest import Manifest, ManifestLimits, TensorSpec
+from leanserve.server.repository.store import MANIFEST
 from leanserve.server.runtime.plan import Plan
 from leanserve.server.serving.model import ServedModel, TensorSignature
 from leanserve.server.settings import Settings
@@ -32,6 +41,10 @@ def served_from_plan(name: str, version: int, manifest: Manifest | Mapping[str, 
                      settings: Settings) -> ServedModel:
     """Wrap an in-memory Plan (already built and checked) as a served version."""
     manifest = _typed(manifest, settings)
+    if (list(plan.input_shape), plan.out_features) != (manifest.input.shape, math.prod(manifest.output.shape)):
+        raise InvalidArgument(f"model {name!r} version {version}: the manifest's signature (input "
+                              f"{manifest.input.shape}, output {manifest.output.shape}) differs from the plan's "
+                              f"(input {list(plan.input_shape)}, output [{plan.out_features}])")
     plan.warmup(settings.warmup_batch_sizes)
     return ServedModel(
         name=name,
@@ -51,9 +64,13 @@ def load_version(name: str, version: int, path: Path, manifest: Manifest | Mappi
     """Build the runtime a stored version names (a Plan from its safetensors, or TensorFlow from its source).
     The manifest is checked against the settings' limits first; a malformed one is ``InvalidArgument``."""
     limits = ManifestLimits.from_settings(settings)
-    manifest = Manifest.parse(manifest.to_dict() if isinstance(manifest, Manifest) else manifest, limits)
+    try:
+        manifest = Manifest.parse(manifest.to_dict() if isinstance(manifest, Manifest) else manifest, limits)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"{MANIFEST} of {name!r} version {version}: {exc.message}") from None
     if manifest.runtime == "plan":
-        plan = artifacts.plan_from_files(manifest, (path / artifacts.WEIGHTS).read_bytes())
+        blob = artifacts.read_weights(path, manifest, getattr(settings, "max_repository_bytes", None))
+        plan = artifacts.plan_from_files(manifest, blob)
         return served_from_plan(name, version, manifest, plan, settings)
     if manifest.runtime != "tensorflow" or manifest.source is None or manifest.source.file is None:
         raise InvalidArgument(f"model {name!r} version {version}: the manifest names no runtime to load")
@@ -61,7 +78,16 @@ def load_version(name: str, version: int, path: Path, manifest: Manifest | Mappi
     from leanserve.server.runtime.tf_runtime import TFRuntime
 
     source = path / manifest.source.file
+    fd = artifacts.open_stored_file(path, manifest.source.file)  # a regular file inside the folder
+    try:
+        size = os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+    if manifest.source.size_bytes is not None and size != manifest.source.size_bytes:
+        raise InvalidArgument(f"{artifacts.stored_name(path, manifest.source.file)} is {size} bytes but the "
+                              f"manifest records {manifest.source.size_bytes}")
     runtime = TFRuntime.from_path(source, **settings_limits(source, settings))
+    _check_tf_signature(name, version, manifest, runtime)
     runtime.warmup()
     return ServedModel(
         name=name,
@@ -73,3 +99,16 @@ def load_version(name: str, version: int, path: Path, manifest: Manifest | Mappi
         runner=runtime,
         output_is_probability=bool(manifest.output_is_probability),
     )
+
+
+def _check_tf_signature(name: str, version: int, manifest: Manifest, runtime: object) -> None:
+    """InvalidArgument when the manifest's signature is not the TensorFlow model's own (dynamic dims as -1)."""
+    actual = getattr(runtime, "signature", None)
+    if not isinstance(actual, dict):
+        return
+    for role, spec in (("input", manifest.input), ("output", manifest.output)):
+        real = actual.get(role) or {}
+        shape = [-1 if d is None else int(d) for d in real.get("shape", [])]
+        if (spec.dtype, spec.shape) != (str(real.get("dtype")), shape):
+            raise InvalidArgument(f"model {name!r} version {version}: the manifest's {role} is {spec.dtype} "
+                                  f"{spec.shape} but the model's is {real.get('dtype')} {shape}")

@@ -241,6 +241,13 @@ class Manifest(_Strict):
         cap = MAX_ELEMENTS if limits.max_params is None else min(MAX_ELEMENTS, limits.max_params)
         if params > cap:
             raise ValueError(f"model has {params} parameters; the limit is {cap}")
+        # what the Plan takes and returns: float32 [B, *input.shape] in, float32 [B, last out_features] out
+        for role, spec in (("input", self.input), ("output", self.output)):
+            if spec.dtype != "float32":
+                raise ValueError(f"{role} dtype is {spec.dtype} but the layers compute in float32")
+        if self.output.shape != [expected]:
+            raise ValueError(f"output shape {self.output.shape} differs from what the last layer "
+                             f"{layers[-1].name!r} gives: [{expected}]")
 
     # -- reading and writing ----------------------------------------------------------------------------------
     @classmethod

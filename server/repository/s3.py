@@ -39,7 +39,8 @@ new costs one LIST per 1000 objects.
 downloaded once into a private folder, checked against ``.files.json`` and the manifest's ``weights_sha256``, then
 renamed into place. A cached folder is checked again (sizes and SHA-256) the first time a process uses it, so a
 restart reads from disk instead of downloading everything again. The audit log of an S3 repository lives in the
-cache folder (``root``): it is per server, not shared.
+cache folder (``root``): it is per server, not shared. Processes sharing a cache folder take turns per version
+(``version_files``): the second waits for the first one's copy and uses it.
 """
 
 from __future__ import annotations
@@ -52,32 +53,31 @@ import random
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from leanserve.server.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable, shown
 from leanserve.server.repository import version_files
 from leanserve.server.repository.s3_bucket import S3Bucket, S3Object
-from leanserve.server.repository.store import MANIFEST, _DEFAULT, _UNLOADED, validate_name
+from leanserve.server.repository.s3_listing import CLAIMS, ModelState, parse_listing, valid_name
+from leanserve.server.repository.store import (
+    _DEFAULT,
+    _UNLOADED,
+    MANIFEST,
+    MAX_PIN_BYTES,
+    MAX_VERSION,
+    parse_version,
+    validate_name,
+    warn_once,
+)
 from leanserve.server.repository.version_files import FILES_INDEX
 
 log = logging.getLogger(__name__)
 
-_CLAIMS = ".claims"
+_CLAIMS = CLAIMS
 _CLAIM_ATTEMPTS = 40
 #: an uncommitted version folder (files, no manifest) older than this is a crashed upload: swept at startup
 ABANDONED_AFTER = dt.timedelta(hours=24)
-
-
-@dataclass
-class _ModelState:
-    """What one LIST saw of one model."""
-
-    committed: dict[int, str] = field(default_factory=dict)  # version -> manifest ETag
-    files: dict[int, dict[str, S3Object]] = field(default_factory=dict)  # version -> relative key -> object
-    claims: set[int] = field(default_factory=set)
-    flags: dict[str, str] = field(default_factory=dict)  # default_version / unloaded -> ETag
 
 
 class S3Repository:
@@ -94,7 +94,7 @@ class S3Repository:
         self._cache = version_files.VersionCache(self.root)
         self.max_version_bytes = max_version_bytes
         self._lock = threading.Lock()  # guards the fields below, never held during I/O
-        self._state: dict[str, _ModelState] = {}
+        self._state: dict[str, ModelState] = {}
         self._flag_values: dict[tuple[str, str], tuple[str, str]] = {}  # (model, flag) -> (ETag, value)
         self._manifests: dict[tuple[str, int], tuple[str, bytes]] = {}  # (model, version) -> (ETag, bytes)
         self._epochs: dict[str, int] = {}  # per model: writes by this object (see _refresh_model)
@@ -106,36 +106,20 @@ class S3Repository:
         return f"S3Repository({self.uri!r}, cache={str(self.root)!r})"
 
     # -- what a listing says ---------------------------------------------------------------------------------
-    def _parse(self, listing: dict[str, S3Object]) -> dict[str, _ModelState]:
-        models: dict[str, _ModelState] = {}
-        for rel, obj in listing.items():
-            parts = rel.split("/")
-            if len(parts) < 2 or parts[0].startswith(".") or not _valid_name(parts[0]):
-                continue
-            state = models.setdefault(parts[0], _ModelState())
-            if len(parts) == 2 and parts[1] in (_DEFAULT, _UNLOADED):
-                state.flags[parts[1]] = obj.etag
-            elif parts[1] == _CLAIMS and len(parts) == 4 and parts[2].isdigit():
-                state.claims.add(int(parts[2]))
-            elif parts[1].isdigit() and len(parts) >= 3 and parts[-1]:
-                version = int(parts[1])
-                rest = "/".join(parts[2:])
-                if rest == MANIFEST:
-                    state.committed[version] = obj.etag
-                state.files.setdefault(version, {})[rest] = obj
-        return models
+    def _parse(self, listing: dict[str, S3Object]) -> dict[str, ModelState]:
+        return parse_listing(listing, self.uri)
 
-    def _refresh_model(self, name: str) -> _ModelState:
+    def _refresh_model(self, name: str) -> ModelState:
         with self._lock:
             epoch = self._epochs.get(name, 0)
-        state = self._parse(self._bucket.list(f"{name}/")).get(name, _ModelState())
+        state = self._parse(self._bucket.list(f"{name}/")).get(name, ModelState())
         with self._lock:
             # a write of ours that finished while we listed wins over the listing that may predate it
             if self._epochs.get(name, 0) == epoch or name not in self._state:
                 self._state[name] = state
             return self._state[name]
 
-    def _model(self, name: str) -> _ModelState:
+    def _model(self, name: str) -> ModelState:
         """What the latest listing saw of ``name`` (listing it now if none has)."""
         with self._lock:
             state = self._state.get(name)
@@ -186,6 +170,8 @@ class S3Repository:
         for attempt in range(_CLAIM_ATTEMPTS):
             state = self._refresh_model(name)
             number = max([0, *state.committed, *state.files, *state.claims]) + 1
+            if number > MAX_VERSION:
+                raise ResourceExhausted(f"model {shown(name)} has used every version number")
             mine = f"{name}/{_CLAIMS}/{number}/{me}"
             self._bucket.put(mine, b"")
             claims = self._bucket.list(f"{name}/{_CLAIMS}/{number}/")
@@ -218,14 +204,19 @@ class S3Repository:
 
     def versions(self, name: str, *, missing_ok: bool = False) -> list[int]:
         """Committed versions of ``name`` ascending (listed now); NotFound when none (unless ``missing_ok``)."""
-        found = sorted(self._refresh_model(validate_name(name)).committed) if _valid_name(name) else []
+        found = sorted(self._refresh_model(validate_name(name)).committed) if valid_name(name) else []
         if not found and not missing_ok:
             raise NotFound(f"model {shown(name)} not found")
         return found
 
     def manifest(self, name: str, version: int) -> dict[str, Any]:
-        """The manifest of one version."""
-        return json.loads(self._manifest_bytes(name, version))
+        """The manifest of one version; InvalidArgument (naming the object) when it is not JSON."""
+        data = self._manifest_bytes(name, version)
+        try:
+            return json.loads(data)
+        except ValueError as exc:
+            raise InvalidArgument(f"{self.uri}/{name}/{version}/{MANIFEST} is not a valid manifest: "
+                                  f"{str(exc)[:200]}") from None
 
     def _manifest_bytes(self, name: str, version: int) -> bytes:
         validate_name(name)
@@ -272,10 +263,10 @@ class S3Repository:
             target.parent.mkdir(parents=True, exist_ok=True)
             self._bucket.download(rel, target, obj.size)
 
-    def _model_locked(self, name: str) -> _ModelState:
+    def _model_locked(self, name: str) -> ModelState:
         """The state of ``name`` about to be changed by a write of ours (caller holds the lock)."""
         self._epochs[name] = self._epochs.get(name, 0) + 1
-        return self._state.setdefault(name, _ModelState())
+        return self._state.setdefault(name, ModelState())
 
     def delete(self, name: str, version: int | None = None) -> list[int]:
         """Delete one version (or all): its manifest first (readers stop seeing it at once), then its files.
@@ -295,26 +286,34 @@ class S3Repository:
         return targets
 
     def default_version(self, name: str) -> int | None:
-        """The pinned default version of ``name``, or None (the latest version is the default)."""
+        """The pinned default version of ``name``, or None (the latest version is the default). A pin object that
+        is too large or not a version number counts as no pin (with one warning): never raises for it (only
+        Unavailable, when the store cannot be read)."""
         value = self._flag(validate_name(name), _DEFAULT)
-        try:
-            return int(value.strip()) if value is not None else None
-        except ValueError:
+        if value is None:
             return None
+        version = parse_version(value.strip())
+        if version is None:
+            warn_once((self.uri, name, "pin", value[:80]), "model %s: ignoring the pin %s/%s/%s: %s is not a version "
+                      "number; the latest version is the default", name, self.uri, name, _DEFAULT, shown(value))
+        return version
 
     def set_default_version(self, name: str, version: int | None) -> None:
         """Pin ``version`` as the default of ``name``, or unpin with None."""
         self._set_flag(name, _DEFAULT, None if version is None else str(int(version)))
 
     def is_unloaded(self, name: str) -> bool:
-        """True while ``name`` is marked unloaded (stored, not to be served until loaded again)."""
-        return self._flag(validate_name(name), _UNLOADED) is not None
+        """True while ``name`` is marked unloaded (stored, not to be served until loaded again): the latest listing
+        holds the mark, whatever it holds."""
+        return _UNLOADED in self._model(validate_name(name)).flags
 
     def set_unloaded(self, name: str, unloaded: bool) -> None:
         """Mark ``name`` unloaded or not: every server following the repository follows the mark."""
         self._set_flag(name, _UNLOADED, "1" if unloaded else None)
 
     def _flag(self, name: str, flag: str) -> str | None:
+        """The text of a per-model flag object, None when absent (an object too large to be a flag is shown as
+        its start: the caller refuses it)."""
         etag = self._model(name).flags.get(flag)
         if etag is None:
             return None
@@ -323,9 +322,11 @@ class S3Repository:
         if cached is not None and cached[0] == etag:
             return cached[1]
         try:
-            etag, data = self._bucket.get(f"{name}/{flag}", max_bytes=64)
+            etag, data = self._bucket.get(f"{name}/{flag}", max_bytes=MAX_PIN_BYTES)
         except NotFound:  # removed since the listing
             return None
+        except InvalidArgument:  # larger than any pin: what the caller warns about, fetched once per ETag
+            data = f"(more than {MAX_PIN_BYTES} bytes)".encode()
         value = data.decode("ascii", "replace")
         with self._lock:
             self._flag_values[(name, flag)] = (etag, value)
@@ -356,7 +357,7 @@ class S3Repository:
 
     def _sweep(self) -> None:
         """Remove uploads that crashed long ago (files without a manifest) and cached versions the store no longer
-        has; leftover local staging folders too."""
+        has; local staging folders of processes that ended too (at once: their locks tell, see ``liveness``)."""
         now = dt.datetime.now(dt.timezone.utc)
         models = self._parse(self._bucket.list(""))
         for name, state in models.items():
@@ -367,18 +368,9 @@ class S3Repository:
                 if now - newest > ABANDONED_AFTER:
                     log.warning("removing an upload that never completed: %s version %d", name, version)
                     self._bucket.delete([f"{name}/{version}/{rel}" for rel in files])
-        self._cache.sweep({name: set(state.committed) for name, state in models.items()},
-                          ABANDONED_AFTER.total_seconds())
+        self._cache.sweep({name: set(state.committed) for name, state in models.items()})
         with self._lock:
             self._state = models
 
 
 _MAX_MANIFEST_BYTES = 16 * 1024 * 1024
-
-
-def _valid_name(name: str) -> bool:
-    try:
-        validate_name(name)
-        return True
-    except InvalidArgument:
-        return False

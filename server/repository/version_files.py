@@ -4,6 +4,11 @@ Every committed version carries ``.files.json`` (size and SHA-256 of each of its
 a folder downloaded from the bucket, or found in the cache after a restart, is served only once it holds exactly
 those files and its manifest equals the bucket's. Folders enter the cache by one rename from a private staging
 folder and leave it by one rename into ``.trash`` (readers see the folder or nothing), then are deleted.
+
+Several processes may share one cache folder (``--processes`` > 1, or several servers on one host using the default
+cache folder): each entry is filled, checked, placed and removed under an exclusive ``flock`` on
+``.locks/<model>/<version>.lock``, so a second process waits for the first one's copy and uses it. Staging folders
+are locked by their writer while in use (``liveness``): a sweep removes those of processes that ended at once.
 """
 
 from __future__ import annotations
@@ -15,14 +20,14 @@ import logging
 import os
 import shutil
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from leanserve.server.errors import InvalidArgument
-from leanserve.server.repository.store import MANIFEST
+from leanserve.server.repository import liveness
+from leanserve.server.repository.store import ENTRY_LOCKS, MANIFEST, parse_version
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +106,7 @@ def remove(folder: Path, root: Path) -> None:
 
 class VersionCache:
     """Checked local copies of committed versions, ``root/<model>/<version>``, and private staging folders,
-    ``root/.staging/<random>``. Thread-safe; one download per version at a time."""
+    ``root/.staging/<random>``. Thread- and process-safe; one download per version at a time."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -114,16 +119,15 @@ class VersionCache:
         """Where the copy of ``name`` version ``version`` lives (whether or not it is there)."""
         return self.root / name / str(version)
 
-    @contextlib.contextmanager
-    def staging(self) -> Iterator[Path]:
-        """A fresh private folder; removed on exit unless it was moved away (``adopt``)."""
-        path = self.root / STAGING / uuid.uuid4().hex
-        path.mkdir(parents=True)
-        try:
-            yield path
-        finally:
-            if path.exists():
-                shutil.rmtree(path, ignore_errors=True)
+    def staging(self) -> contextlib.AbstractContextManager[Path]:
+        """A fresh private folder, locked while in use; removed on exit unless it was moved away (``adopt``)."""
+        return liveness.locked_folder(self.root / STAGING)
+
+    def _entry_lock(self, name: str, version: int, *,
+                    gone: bool = False) -> contextlib.AbstractContextManager[None]:
+        """Exclusive against every process using this cache folder, for one version's folder (``gone``: the
+        version left the store; its lock file goes too)."""
+        return liveness.held(self.root / ENTRY_LOCKS / name / f"{version}.lock", unlink_after=gone)
 
     def get(self, name: str, version: int, manifest_bytes: bytes, fill: Callable[[Path], None]) -> Path:
         """The checked folder of a version whose manifest is ``manifest_bytes``: as this process last checked it,
@@ -137,21 +141,23 @@ class VersionCache:
             with self._lock:
                 if self._verified.get(key) == manifest_bytes and folder.is_dir():
                     return folder
-            if cached_ok(folder, manifest_bytes):
-                log.info("using the cached copy of %s version %d", name, version)
-            else:
-                with self.staging() as tmp:
-                    fill(tmp)
-                    (tmp / MANIFEST).write_bytes(manifest_bytes)
-                    problem = check_folder(tmp, manifest_bytes)
-                    if problem:
-                        raise InvalidArgument(f"{name} version {version} in the repository is corrupt: {problem}")
-                    self._place(tmp, folder)
+            with self._entry_lock(name, version):  # another process filling it: wait, then use its copy
+                if cached_ok(folder, manifest_bytes):
+                    log.info("using the cached copy of %s version %d", name, version)
+                else:
+                    with self.staging() as tmp:
+                        fill(tmp)
+                        (tmp / MANIFEST).write_bytes(manifest_bytes)
+                        problem = check_folder(tmp, manifest_bytes)
+                        if problem:
+                            raise InvalidArgument(f"{name} version {version} in the repository is corrupt: {problem}")
+                        self._place(tmp, folder)
             with self._lock:
                 self._verified[key] = manifest_bytes
             return folder
 
     def _place(self, source: Path, folder: Path) -> None:
+        """Rename ``source`` to ``folder`` (replacing what is there); caller holds the entry's lock."""
         if folder.exists():
             remove(folder, self.root)
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -161,7 +167,8 @@ class VersionCache:
         """Move a staging folder just committed into the cache (its uploader never downloads it); a failure only
         costs a download later."""
         try:
-            self._place(staged, self.folder(name, version))
+            with self._entry_lock(name, version):
+                self._place(staged, self.folder(name, version))
         except OSError as exc:
             log.warning("could not cache %s version %d locally: %s", name, version, exc)
             return
@@ -175,22 +182,23 @@ class VersionCache:
                 self._verified.pop((name, version), None)
             folder = self.folder(name, version)
             if folder.is_dir():
-                remove(folder, self.root)
+                with self._entry_lock(name, version, gone=True):
+                    remove(folder, self.root)
 
-    def sweep(self, committed: dict[str, set[int]], older_than_seconds: float) -> None:
-        """Remove copies of versions not in ``committed`` (model -> versions) and staging or trash folders older
-        than ``older_than_seconds`` (a crash left them)."""
-        for leftover in (STAGING, TRASH):
-            folder = self.root / leftover
-            if folder.is_dir():
-                for child in folder.iterdir():
-                    with contextlib.suppress(OSError):
-                        if time.time() - child.stat().st_mtime > older_than_seconds:
-                            shutil.rmtree(child, ignore_errors=True)
+    def sweep(self, committed: dict[str, set[int]]) -> None:
+        """Remove copies of versions not in ``committed`` (model -> versions), staging folders whose writer is
+        gone (its lock is free: a crash or ``kill -9`` left them) and leftover trash."""
+        liveness.sweep_folders(self.root / STAGING, "download or upload")
+        trash = self.root / TRASH
+        if trash.is_dir():
+            for child in trash.iterdir():  # another process removing it too is harmless
+                shutil.rmtree(child, ignore_errors=True)
         for model_dir in self.root.iterdir():
             if model_dir.name.startswith(".") or not model_dir.is_dir():
                 continue
             versions = committed.get(model_dir.name, set())
             for version_dir in model_dir.iterdir():
-                if version_dir.name.isdigit() and int(version_dir.name) not in versions:
-                    remove(version_dir, self.root)
+                version = parse_version(version_dir.name)
+                if version is not None and version not in versions:
+                    with self._entry_lock(model_dir.name, version, gone=True):
+                        remove(version_dir, self.root)

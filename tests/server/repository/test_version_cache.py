@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -93,12 +91,14 @@ def test_drop_and_sweep_remove_what_the_store_no_longer_has(tmp_path: Path) -> N
     assert not (tmp_path / "m" / "1").exists()
     assert cache.get("m", 1, MANIFEST_BYTES, fill) and fill.calls == 5  # dropped: filled again when asked
 
-    old, recent = tmp_path / STAGING / "old", tmp_path / TRASH / "recent"
-    for folder in (old, recent):
+    dead, trash = tmp_path / STAGING / "dead", tmp_path / TRASH / "left"
+    for folder in (dead, trash):
         folder.mkdir(parents=True)
-    stale = time.time() - 3600
-    os.utime(old, (stale, stale))
-    cache.sweep({"m": {2, 3}}, older_than_seconds=600)
+    with cache.staging() as live:  # a download in flight (this process or another): its lock is held
+        (live / "part").write_bytes(b"x")
+        cache.sweep({"m": {2, 3}})
+        assert live.exists()
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["2", "3"]
     assert not any((tmp_path / "gone").iterdir())
-    assert not old.exists() and recent.exists()  # a recent folder may belong to a download in flight
+    assert not dead.exists() and not trash.exists()  # no live owner: removed at once, whatever their age
+    assert not any((tmp_path / STAGING).iterdir())
