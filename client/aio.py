@@ -13,14 +13,11 @@ import numpy as np
 from leanserve.client import common
 from leanserve.client import optimize as opt
 from leanserve.client.common import PredictOutput
-from leanserve.v1 import inference_service_pb2_grpc as inf_grpc
 from leanserve.v1 import model_service_pb2 as model_pb
-from leanserve.v1 import model_service_pb2_grpc as model_grpc
 from leanserve.v1 import optimize_service_pb2 as optimize_pb
-from leanserve.v1 import optimize_service_pb2_grpc as optimize_grpc
 
 
-class AsyncClient:
+class AsyncClient(common.Stubs):
     """asyncio client; use ``async with AsyncClient(target) as c:``. Arguments, methods and errors as ``Client``'s
     (``grpc.aio.AioRpcError``, a ``grpc.RpcError``; ``StreamError``; an exception raised while a request stream is
     sent is raised as it is once the call has ended). ``channel``: a ``grpc.aio`` channel to use as is."""
@@ -40,10 +37,7 @@ class AsyncClient:
     ) -> None:
         self.channel = channel or common.Connection(target, token, tls, tls_ca, tls_cert, tls_key,
                                                     max_message_bytes).aio_channel()
-        self.models_stub = model_grpc.ModelServiceStub(self.channel)
-        self.inference_stub = inf_grpc.InferenceServiceStub(self.channel)
-        self._raw = common.raw_predict_methods(self.channel)
-        self.optimize_stub = optimize_grpc.OptimizeServiceStub(self.channel)
+        super().__init__(self.channel)
         self.timeout = timeout
 
     async def close(self) -> None:

@@ -11,16 +11,13 @@ import numpy as np
 from leanserve.client import common
 from leanserve.client import optimize as opt
 from leanserve.client.common import PredictOutput, StreamError
-from leanserve.v1 import inference_service_pb2_grpc as inf_grpc
 from leanserve.v1 import model_service_pb2 as model_pb
-from leanserve.v1 import model_service_pb2_grpc as model_grpc
 from leanserve.v1 import optimize_service_pb2 as optimize_pb
-from leanserve.v1 import optimize_service_pb2_grpc as optimize_grpc
 
 __all__ = ["Client", "PredictOutput", "StreamError"]
 
 
-class Client:
+class Client(common.Stubs):
     """Talks to one leanserve server. Errors surface as ``grpc.RpcError`` with the server's status code (a failed
     request inside a stream as ``StreamError``, a ``grpc.RpcError`` too). An exception raised on this side while a
     request stream is sent (a batch the codec refuses, a ``progress`` callback failing) ends the call and is
@@ -46,10 +43,7 @@ class Client:
     ) -> None:
         self.channel = channel or common.Connection(target, token, tls, tls_ca, tls_cert, tls_key,
                                                     max_message_bytes).channel()
-        self.models_stub = model_grpc.ModelServiceStub(self.channel)
-        self.inference_stub = inf_grpc.InferenceServiceStub(self.channel)
-        self._raw = common.raw_predict_methods(self.channel)
-        self.optimize_stub = optimize_grpc.OptimizeServiceStub(self.channel)
+        super().__init__(self.channel)
         self.timeout = timeout
 
     def close(self) -> None:

@@ -14,7 +14,10 @@ import numpy as np
 
 from leanserve.client import codec, wire
 from leanserve.v1 import inference_service_pb2 as inf_pb
+from leanserve.v1 import inference_service_pb2_grpc as inf_grpc
 from leanserve.v1 import model_service_pb2 as model_pb
+from leanserve.v1 import model_service_pb2_grpc as model_grpc
+from leanserve.v1 import optimize_service_pb2_grpc as optimize_grpc
 from leanserve.v1 import tensor_pb2 as tensor_pb
 
 DEFAULT_SERVER = "127.0.0.1:8500"
@@ -270,6 +273,16 @@ class RawPredict(NamedTuple):
 
     predict: Any
     stream: Any
+
+
+class Stubs:
+    """The stubs of both clients on one grpc or grpc.aio channel, and the raw Predict methods beside them."""
+
+    def __init__(self, channel: Any) -> None:
+        self.models_stub = model_grpc.ModelServiceStub(channel)
+        self.inference_stub = inf_grpc.InferenceServiceStub(channel)
+        self.optimize_stub = optimize_grpc.OptimizeServiceStub(channel)
+        self._raw = raw_predict_methods(channel)
 
 
 def raw_predict_methods(channel: Any) -> RawPredict:

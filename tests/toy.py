@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -44,3 +45,18 @@ def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 30.0) 
     while not predicate():
         assert time.monotonic() < end, f"timed out waiting until {what}"
         time.sleep(0.001)
+
+
+def leanserve_file(folder: Path, seed: int = 0) -> tuple[Path, object]:
+    """A one-layer Plan (6 features → 3, linear, random weights from ``seed``) written in the own format to
+    ``folder/m<seed>.leanserve`` (no TensorFlow needed); the file and the Plan."""
+    from leanserve.server.repository import artifacts
+    from leanserve.server.runtime.plan import LayerSpec, build_plan
+
+    rng = np.random.default_rng(seed)
+    plan = build_plan((6,), [LayerSpec("o", rng.normal(size=(6, 3)).astype(np.float32), np.zeros(3, np.float32),
+                                       "linear")])
+    manifest, blob = artifacts.plan_to_files(plan, "x", "y")
+    path = folder / f"m{seed}.leanserve"
+    artifacts.write_zip(path, manifest, blob)
+    return path, plan

@@ -16,7 +16,7 @@ from leanserve.client.client import StreamError
 from leanserve.server.app import ServerHandle
 from leanserve.server.repository import artifacts
 from leanserve.server.runtime.plan import LayerSpec, build_plan
-from tests.toy import GatedRunner, toy_model
+from tests.toy import GatedRunner
 
 
 def _model(path: Path) -> Path:
@@ -71,14 +71,6 @@ def test_optimize_errors_are_rpc_errors(server: ServerHandle) -> None:
             assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
     asyncio.run(scenario())
-
-
-@pytest.fixture
-def gated(server: ServerHandle) -> GatedRunner:
-    runner = GatedRunner()
-    server.dataplane.serve(toy_model(runner, features=4))
-    yield runner
-    runner.gate.set()
 
 
 def test_a_failed_request_inside_a_stream_is_a_stream_error(server: ServerHandle, gated: GatedRunner) -> None:

@@ -17,7 +17,7 @@ from leanserve.client import AsyncClient, Client
 from leanserve.client.common import ReadyTimeout
 from leanserve.server.app import ServerHandle
 from tests.client.test_aio_client import _model
-from tests.toy import GatedRunner, toy_model
+from tests.toy import GatedRunner
 
 #: parameters whose annotation differs on purpose: the channel is a grpc.aio one
 ASYNC_ANNOTATIONS = {("__init__", "channel")}
@@ -39,14 +39,6 @@ def test_async_client_has_client_methods_with_the_same_parameters() -> None:
     for name in _public(AsyncClient):  # every one of them talks to the server (or closes the channel)
         method = getattr(AsyncClient, name)
         assert inspect.iscoroutinefunction(method) or inspect.isasyncgenfunction(method), name
-
-
-@pytest.fixture
-def gated(server: ServerHandle) -> GatedRunner:
-    runner = GatedRunner()
-    server.dataplane.serve(toy_model(runner, features=4))
-    yield runner
-    runner.gate.set()
 
 
 def test_async_predict_timeout_overrides_the_clients(server: ServerHandle, gated: GatedRunner) -> None:

@@ -12,21 +12,9 @@ import pytest
 from leanserve.client import Client
 from leanserve.v2 import grpc_service_pb2 as pb
 from leanserve.v2 import grpc_service_pb2_grpc as pb_grpc
-from leanserve.server.repository import artifacts
 from leanserve.server.app import ServerHandle, create_server
-from leanserve.server.runtime.plan import LayerSpec, build_plan
 from tests.conftest import make_settings
-from tests.toy import wait_until
-
-
-def _model_file(tmp_path: Path, seed: int) -> tuple[Path, object]:
-    rng = np.random.default_rng(seed)
-    plan = build_plan((6,), [LayerSpec("o", rng.normal(size=(6, 3)).astype(np.float32), np.zeros(3, np.float32),
-                                       "linear")])
-    manifest, blob = artifacts.plan_to_files(plan, "x", "y")
-    path = tmp_path / f"m{seed}.leanserve"
-    artifacts.write_zip(path, manifest, blob)
-    return path, plan
+from tests.toy import leanserve_file, wait_until
 
 
 @pytest.fixture
@@ -42,8 +30,8 @@ def pair(repo_dir: Path) -> Iterator[tuple[Client, Client, ServerHandle]]:
 
 def test_the_other_server_follows_uploads_pins_deletes_and_unloads(pair, tmp_path: Path) -> None:
     a, b, _ = pair
-    path1, plan1 = _model_file(tmp_path, 1)
-    path2, plan2 = _model_file(tmp_path, 2)
+    path1, plan1 = leanserve_file(tmp_path, 1)
+    path2, plan2 = leanserve_file(tmp_path, 2)
     x = np.random.default_rng(0).normal(size=(4, 6)).astype(np.float32)
 
     a.upload(path1, "m")
@@ -71,7 +59,7 @@ def test_the_other_server_follows_uploads_pins_deletes_and_unloads(pair, tmp_pat
 
 def test_unload_and_load_reach_every_process(pair, tmp_path: Path) -> None:
     a, b, handle_b = pair
-    a.upload(_model_file(tmp_path, 3)[0], "u")
+    a.upload(leanserve_file(tmp_path, 3)[0], "u")
     wait_until(lambda: b.models() == {"u": [1]}, "B serves u")
     v2 = pb_grpc.GRPCInferenceServiceStub(a.channel)  # A's Open Inference Protocol endpoint
 
@@ -85,7 +73,7 @@ def test_unload_and_load_reach_every_process(pair, tmp_path: Path) -> None:
 def test_a_restart_keeps_a_model_unloaded(repo_dir: Path, tmp_path: Path) -> None:
     first = create_server(make_settings(repo_dir))
     with Client(f"127.0.0.1:{first.port}", timeout=60) as c:
-        c.upload(_model_file(tmp_path, 4)[0], "kept")
+        c.upload(leanserve_file(tmp_path, 4)[0], "kept")
     first.dataplane.unload_model("kept")
     first.stop(0)
     second = create_server(make_settings(repo_dir))

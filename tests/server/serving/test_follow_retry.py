@@ -9,26 +9,14 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from leanserve.client import Client
 from leanserve.server import dataplane as dataplane_mod
 from leanserve.server.app import create_server
 from leanserve.server.repository import artifacts
-from leanserve.server.runtime.plan import LayerSpec, build_plan
 from tests.conftest import make_settings
-from tests.toy import wait_until
-
-
-def _model_file(tmp_path: Path) -> Path:
-    rng = np.random.default_rng(3)
-    plan = build_plan((6,), [LayerSpec("o", rng.normal(size=(6, 3)).astype(np.float32), np.zeros(3, np.float32),
-                                       "linear")])
-    manifest, blob = artifacts.plan_to_files(plan, "x", "y")
-    path = tmp_path / "m.leanserve"
-    artifacts.write_zip(path, manifest, blob)
-    return path
+from tests.toy import leanserve_file, wait_until
 
 
 def test_a_version_seen_half_written_is_served_once_complete(repo_dir: Path, tmp_path: Path,
@@ -37,7 +25,7 @@ def test_a_version_seen_half_written_is_served_once_complete(repo_dir: Path, tmp
     handle = create_server(make_settings(repo_dir, repository_poll_seconds=0.05))
     try:
         with Client(f"127.0.0.1:{handle.port}", timeout=60) as client:
-            client.upload(_model_file(tmp_path), "m")
+            client.upload(leanserve_file(tmp_path)[0], "m")
             weights = repo_dir / "m" / "1" / artifacts.WEIGHTS
             good = weights.read_bytes()
             copy = tmp_path / "2"  # a version copied in by hand: the poll sees its weights cut short
@@ -57,10 +45,10 @@ def test_one_unreadable_model_does_not_stop_the_others(repo_dir: Path, tmp_path:
     handle = create_server(make_settings(repo_dir, repository_poll_seconds=0.05))
     try:
         with Client(f"127.0.0.1:{handle.port}", timeout=60) as client:
-            client.upload(_model_file(tmp_path), "a")
+            client.upload(leanserve_file(tmp_path)[0], "a")
             pin = repo_dir / "a" / "default_version"
             pin.mkdir()  # a pin that cannot be read as one
-            client.upload(_model_file(tmp_path), "b")
+            client.upload(leanserve_file(tmp_path)[0], "b")
             other = handle.dataplane.repository.root / "b"
             shutil.copytree(other / "1", other / "2")  # a version published by another writer
             wait_until(lambda: client.models().get("b") == [1, 2], "model b is still followed")

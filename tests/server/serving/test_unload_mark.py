@@ -7,23 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 
 from leanserve.client import Client
 from leanserve.server.app import create_server
 from leanserve.server.ingest.publish import publish_file
-from leanserve.server.repository import artifacts
-from leanserve.server.runtime.plan import LayerSpec, build_plan
 from tests.conftest import make_settings
-from tests.toy import wait_until
-
-
-def _model_file(tmp_path: Path) -> Path:
-    plan = build_plan((6,), [LayerSpec("o", np.ones((6, 3), np.float32), np.zeros(3, np.float32), "linear")])
-    manifest, blob = artifacts.plan_to_files(plan, "x", "y")
-    path = tmp_path / "m.leanserve"
-    artifacts.write_zip(path, manifest, blob)
-    return path
+from tests.toy import leanserve_file, wait_until
 
 
 def test_delete_all_and_publish_end_the_unloaded_mark(repo_dir: Path, tmp_path: Path) -> None:
@@ -31,7 +20,7 @@ def test_delete_all_and_publish_end_the_unloaded_mark(repo_dir: Path, tmp_path: 
     handle = create_server(settings)
     try:
         with Client(f"127.0.0.1:{handle.port}", timeout=60) as client:
-            path = _model_file(tmp_path)
+            path = leanserve_file(tmp_path)[0]
             client.upload(path, "m")
             handle.dataplane.unload_model("m")
             assert client.delete("m") == [1]
