@@ -13,7 +13,7 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from leanserve.server.errors import InvalidArgument
 from leanserve.server.repository import artifacts
@@ -22,6 +22,9 @@ from leanserve.server.repository.store import MANIFEST
 from leanserve.server.runtime.plan import Plan
 from leanserve.server.serving.model import ServedModel, TensorSignature
 from leanserve.server.settings import Settings
+
+if TYPE_CHECKING:
+    from leanserve.server.runtime.tf_runtime import TFRuntime
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +72,7 @@ def load_version(name: str, version: int, path: Path, manifest: Manifest | Mappi
     except InvalidArgument as exc:
         raise InvalidArgument(f"{MANIFEST} of {name!r} version {version}: {exc.message}") from None
     if manifest.runtime == "plan":
-        blob = artifacts.read_weights(path, manifest, getattr(settings, "max_repository_bytes", None))
+        blob = artifacts.read_weights(path, manifest, settings.max_repository_bytes)
         plan = artifacts.plan_from_files(manifest, blob)
         return served_from_plan(name, version, manifest, plan, settings)
     if manifest.runtime != "tensorflow" or manifest.source is None or manifest.source.file is None:
@@ -101,14 +104,11 @@ def load_version(name: str, version: int, path: Path, manifest: Manifest | Mappi
     )
 
 
-def _check_tf_signature(name: str, version: int, manifest: Manifest, runtime: object) -> None:
+def _check_tf_signature(name: str, version: int, manifest: Manifest, runtime: "TFRuntime") -> None:
     """InvalidArgument when the manifest's signature is not the TensorFlow model's own (dynamic dims as -1)."""
-    actual = getattr(runtime, "signature", None)
-    if not isinstance(actual, dict):
-        return
     for role, spec in (("input", manifest.input), ("output", manifest.output)):
-        real = actual.get(role) or {}
-        shape = [-1 if d is None else int(d) for d in real.get("shape", [])]
-        if (spec.dtype, spec.shape) != (str(real.get("dtype")), shape):
+        real = runtime.signature[role]
+        shape = [-1 if d is None else int(d) for d in real["shape"]]
+        if (spec.dtype, spec.shape) != (str(real["dtype"]), shape):
             raise InvalidArgument(f"model {name!r} version {version}: the manifest's {role} is {spec.dtype} "
-                                  f"{spec.shape} but the model's is {real.get('dtype')} {shape}")
+                                  f"{spec.shape} but the model's is {real['dtype']} {shape}")
