@@ -141,6 +141,12 @@ def settings_from_args(args: argparse.Namespace):
         raise SettingsError("invalid settings (flags or LEANSERVE_* variables): " + "; ".join(problems)) from None
 
 
+def _stop_on_signals(stop: threading.Event) -> None:
+    """SIGTERM and SIGINT set ``stop``: the server then lets its in-flight calls finish."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from leanserve.server.app import ConfigurationError, create_server
     from leanserve.server.processes import READY, ExtraProcesses, watch_first_process
@@ -155,8 +161,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     apply_process_settings(settings)  # --model files are converted and tuned before create_server
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    if settings.process_index == 0:
+        _stop_on_signals(stop)
+    else:
+        # an extra process that serves nothing yet has nothing to drain: SIGTERM ends it at once instead of after
+        # its models load; SIGINT (a terminal's ^C reaches the whole group) is left to the first, which sends SIGTERM
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     if args.supervisor_fd is not None:
         watch_first_process(args.supervisor_fd, stop)
     if settings.process_index == 0:  # the extra processes get the prepared settings from the first
@@ -189,14 +200,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if settings.processes > 1 and settings.process_index == 0:
         extra = ExtraProcesses(settings, handle.port)
         try:
-            extra.start()
+            extra.start(stop=stop)
         except RuntimeError:
             handle.stop(0)
             raise
+    if settings.process_index != 0:
+        _stop_on_signals(stop)
     if args.ready_fd is not None:
         os.write(args.ready_fd, READY)
         os.close(args.ready_fd)
-    if settings.process_index == 0:
+    if settings.process_index == 0 and not stop.is_set():
         print(f"listening on {listen_address(settings.host, handle.port)}", flush=True)
     stop.wait()
     logging.getLogger("leanserve").info("stopping: %.1f s for in-flight requests", settings.shutdown_grace_seconds)
@@ -264,8 +277,7 @@ def cmd_ray(args: argparse.Namespace) -> int:
              **({"_node_ip_address": args.node_ip_address} if args.node_ip_address else {}))
     # after ray.init, which installs handlers of its own that would end the process without removing the app
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    _stop_on_signals(stop)
     try:
         serve.start(proxy_location=args.proxy_location, http_options={"host": "127.0.0.1", "port": http_port},
                     grpc_options={"port": args.port, "grpc_servicer_functions": SERVICER_FUNCTIONS},

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 READY = b"ready\n"
 _RESTART_BACKOFF_SECONDS = 5.0
+#: how often a wait for the extra processes to start looks at the stop event (SIGTERM must not wait for them)
+_STOP_POLL_SECONDS = 0.2
 
 
 def child_env(settings: Settings, port: int, index: int) -> dict[str, str]:
@@ -69,25 +71,37 @@ class ExtraProcesses:
         os.close(ready_write)
         return _Child(index, proc, ready_read, time.monotonic())
 
-    def start(self, timeout: float = 600.0) -> None:
-        """Start the extra processes and wait until each serves; RuntimeError (all stopped) if one cannot."""
+    def start(self, timeout: float = 600.0, stop: threading.Event | None = None) -> bool:
+        """Start the extra processes and wait until each serves; RuntimeError (all stopped) if one cannot.
+
+        False, at once, when ``stop`` is set meanwhile (SIGTERM while they start): the caller stops them.
+        """
         for index in range(1, self.settings.processes):
             self._children[index] = self._spawn(index)
         deadline = time.monotonic() + timeout
         try:
             for child in self._children.values():
-                self._wait_ready(child, deadline)
+                if not self._wait_ready(child, deadline, stop):
+                    return False
         except RuntimeError:
             self.stop(0)
             raise
         self._watch = threading.Thread(target=self._watch_children, name="process-watch", daemon=True)
         self._watch.start()
         log.info("%d extra server process(es) serving on port %d", len(self._children), self.port)
+        return True
 
     @staticmethod
-    def _wait_ready(child: _Child, deadline: float) -> None:
-        remaining = max(0.0, deadline - time.monotonic())
-        readable, _, _ = select.select([child.ready_fd], [], [], remaining)
+    def _wait_ready(child: _Child, deadline: float, stop: threading.Event | None) -> bool:
+        """True once ``child`` reports ready, False if ``stop`` is set first; RuntimeError if it cannot start."""
+        readable: list[int] = []
+        while not readable:
+            if stop is not None and stop.is_set():
+                return False
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            readable, _, _ = select.select([child.ready_fd], [], [], min(remaining, _STOP_POLL_SECONDS))
         line = os.read(child.ready_fd, len(READY)) if readable else b""
         os.close(child.ready_fd)
         child.ready_fd = -1
@@ -95,6 +109,7 @@ class ExtraProcesses:
             code = child.proc.poll()
             why = f"exited with code {code}" if code is not None else "did not get ready in time"
             raise RuntimeError(f"server process {child.index} {why}")
+        return True
 
     def _watch_children(self) -> None:
         """Start again a process that died (not faster than once per backoff period)."""

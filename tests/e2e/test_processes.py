@@ -162,6 +162,33 @@ def test_an_extra_process_that_cannot_start_stops_the_server(tmp_path: Path) -> 
     assert "server process 1" in proc.stderr, proc.stderr[-2000:]
 
 
+def test_sigterm_while_an_extra_process_starts_stops_the_server_at_once(tmp_path: Path) -> None:
+    # the extra process takes 600 s to start (its sitecustomize sleeps): SIGTERM to the first must not wait for it
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os, time\nif os.environ.get('LEANSERVE_PROCESS_INDEX', '0') != '0':\n    time.sleep(600)\n")
+    env = server_env(PYTHONPATH=os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])),
+                     LEANSERVE_METRICS="false")
+    proc = subprocess.Popen([*LEANSERVE, "serve", "--host", "127.0.0.1", "--port", "0", "--processes", "2",
+                             "--repository", str(tmp_path / "repo")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, stdin=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: children(proc.pid), "the extra process is started", timeout=120)
+        [extra] = children(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err[-2000:]
+        assert "listening on" not in out
+        wait_until(lambda: not alive(extra), "the extra process is gone", timeout=30)
+    finally:
+        for pid in children(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 @pytest.mark.parametrize("value", ["0", "65", "two"])
 def test_a_bad_processes_value_is_refused(tmp_path: Path, value: str) -> None:
     proc = subprocess.run([*LEANSERVE, "serve", "--port", "0", "--processes", value, "--repository",
