@@ -6,6 +6,11 @@ hits it with the same closed-loop tritonclient.grpc load (batch-1 requests, seve
 * ``floor``      — the physical floor: a bare grpcio V2 server answering a canned response (floor_server.py),
   measured with 1, 2 and 4 worker threads and as a ``grpc.aio`` server; the series is the best per point (named
   in its label);
+* ``floor-model`` — the floor of serving this model: the same bare server, but ModelInfer reads the tensor, runs the
+  seed MLP through leanserve's own fused fp32 kernel and answers its rows (``floor_server.py --model``; no
+  validation, batching, statistics or error handling), in the same setups; ``floor-model / floor`` is the most any
+  Python server computing the model in its request path could reach, ``leanserve / floor-model`` what leanserve's
+  serving layers cost;
 * ``mlserver``   — MLServer 1.7.1 in its own virtualenv (made on first use under ~/.cache/leanserve-bench), a custom
   numpy MLModel computing the MLP from the same weights (.npz). Measured in each setup its users would try
   (``parallel_workers`` 0 and 1 × adaptive batching on and off); the ``mlserver`` series is the best setup per
@@ -63,7 +68,7 @@ MLSERVER_VENV = CACHE / "mlserver-venv"
 # uvloop 0.22+ raises in asyncio.get_event_loop() without a running loop, which kills MLServer 1.7.1's inference
 # worker processes at start (mlserver/parallel/worker.py _ignore_signals): pin the last release that works
 MLSERVER_PINS = ["mlserver==1.7.1", "uvloop==0.21.0"]
-SYSTEMS = ("floor", "leanserve", "leanserve-2p", "mlserver", "seed-keras")
+SYSTEMS = ("floor", "floor-model", "leanserve", "leanserve-2p", "mlserver", "seed-keras")
 #: MLServer setups measured: (parallel_workers, adaptive batching max_batch_size; <= 1 = off)
 MLSERVER_SETUPS = ((0, 1), (0, 64), (1, 1), (1, 64))
 MLSERVER_DEFAULT = (1, 1)
@@ -183,11 +188,13 @@ def start_system(name: str, tmp: Path, h5: Path, npz: Path, args: argparse.Names
         common.upload_seed(server.target, h5)
         wait_all_processes(server.target)
         return server, {"settings": f"defaults except {env or 'nothing'}; V2 endpoint"}
-    if name.startswith("floor:"):
-        setup = name.split(":")[1]
+    if name.startswith(("floor:", "floor-model:")):
+        kind, setup = name.split(":")
         argv = [str(common.VENV_BIN / "python"), str(common.ROOT / "bench" / "floor_server.py"),
-                *(["--aio"] if setup == "aio" else ["--workers", setup])]
-        return common.ServerProcess(name, argv).start(), {"settings": f"bare grpcio, {setup_label(name)}"}
+                *(["--aio"] if setup == "aio" else ["--workers", setup]),
+                *(["--model", str(npz)] if kind == "floor-model" else [])]
+        what = "bare grpcio" if kind == "floor" else "bare grpcio computing the model with leanserve's kernel"
+        return common.ServerProcess(name, argv).start(), {"settings": f"{what}, {setup_label(name)}"}
     if name.startswith("mlserver:"):
         workers, batch = (int(v) for v in name.split(":")[1:])
         return start_mlserver(tmp / name.replace(":", "-"), npz, args, workers, batch)
@@ -200,7 +207,7 @@ def start_system(name: str, tmp: Path, h5: Path, npz: Path, args: argparse.Names
 def setup_label(system: str) -> str:
     """What a measured setup ("mlserver:W:B", "floor:T", "floor:aio") was, in words."""
     kind, *values = system.split(":")
-    if kind == "floor":
+    if kind in ("floor", "floor-model"):
         return "grpc.aio server" if values[0] == "aio" else f"{values[0]} worker thread(s)"
     workers, batch = (int(v) for v in values)
     return f"parallel_workers={workers}, adaptive batching {'max_batch_size=' + str(batch) if batch > 1 else 'off'}"
@@ -281,6 +288,13 @@ def ratios(points: list[common.Point]) -> dict[str, Any]:
     return out
 
 
+def model_floor_share(points: list[common.Point]) -> dict[str, Any]:
+    """Per point, floor-model / floor: what computing the model in the request path leaves of the canned floor."""
+    floor = {point_key(p): p for p in points if p.system == "floor"}
+    return {point_key(p): common.ratio(p, floor[point_key(p)])
+            for p in points if p.system == "floor-model" and point_key(p) in floor}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Measure every system in turn, print the table, write JSON and the plot."""
     from rich.console import Console
@@ -298,8 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         x = np.random.default_rng(7).random((1, common.IN_FEATURES), dtype=np.float32)
         runs = []
         for name in args.systems:
-            if name == "floor":
-                runs += [f"floor:{w}" for w in args.floor_setups]
+            if name in ("floor", "floor-model"):
+                runs += [f"{name}:{w}" for w in args.floor_setups]
             elif name == "mlserver":
                 runs += [f"mlserver:{s}" for s in args.mlserver_setups]
             else:
@@ -313,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
                 ok, value = loadgen.v2_probe(server.target, common.MODEL_NAME, "input", x, timeout=120)
                 if not ok:
                     raise RuntimeError(f"{name} failed its first request: {value}\n{server.log_tail()}")
-                if not name.startswith("floor"):  # the floor computes nothing: its answer is zeros by design
+                if not name.startswith("floor:"):  # the floor computes nothing: its answer is zeros by design
                     config["max_abs_error_vs_numpy"] = float(np.abs(np.asarray(value) - oracle(x)).max())
                 report["systems"][name] = config
                 for conc in args.concurrency:
@@ -355,6 +369,12 @@ def main(argv: list[str] | None = None) -> int:
             spread = ", ".join(f"×{e['throughput_ratio']:.2f}" for e in each if e)
             console.print(f"{pair} at {key_text(conc)}: {common.ratio_text(r)}"
                           + (f" (throughput per round: {spread})" if spread else ""))
+    model_share = model_floor_share(points)
+    if model_share:
+        report["floor_model_over_floor"] = model_share
+        for key, r in model_share.items():
+            console.print(f"floor-model / floor at {key_text(key)} (the most a server computing the model in its "
+                          f"request path reaches): {common.ratio_text(r)}")
     for pair, goal in report.get("goals_at_32", {}).items():
         cpu = goal.get("server_cpu_ratio", float("nan"))
         console.print(f"goal at 32 clients for {pair} (throughput ≥ ×{goal['throughput_goal']}"

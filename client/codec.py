@@ -94,11 +94,12 @@ def fill(t: tensor_pb.Tensor, a: np.ndarray, name: str = "") -> tensor_pb.Tensor
     return t
 
 
-def view(shape: tuple[int, ...], dtype: np.dtype, data: Any) -> np.ndarray:
-    """``data`` (bytes, or a view of them) as a read-only array, as frombuffer + reshape but cheaper; copied when the
-    bytes are not aligned for ``dtype`` (a view split off a received message), so kernels see aligned arrays only
-    (Numba would compile an unaligned variant, numpy's BLAS path would be skipped). Count checked by the caller."""
-    a = np.ndarray(shape, dtype, data)
+def view(shape: tuple[int, ...], dtype: np.dtype, data: Any, offset: int = 0) -> np.ndarray:
+    """``data`` (bytes, or a view of them) from ``offset`` on as a read-only array, as frombuffer + reshape but
+    cheaper; copied when the bytes are not aligned for ``dtype`` (a view split off a received message), so kernels
+    see aligned arrays only (Numba would compile an unaligned variant, numpy's BLAS path would be skipped). Count
+    checked by the caller."""
+    a = np.ndarray(shape, dtype, data, offset)
     return a if a.flags.aligned else a.copy()
 
 

@@ -95,6 +95,11 @@ def _key(number: int, kind: int) -> bytes:
     return _encode_varint(number << 3 | kind)
 
 
+def bytes_record_head(field: int, size: int) -> bytes:
+    """What precedes ``size`` bytes of the length-delimited field ``field`` in a serialized message: key, length."""
+    return _key(field, _LEN) + _encode_varint(size)
+
+
 def split(data: bytes, parse: Any, field: int, inner: int | None = None) -> Unpacked:
     """``data`` parsed by ``parse`` (a message class's ``FromString``) with its tensor bytes taken out as views.
 

@@ -22,6 +22,7 @@ from leanserve.server.grpc.inference_servicer import InferenceServicer
 from leanserve.server.grpc.auth import AuthInterceptor, TokenFile
 from leanserve.server.grpc.interceptors import ErrorInterceptor
 from leanserve.server.grpc.reflection import add_reflection
+from leanserve.server.grpc.infer_memo import with_infer_memo
 from leanserve.server.grpc.request_decoders import REQUEST_DECODERS
 from leanserve.server.grpc.send_watchdog import SendWatchdog
 from leanserve.server.grpc.tls import ServerCertificates
@@ -162,7 +163,8 @@ def create_server(settings: Settings) -> ServerHandle:
         rpc_pool,
         # auth first: a refused call costs no more than the refusal; no token file = no auth interceptor at all
         interceptors=[*([AuthInterceptor(tokens, settings.client_error_log_per_second)] if tokens else []),
-                      ErrorInterceptor(settings.client_error_log_per_second, stream_pool, REQUEST_DECODERS,
+                      ErrorInterceptor(settings.client_error_log_per_second, stream_pool,
+                                       with_infer_memo(REQUEST_DECODERS, settings.max_message_bytes),
                                        watchdog)],
         # gRPC sets SO_REUSEPORT by default: a second, unrelated server on the same port would bind it too and
         # take half the connections; only the processes of one ``--processes`` server share a port

@@ -64,6 +64,17 @@ class RateLimitedLog:
         self._log.log(self._level, fmt, *args)
 
 
+def _serialized(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
+    """``serialize``, except that a response already serialized (bytes) is sent as it is."""
+    if serialize is None:
+        return None
+
+    def serializer(response: Any) -> bytes:
+        return response if type(response) is bytes else serialize(response)
+
+    return serializer
+
+
 def _checked_stream(requests: Iterator[Any]) -> Iterator[Any]:
     """A request stream whose undecodable message raises InvalidArgument where the servicer reads it."""
     for request in requests:
@@ -138,7 +149,9 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         # its requests checked before the servicer sees them
         checked = False
         if method in self._decoders:
-            handler = handler._replace(request_deserializer=self._decoders[method])
+            # a handler of such a method may answer bytes it serialized itself (v2_converters.infer_response_bytes)
+            handler = handler._replace(request_deserializer=self._decoders[method],
+                                       response_serializer=_serialized(handler.response_serializer))
         elif handler.request_deserializer is not None:
             handler = handler._replace(request_deserializer=refusing(handler.request_deserializer))
             checked = True

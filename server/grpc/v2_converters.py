@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from leanserve.client import codec
+from leanserve.client.wire import bytes_record_head
 from leanserve.v2 import grpc_service_pb2 as pb
 from leanserve.server.errors import InvalidArgument
 from leanserve.server.serving.model import PredictResult, ServedModel, TensorSignature
@@ -251,6 +252,38 @@ def _requested_outputs(outputs: Any) -> tuple[str, ...]:
 def infer_response(result: PredictResult, call: InferCall) -> pb.ModelInferResponse:
     """Requested outputs (all when none requested) as raw little-endian bytes."""
     return fill_infer_response(pb.ModelInferResponse(), result, call)
+
+
+#: (model, version, id, output name, dtype number and size, shape) -> a one-output response serialized up to its
+#: tensor's bytes
+_HEADS: dict[tuple[Any, ...], bytes] = {}
+_HEADS_MAX = 4096
+_RAW_OUTPUT_FIELD = pb.ModelInferResponse.DESCRIPTOR.fields_by_name["raw_output_contents"].number
+
+
+def infer_response_bytes(result: PredictResult, call: InferCall) -> bytes:
+    """``infer_response(result, call)`` serialized. A response of one output is its header, serialized once per
+    (model, version, id, output, dtype, shape), followed by the tensor's record: protobuf reads a concatenation of
+    serialized messages as one message with the fields of both, so the bytes are the same message."""
+    outputs = result.outputs
+    if len(outputs) != 1 or (call.outputs and call.outputs != tuple(outputs)):
+        return infer_response(result, call).SerializeToString()
+    [(name, a)] = outputs.items()
+    if not a.dtype.isnative or not a.flags.c_contiguous:
+        return infer_response(result, call).SerializeToString()
+    key = (result.model_name, result.model_version, call.id, name, a.dtype.num, a.itemsize, a.shape)
+    head = _HEADS.get(key)
+    if head is not None:
+        return head + a.data
+    data = infer_response(result, call).SerializeToString()
+    raw = a.tobytes()
+    at = len(data) - len(raw)
+    record = bytes_record_head(_RAW_OUTPUT_FIELD, len(raw))
+    if data[at - len(record):at] == record and data[at:] == raw:  # the tensor is the last field, as upb writes it
+        if len(_HEADS) >= _HEADS_MAX:
+            _HEADS.clear()
+        _HEADS[key] = data[:at]
+    return data
 
 
 def fill_infer_response(resp: pb.ModelInferResponse, result: PredictResult, call: InferCall) -> pb.ModelInferResponse:

@@ -63,8 +63,11 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     def _submit(
         self, request: pb.ModelInferRequest, ctx: RequestContext, context: grpc.ServicerContext | None = None
     ) -> tuple[conv.InferCall, PendingPredict]:
-        request, raws = unpack(request)
-        call = conv.infer_request(request, self.dp.settings.max_message_bytes, raws)
+        if type(request) is conv.InferCall:  # decoded by infer_memo's deserializer (unary ModelInfer)
+            call = request
+        else:
+            request, raws = unpack(request)
+            call = conv.infer_request(request, self.dp.settings.max_message_bytes, raws)
         if call.timeout_us:
             ctx = ctx.within(call.timeout_us / 1e6)
         pending = self.dp.submit(call.model_name, call.version, call.inputs, call.postprocess, call.top_k, ctx)
@@ -74,8 +77,10 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
                 pending.cancel()
         return call, pending
 
-    def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.ServicerContext) -> pb.ModelInferResponse:
+    def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.ServicerContext) -> pb.ModelInferResponse | bytes:
         call, pending = self._submit(request, request_context(context), context)
+        if type(request) is conv.InferCall:  # came through grpc's deserializer: grpc's serializer takes bytes too
+            return conv.infer_response_bytes(pending.result(), call)
         return conv.infer_response(pending.result(), call)
 
     def ModelStreamInfer(

@@ -228,3 +228,26 @@ def test_tritonclients_unload_parameter_is_accepted(server: ServerHandle, client
     stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(
         model_name="toy", parameters={"unload_dependents": pb.ModelRepositoryParameter(bool_param=False)}))
     assert not stub.ModelReady(pb.ModelReadyRequest(name="toy")).ready
+
+
+def test_repeated_requests_with_one_header_get_their_own_answers(stub, client: Client) -> None:
+    """Unary requests that differ only in their tensor bytes decode from one remembered header (infer_memo) and are
+    answered from one cached response header: each still gets the answer to its own tensor, and a request whose
+    header bytes differ (another id, another shape, the tensor not last) is decoded for itself."""
+    rng = np.random.default_rng(3)
+    for i in range(40):
+        x = rng.random((1 + i % 3, 4), dtype=np.float32)
+        req = pb.ModelInferRequest(model_name="toy", id=("a", "b")[i % 2],
+                                   inputs=[Tensor(name="x", datatype="FP32", shape=list(x.shape))],
+                                   raw_input_contents=[x.tobytes()])
+        resp = stub.ModelInfer(req)
+        assert resp.id == ("a", "b")[i % 2] and list(resp.outputs[0].shape) == list(x.shape)
+        np.testing.assert_array_equal(_out(resp), x * 2)
+    send = client.channel.unary_unary("/inference.GRPCInferenceService/ModelInfer", request_serializer=None,
+                                      response_deserializer=pb.ModelInferResponse.FromString)
+    for _ in range(3):
+        x = rng.random((1, 4), dtype=np.float32)
+        out_of_order = (pb.ModelInferRequest(raw_input_contents=[x.tobytes()]).SerializeToString()
+                        + pb.ModelInferRequest(model_name="toy", inputs=[Tensor(name="x", datatype="FP32",
+                                                                                shape=[1, 4])]).SerializeToString())
+        np.testing.assert_array_equal(_out(send(out_of_order, timeout=30)), x * 2)
