@@ -145,15 +145,20 @@ def test_a_killed_extra_process_is_started_again(two_processes: ServerProcess) -
     assert server.proc.poll() is None
 
 
-def test_an_extra_process_that_cannot_start_stops_the_server(tmp_path: Path) -> None:
-    # Python runs ``sitecustomize`` at start-up in every process whose path holds it; the extra process (and only
-    # it: the first has no LEANSERVE_PROCESS_INDEX) exits there, like a process that crashes while starting.
+def _extra_processes_run(tmp_path: Path, statement: str) -> dict[str, str]:
+    """The server's environment, in which the extra processes (and only they: the first has no
+    LEANSERVE_PROCESS_INDEX) run ``statement`` at start-up: Python runs ``sitecustomize`` in every process whose
+    path holds it."""
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(
-        "import os, sys\nif os.environ.get('LEANSERVE_PROCESS_INDEX', '0') != '0':\n    sys.exit(7)\n")
-    env = server_env(PYTHONPATH=os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])),
-                     LEANSERVE_METRICS="false")
+        f"import os, sys, time\nif os.environ.get('LEANSERVE_PROCESS_INDEX', '0') != '0':\n    {statement}\n")
+    return server_env(PYTHONPATH=os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])),
+                      LEANSERVE_METRICS="false")
+
+
+def test_an_extra_process_that_cannot_start_stops_the_server(tmp_path: Path) -> None:
+    env = _extra_processes_run(tmp_path, "sys.exit(7)")  # like a process that crashes while starting
     proc = subprocess.run([*LEANSERVE, "serve", "--port", "0", "--processes", "2", "--repository",
                            str(tmp_path / "repo")], capture_output=True, text=True, env=env, timeout=300,
                           stdin=subprocess.DEVNULL)
@@ -163,13 +168,8 @@ def test_an_extra_process_that_cannot_start_stops_the_server(tmp_path: Path) -> 
 
 
 def test_sigterm_while_an_extra_process_starts_stops_the_server_at_once(tmp_path: Path) -> None:
-    # the extra process takes 600 s to start (its sitecustomize sleeps): SIGTERM to the first must not wait for it
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(
-        "import os, time\nif os.environ.get('LEANSERVE_PROCESS_INDEX', '0') != '0':\n    time.sleep(600)\n")
-    env = server_env(PYTHONPATH=os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])),
-                     LEANSERVE_METRICS="false")
+    # the extra process takes 600 s to start: SIGTERM to the first must not wait for it
+    env = _extra_processes_run(tmp_path, "time.sleep(600)")
     proc = subprocess.Popen([*LEANSERVE, "serve", "--host", "127.0.0.1", "--port", "0", "--processes", "2",
                              "--repository", str(tmp_path / "repo")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env, stdin=subprocess.DEVNULL)
