@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,10 +114,24 @@ class CapturedRequests:
             raise error
 
 
-def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+#: calls that change nothing on the server, which gRPC itself sends again when the answer is UNAVAILABLE: what a
+#: call gets when its connection is reset, e.g. by a server process that is being restarted (``--processes``).
+#: Calls that change something (upload, delete, optimize, set default) and streams are never sent twice.
+RETRIED_METHODS = (("leanserve.v1.InferenceService", "Predict"), ("leanserve.v1.ModelService", "ListModels"),
+                   ("leanserve.v1.ModelService", "GetModel"))
+RETRY_POLICY = {"maxAttempts": 3, "initialBackoff": "0.05s", "maxBackoff": "0.5s", "backoffMultiplier": 4,
+                "retryableStatusCodes": ["UNAVAILABLE"]}
+SERVICE_CONFIG = json.dumps({"methodConfig": [{"name": [{"service": s, "method": m} for s, m in RETRIED_METHODS],
+                                               "retryPolicy": RETRY_POLICY}]})
+
+
+def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int | str]]:
+    """Both clients' channel options: message sizes, and the retry policy of ``RETRIED_METHODS``."""
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", SERVICE_CONFIG),
     ]
 
 
