@@ -10,9 +10,9 @@ tensor is the same call with other tensor bytes: ``InferMemo`` hands back that c
 without parsing or checking again. What is remembered is exactly what those bytes mean (nothing about the model, the
 registry or the caller), so every check that depends on anything else still runs for every request.
 
-Only requests parsed whole (under ``wire.SPLIT_MIN_BYTES``) with one input sent as one raw tensor are remembered, at
-most ``max_entries`` headers (all forgotten when full: a client that sends a new id with every request costs one
-extra dictionary lookup per request, and no memory).
+Only requests parsed whole (under ``wire.SPLIT_MIN_BYTES``) with one input sent as one raw tensor and a header of
+at most ``max_header_bytes`` are remembered, at most ``max_entries`` headers (all forgotten when full: a client that
+sends a new id with every request costs one extra dictionary lookup per request, and at most 1 MiB by default).
 """
 
 from __future__ import annotations
@@ -45,9 +45,10 @@ class _Header(NamedTuple):
 class InferMemo:
     """Decoded headers of unary ModelInfer requests, by request length. Thread-safe."""
 
-    def __init__(self, max_bytes: int, max_entries: int = 256) -> None:
+    def __init__(self, max_bytes: int, max_entries: int = 256, max_header_bytes: int = 4096) -> None:
         self._max_bytes = max_bytes
         self._max_entries = max_entries
+        self._max_header_bytes = max_header_bytes
         self._by_length: dict[int, list[_Header]] = {}
         self._entries = 0
         self._lock = threading.Lock()
@@ -72,6 +73,8 @@ class InferMemo:
         raw = message.raw_input_contents[0]
         record = bytes_record_head(_RAW_FIELD, len(raw))
         at = len(data) - len(raw)
+        if at > self._max_header_bytes:  # a long id or name: not worth keeping
+            return
         head = data[:at - len(record)]
         if data[at - len(record):at] != record or data[at:] != raw:  # the tensor is not the last field
             return

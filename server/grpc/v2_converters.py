@@ -257,7 +257,9 @@ def infer_response(result: PredictResult, call: InferCall) -> pb.ModelInferRespo
 #: (model, version, id, output name, dtype number and size, shape) -> a one-output response serialized up to its
 #: tensor's bytes
 _HEADS: dict[tuple[Any, ...], bytes] = {}
-_HEADS_MAX = 4096
+_HEADS_MAX = 1024
+#: longer headers (a long id, say) are not kept: the cache holds at most _HEADS_MAX * _HEAD_MAX_BYTES
+_HEAD_MAX_BYTES = 4096
 _RAW_OUTPUT_FIELD = pb.ModelInferResponse.DESCRIPTOR.fields_by_name["raw_output_contents"].number
 
 
@@ -279,7 +281,8 @@ def infer_response_bytes(result: PredictResult, call: InferCall) -> bytes:
     raw = a.tobytes()
     at = len(data) - len(raw)
     record = bytes_record_head(_RAW_OUTPUT_FIELD, len(raw))
-    if data[at - len(record):at] == record and data[at:] == raw:  # the tensor is the last field, as upb writes it
+    # kept when the tensor is the last field (as upb writes it) and the header is short
+    if at <= _HEAD_MAX_BYTES and data[at - len(record):at] == record and data[at:] == raw:
         if len(_HEADS) >= _HEADS_MAX:
             _HEADS.clear()
         _HEADS[key] = data[:at]

@@ -200,3 +200,17 @@ def test_response_bytes_refuse_an_output_the_model_does_not_have() -> None:
         conv.infer_response_bytes(_result({"output": a}), _call(outputs=("output", "other")))
     with pytest.raises(InvalidArgument, match="no output 'other'"):
         conv.infer_response_bytes(_result({"output": a}), _call(outputs=("other",)))
+
+
+def test_long_headers_are_not_kept() -> None:
+    memo = InferMemo(MAX, max_header_bytes=4096)
+    decode = memo_decoder(memo)
+    x = np.zeros((1, 4), np.float32)
+    data = request(x, id="i" * 5000).SerializeToString()
+    same(decode(data), scratch(data))
+    assert len(memo) == 0
+    conv._HEADS.clear()
+    result, call = _result({"output": x}), _call(id_="i" * 5000)
+    assert pb.ModelInferResponse.FromString(conv.infer_response_bytes(result, call)) == conv.infer_response(result,
+                                                                                                         call)
+    assert not conv._HEADS
