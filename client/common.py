@@ -121,6 +121,9 @@ RETRIED_METHODS = (("leanserve.v1.InferenceService", "Predict"), ("leanserve.v1.
                    ("leanserve.v1.ModelService", "GetModel"))
 RETRY_POLICY = {"maxAttempts": 3, "initialBackoff": "0.05s", "maxBackoff": "0.5s", "backoffMultiplier": 4,
                 "retryableStatusCodes": ["UNAVAILABLE"]}
+#: a call is retried only while its whole request is kept for resending (gRPC keeps 256 KiB by default): requests
+#: up to this size are
+RETRY_BUFFER_BYTES = 64 * 1024 * 1024
 SERVICE_CONFIG = json.dumps({"methodConfig": [{"name": [{"service": s, "method": m} for s, m in RETRIED_METHODS],
                                                "retryPolicy": RETRY_POLICY}]})
 
@@ -132,6 +135,7 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.enable_retries", 1),
         ("grpc.service_config", SERVICE_CONFIG),
+        ("grpc.per_rpc_retry_buffer_size", min(RETRY_BUFFER_BYTES, max_message_bytes)),
     ]
 
 

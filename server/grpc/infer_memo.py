@@ -12,7 +12,8 @@ registry or the caller), so every check that depends on anything else still runs
 
 Only requests parsed whole (under ``wire.SPLIT_MIN_BYTES``) with one input sent as one raw tensor and a header of
 at most ``max_header_bytes`` are remembered, at most ``max_entries`` headers (all forgotten when full: a client that
-sends a new id with every request costs one extra dictionary lookup per request, and at most 1 MiB by default).
+sends a new id with every request costs the others their hits, and this process a few MiB at most: the headers and
+their decoded calls).
 """
 
 from __future__ import annotations
@@ -89,8 +90,10 @@ class InferMemo:
             if self._entries >= self._max_entries:
                 self._by_length.clear()
                 self._entries = 0
-            self._by_length.setdefault(len(data), []).append(header)
-            self._entries += 1
+            same_length = self._by_length.setdefault(len(data), [])
+            if all(h.prefix != header.prefix for h in same_length):  # two threads may have decoded it at once
+                same_length.append(header)
+                self._entries += 1
 
 
 def memo_decoder(memo: InferMemo) -> Callable[[bytes], Any]:

@@ -258,7 +258,7 @@ def infer_response(result: PredictResult, call: InferCall) -> pb.ModelInferRespo
 #: tensor's bytes
 _HEADS: dict[tuple[Any, ...], bytes] = {}
 _HEADS_MAX = 1024
-#: longer headers (a long id, say) are not kept: the cache holds at most _HEADS_MAX * _HEAD_MAX_BYTES
+#: longer headers (a long id, say) are not kept: the cache holds a few MiB at most (its keys hold the id too)
 _HEAD_MAX_BYTES = 4096
 _RAW_OUTPUT_FIELD = pb.ModelInferResponse.DESCRIPTOR.fields_by_name["raw_output_contents"].number
 

@@ -54,7 +54,8 @@ def flaky() -> Iterator[tuple[Flaky, str]]:
         def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
             return state.handler(details.method)
 
-    server = grpc.server(futures.ThreadPoolExecutor(4), handlers=[Handlers()])
+    server = grpc.server(futures.ThreadPoolExecutor(4), handlers=[Handlers()],
+                         options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
@@ -69,6 +70,14 @@ def test_reads_are_retried_on_unavailable(flaky: tuple[Flaky, str]) -> None:
         assert c.models() == {}
         assert c.predict("m", np.zeros((1, 1), np.float32)).output.shape == (1, 1)
     assert state.calls["/leanserve.v1.ModelService/ListModels"] == 3  # two UNAVAILABLE, then the answer
+    assert state.calls["/leanserve.v1.InferenceService/Predict"] == 3
+
+
+def test_large_requests_are_retried_too(flaky: tuple[Flaky, str]) -> None:
+    # gRPC keeps only 256 KiB of a request for resending unless told otherwise: 8 MB here
+    state, target = flaky
+    with Client(target, timeout=30) as c:
+        assert c.predict("m", np.zeros((1, 2_000_000), np.float32)).output.shape == (1, 1)
     assert state.calls["/leanserve.v1.InferenceService/Predict"] == 3
 
 
