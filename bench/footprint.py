@@ -8,15 +8,24 @@ a sum over an array twice the simulated last-level cache (every line evicted); t
 is subtracted.
 
 Stages: ``floor`` is what the bare grpcio floor (floor_server.py) does per request (parse the request, serialize a
-canned answer); ``request`` is leanserve's whole handler (our request decoder, ``V2Servicer.ModelInfer``, serializing
-the answer); then its parts: ``decode`` (the V2 request into arrays), ``dataplane`` (model lookup, validation,
-batcher, the kernel, statistics, post-processing), ``kernel`` (the Plan alone) and ``response``. The model is the
-seed MLP's shape (1000→128→64→10, fp32, random weights), served by the same classes as a loaded model.
+canned answer); ``request`` is leanserve's whole handler as the server runs it (the unary ModelInfer deserializer
+with its header memo, ``V2Servicer.ModelInfer``, the answer's bytes); then its parts: ``decode`` (a request whose
+header the memo knows), ``decode_first`` (a request decoded and checked from scratch, as the first of its header),
+``dataplane`` (model lookup, validation, batcher, the kernel, statistics, post-processing), ``kernel`` (the Plan
+alone), ``response`` (the answer from its cached header) and ``response_first`` (built and serialized as a message).
+The model is the seed MLP's shape (1000→128→64→10, fp32, random weights), served by the same classes as a loaded
+model.
+
+``--timed`` measures the same stages on the real CPU instead, in thread CPU time per call: hot (back to back) and
+cold (each call after ``--sweep-mb`` MiB were read through the caches, as the clients and other threads sharing the
+cores do between two requests of a served model). Seconds, not minutes; noisier than the counts.
 
     python bench/footprint.py [--calls 20] [--ll-mb 32]
+    python bench/footprint.py --timed [--calls 2000] [--sweep-mb 8]
 
-Needs valgrind (``apt-get install valgrind``); takes 5-10 minutes (the interpreter, and Numba compiling for
-valgrind's CPU, run under it). Prints the table and writes bench/results/footprint.json.
+Needs valgrind (``apt-get install valgrind``, not for ``--timed``); takes 5-10 minutes (the interpreter, and Numba
+compiling for valgrind's CPU, run under it). Prints the table and writes bench/results/footprint.json
+(footprint_timed.json with ``--timed``).
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 #: in the order the inner run measures them; "none" is the eviction loop alone
-STAGES = ("none", "floor", "request", "decode", "dataplane", "kernel", "response")
+STAGES = ("none", "floor", "request", "decode", "decode_first", "dataplane", "kernel", "response", "response_first")
 EVENTS = ("Ir", "I1mr", "D1mr", "D1mw", "ILmr", "DLmr", "DLmw")
 #: a libpython function the inner run calls between stages; callgrind dumps its counters before each call
 MARKER = "os_getppid"
@@ -49,6 +58,7 @@ def stage_calls() -> dict[str, Callable[[], Any]]:
     from leanserve.server.dataplane import DataPlane
     from leanserve.server.grpc import v2_converters as conv
     from leanserve.server.grpc.calls import StreamSlots, request_context
+    from leanserve.server.grpc.infer_memo import MODEL_INFER, with_infer_memo
     from leanserve.server.grpc.request_decoders import REQUEST_DECODERS
     from leanserve.server.grpc.v2_servicer import V2Servicer
     from leanserve.server.repository.store import Repository
@@ -89,21 +99,56 @@ def stage_calls() -> dict[str, Callable[[], Any]]:
     request.inputs.add(name="input", datatype="FP32", shape=x.shape)
     request.raw_input_contents.append(x.tobytes())
     data = request.SerializeToString()
-    decoder = REQUEST_DECODERS["/inference.GRPCInferenceService/ModelInfer"]
+    decoder = with_infer_memo(REQUEST_DECODERS, settings.max_message_bytes)[MODEL_INFER]
+    decoder(data)  # the first request of its header: the memo keeps it
     call = conv.infer_request(request, settings.max_message_bytes)
     ctx = request_context(context)  # type: ignore[arg-type]
     result = dp.submit("seed", None, call.inputs, call.postprocess, call.top_k, ctx).result()
     canned = conv.infer_response(result, call)
     rows = call.inputs["input"]
+
+    def serialized(answer: Any) -> bytes:  # what grpc's response serializer does with the handler's answer
+        return answer if type(answer) is bytes else answer.SerializeToString()
+
     return {
         "none": lambda: None,
         "floor": lambda: (pb.ModelInferRequest.FromString(data), canned.SerializeToString()),
-        "request": lambda: v2.ModelInfer(decoder(data), context).SerializeToString(),  # type: ignore[arg-type]
-        "decode": lambda: conv.infer_request(request, settings.max_message_bytes),
+        "request": lambda: serialized(v2.ModelInfer(decoder(data), context)),  # type: ignore[arg-type]
+        "decode": lambda: decoder(data),
+        "decode_first": lambda: conv.infer_request(pb.ModelInferRequest.FromString(data), settings.max_message_bytes),
         "dataplane": lambda: dp.submit("seed", None, call.inputs, call.postprocess, call.top_k, ctx).result(),
         "kernel": lambda: plan(rows),
-        "response": lambda: conv.infer_response(result, call),
+        "response": lambda: conv.infer_response_bytes(result, call),
+        "response_first": lambda: conv.infer_response(result, call).SerializeToString(),
     }
+
+
+def timed(calls: int, sweep_bytes: int) -> dict[str, dict[str, float]]:
+    """Thread CPU µs per call of each stage, hot and after ``sweep_bytes`` were read through the caches."""
+    import time
+
+    import numpy as np
+
+    stages = stage_calls()
+    junk = np.ones(sweep_bytes // 4, np.float32)
+    out: dict[str, dict[str, float]] = {}
+    for name in STAGES[1:]:
+        run = stages[name]
+        for _ in range(20):
+            run()
+        hot = np.empty(calls)
+        for i in range(calls):
+            t0 = time.thread_time_ns()
+            run()
+            hot[i] = time.thread_time_ns() - t0
+        cold = np.empty(calls)
+        for i in range(calls):
+            junk.sum()
+            t0 = time.thread_time_ns()
+            run()
+            cold[i] = time.thread_time_ns() - t0
+        out[name] = {"hot_us": float(np.median(hot)) / 1e3, "cold_us": float(np.median(cold)) / 1e3}
+    return out
 
 
 def inner(calls: int, evict_bytes: int) -> None:
@@ -159,7 +204,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ll-mb", type=int, default=32, help="simulated last-level cache, MiB")
     p.add_argument("--out", type=Path, default=common.RESULTS / "footprint.json")
     p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--timed", action="store_true", help="time the stages hot and cold instead (no valgrind)")
+    p.add_argument("--sweep-mb", type=int, default=8, help="--timed: MiB read through the caches before a cold call")
     args = p.parse_args(argv)
+    if args.timed:
+        out = args.out if args.out != common.RESULTS / "footprint.json" else common.RESULTS / "footprint_timed.json"
+        calls = args.calls if args.calls != 20 else 2000
+        stages_t = timed(calls, args.sweep_mb << 20)
+        print(f"per batch-1 request, thread CPU µs (median of {calls} calls; cold = after {args.sweep_mb} MiB read "
+              f"through the caches):")
+        print(f"{'stage':15s} {'hot':>8s} {'cold':>8s}")
+        for name, t in stages_t.items():
+            print(f"{name:15s} {t['hot_us']:8.1f} {t['cold_us']:8.1f}")
+        common.write_json(out, {"machine": common.machine_info(), "args": {**vars(args), "calls": calls},
+                                "stages": stages_t})
+        print(f"wrote {out}")
+        return 0
     ll_bytes = args.ll_mb << 20
     if args.inner:
         inner(args.calls, 2 * ll_bytes)
