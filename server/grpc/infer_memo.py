@@ -35,9 +35,13 @@ _RAW_FIELD = pb.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 
+_INPUTS = conv.InferCall._fields.index("inputs")
+
+
 class _Header(NamedTuple):
     prefix: bytes  # everything before the tensor's bytes, the tensor record's key and length included
-    call: conv.InferCall  # the decoded call, its ``inputs`` left out
+    before: tuple[Any, ...]  # the decoded call's fields before its ``inputs``
+    after: tuple[Any, ...]  # and after them
     name: str
     shape: tuple[int, ...]
     dtype: Any
@@ -64,7 +68,8 @@ class InferMemo:
             for h in headers:
                 if data.startswith(h.prefix):
                     x = codec.view(h.shape, h.dtype, data, len(h.prefix))
-                    return h.call._replace(inputs={h.name: x})
+                    # the call's fields with this request's input (tuple.__new__: _replace costs several times more)
+                    return tuple.__new__(conv.InferCall, (*h.before, {h.name: x}, *h.after))
         return None
 
     def remember(self, data: bytes, message: pb.ModelInferRequest, call: conv.InferCall) -> None:
@@ -85,7 +90,7 @@ class InferMemo:
         except DecodeError:
             return  # the split is not between two fields
         [(name, x)] = call.inputs.items()
-        header = _Header(data[:at], call._replace(inputs={}), name, x.shape, x.dtype)
+        header = _Header(data[:at], call[:_INPUTS], call[_INPUTS + 1:], name, x.shape, x.dtype)
         with self._lock:
             if self._entries >= self._max_entries:
                 self._by_length.clear()
