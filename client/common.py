@@ -121,8 +121,7 @@ RETRIED_METHODS = (("leanserve.v1.InferenceService", "Predict"), ("leanserve.v1.
                    ("leanserve.v1.ModelService", "GetModel"))
 RETRY_POLICY = {"maxAttempts": 3, "initialBackoff": "0.05s", "maxBackoff": "0.5s", "backoffMultiplier": 4,
                 "retryableStatusCodes": ["UNAVAILABLE"]}
-#: a call is retried only while its whole request is kept for resending (gRPC keeps 256 KiB by default): requests
-#: up to this size are
+#: gRPC retries a call only if it kept the whole request for resending (256 KiB by default): keep up to this much
 RETRY_BUFFER_BYTES = 64 * 1024 * 1024
 SERVICE_CONFIG = json.dumps({"methodConfig": [{"name": [{"service": s, "method": m} for s, m in RETRIED_METHODS],
                                                "retryPolicy": RETRY_POLICY}]})

@@ -95,9 +95,14 @@ def _key(number: int, kind: int) -> bytes:
     return _encode_varint(number << 3 | kind)
 
 
-def bytes_record_head(field: int, size: int) -> bytes:
-    """What precedes ``size`` bytes of the length-delimited field ``field`` in a serialized message: key, length."""
-    return _key(field, _LEN) + _encode_varint(size)
+def trailing_record(data: bytes, field: int, value: bytes) -> int | None:
+    """Where the record starts when ``data`` ends with one record of the length-delimited field ``field`` holding
+    ``value`` (key, length, ``value``); None otherwise. What comes before is not parsed: the caller checks it."""
+    at = len(data) - len(value)
+    head = _key(field, _LEN) + _encode_varint(len(value))
+    if at < len(head) or data[at - len(head):at] != head or data[at:] != value:
+        return None
+    return at - len(head)
 
 
 def split(data: bytes, parse: Any, field: int, inner: int | None = None) -> Unpacked:

@@ -25,17 +25,15 @@ from typing import Any, NamedTuple
 from google.protobuf.message import DecodeError
 
 from leanserve.client import codec
-from leanserve.client.wire import SPLIT_MIN_BYTES, Unpacked, bytes_record_head
+from leanserve.client.wire import SPLIT_MIN_BYTES, Unpacked, trailing_record
 from leanserve.server.grpc import v2_converters as conv
 from leanserve.server.grpc.request_decoders import infer_request as decode_infer_request
 from leanserve.v2 import grpc_service_pb2 as pb
 
 _RAW_FIELD = pb.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"].number
+_INPUTS = conv.InferCall._fields.index("inputs")
 #: the method whose requests are remembered (a stream's requests keep their message for the stream's answers)
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
-
-
-_INPUTS = conv.InferCall._fields.index("inputs")
 
 
 class _Header(NamedTuple):
@@ -51,7 +49,8 @@ class InferMemo:
     """Decoded headers of unary ModelInfer requests, by request length. Thread-safe."""
 
     def __init__(self, max_bytes: int, max_entries: int = 256, max_header_bytes: int = 4096) -> None:
-        self._max_bytes = max_bytes
+        #: the largest tensor a request may describe (``v2_converters.infer_request``'s ``max_bytes``)
+        self.max_bytes = max_bytes
         self._max_entries = max_entries
         self._max_header_bytes = max_header_bytes
         self._by_length: dict[int, list[_Header]] = {}
@@ -77,20 +76,18 @@ class InferMemo:
         if len(data) >= SPLIT_MIN_BYTES or len(call.inputs) != 1 or len(message.raw_input_contents) != 1:
             return
         raw = message.raw_input_contents[0]
-        record = bytes_record_head(_RAW_FIELD, len(raw))
-        at = len(data) - len(raw)
-        if at > self._max_header_bytes:  # a long id or name: not worth keeping
+        if len(data) - len(raw) > self._max_header_bytes:  # a long id or name: not worth keeping
             return
-        head = data[:at - len(record)]
-        if data[at - len(record):at] != record or data[at:] != raw:  # the tensor is not the last field
+        start = trailing_record(data, _RAW_FIELD, raw)
+        if start is None:  # the tensor is not the last field
             return
         try:
-            if pb.ModelInferRequest.FromString(head).raw_input_contents:
+            if pb.ModelInferRequest.FromString(data[:start]).raw_input_contents:
                 return  # another tensor record in the header: not a request of this shape
         except DecodeError:
             return  # the split is not between two fields
         [(name, x)] = call.inputs.items()
-        header = _Header(data[:at], call[:_INPUTS], call[_INPUTS + 1:], name, x.shape, x.dtype)
+        header = _Header(data[:len(data) - len(raw)], call[:_INPUTS], call[_INPUTS + 1:], name, x.shape, x.dtype)
         with self._lock:
             if self._entries >= self._max_entries:
                 self._by_length.clear()
@@ -105,7 +102,7 @@ def memo_decoder(memo: InferMemo) -> Callable[[bytes], Any]:
     """The unary ModelInfer request deserializer: a remembered header's call at once; otherwise the request decoded
     as ``request_decoders.infer_request`` does, and checked: a valid one comes back as its ``InferCall`` (and is
     remembered), an invalid one as decoded, for the servicer to decode again and answer its error."""
-    max_bytes = memo._max_bytes
+    max_bytes = memo.max_bytes
 
     def decode(data: bytes) -> Any:
         call = memo.lookup(data)

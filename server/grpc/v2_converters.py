@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from leanserve.client import codec
-from leanserve.client.wire import bytes_record_head
+from leanserve.client.wire import trailing_record
 from leanserve.v2 import grpc_service_pb2 as pb
 from leanserve.server.errors import InvalidArgument
 from leanserve.server.serving.model import PredictResult, ServedModel, TensorSignature
@@ -279,13 +279,11 @@ def infer_response_bytes(result: PredictResult, call: InferCall) -> bytes:
         return head + a.data
     data = infer_response(result, call).SerializeToString()
     raw = a.tobytes()
-    at = len(data) - len(raw)
-    record = bytes_record_head(_RAW_OUTPUT_FIELD, len(raw))
     # kept when the tensor is the last field (as upb writes it) and the header is short
-    if at <= _HEAD_MAX_BYTES and data[at - len(record):at] == record and data[at:] == raw:
+    if len(data) - len(raw) <= _HEAD_MAX_BYTES and trailing_record(data, _RAW_OUTPUT_FIELD, raw) is not None:
         if len(_HEADS) >= _HEADS_MAX:
             _HEADS.clear()
-        _HEADS[key] = data[:at]
+        _HEADS[key] = data[:len(data) - len(raw)]
     return data
 
 

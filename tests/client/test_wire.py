@@ -189,3 +189,14 @@ def test_split_decodes_what_protobuf_decodes_or_fails_the_same_way(case: tuple[b
             _reassembled(data, v2)
         return
     assert _reassembled(data, v2) == expected
+
+
+def test_trailing_record_finds_only_a_last_record_holding_the_value() -> None:
+    raw = bytes(range(200))  # a 2-byte length
+    head = v2_pb.ModelInferRequest(model_name="m").SerializeToString()
+    data = head + v2_pb.ModelInferRequest(raw_input_contents=[raw]).SerializeToString()
+    assert wire.trailing_record(data, 7, raw) == len(head)
+    assert wire.trailing_record(data, 6, raw) is None  # another field number
+    assert wire.trailing_record(data, 7, raw[1:]) is None  # a shorter value: its length would not match
+    assert wire.trailing_record(data + head, 7, raw) is None  # not the last record
+    assert wire.trailing_record(raw[-3:], 7, raw) is None  # shorter than a record
