@@ -25,7 +25,7 @@ from leanserve.server.repository.loading import load_version, served_from_plan
 from leanserve.server.serving.model import PredictResult, ServedModel
 from leanserve.server.serving.context import NO_CONTEXT, RequestContext
 from leanserve.server.ingest.uploads import UploadRequest
-from leanserve.server.serving.postprocess import PostProcess, apply
+from leanserve.server.serving.postprocess import PostProcess, apply, check_request
 from leanserve.server.serving.registry import ModelRegistry
 from leanserve.server.repository.store import Repository, folder_bytes, validate_name
 from leanserve.server.settings import Settings
@@ -280,13 +280,17 @@ class DataPlane:
         postprocess: PostProcess = PostProcess.RAW,
         top_k: int = 0,
         ctx: RequestContext = NO_CONTEXT,
+        outputs: tuple[str, ...] = (),
     ) -> "PendingPredict":
-        """Validate and queue one request without waiting for it (streams keep several in flight)."""
+        """Validate and queue one request without waiting for it (streams keep several in flight). ``outputs``: the
+        names the caller asked for (none = all); each must be one this request produces."""
         if top_k and postprocess is not PostProcess.TOP_K:
             raise InvalidArgument(f"top_k applies to the top_k post-processing only, not to {postprocess.value}")
         model = self.registry.get(name, version)
         started = time.perf_counter_ns()
         try:
+            if outputs or postprocess is not PostProcess.RAW:
+                check_request(postprocess, top_k, model.output, outputs)
             x = validate_batch(model, select_input(model, inputs), self.settings.max_batch_size)
             batcher = model.batcher or Batcher(model.infer, BatchConfig(enabled=False), model.stats)
             future = batcher.submit(x, ctx)

@@ -41,6 +41,13 @@ def shown(value: object, limit: int = MAX_SHOWN_CHARS) -> str:
     return text if len(text) <= limit + 2 else f"{text[:limit]}… ({len(text)} characters)"
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """A third-party error's first line, cut to ``limit`` characters, for a message to the caller (TensorFlow's
+    errors carry the whole graph trace after it)."""
+    lines = str(getattr(exc, "message", None) or exc).strip().splitlines()
+    return lines[0][:limit] if lines else type(exc).__name__
+
+
 def _capped(message: str) -> str:
     if len(message) <= MAX_MESSAGE_CHARS:
         return message

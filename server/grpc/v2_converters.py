@@ -128,11 +128,16 @@ def _signature(t: pb.ModelInferRequest.InferInputTensor, max_bytes: int) -> tupl
             _CHECKED.clear()
         _CHECKED[key] = known
     if known[3] > max_bytes:
-        raise InvalidArgument(f"tensor {t.name[:_ECHO]!r}: shape {list(known[1])} describes more than {max_bytes} bytes")
+        raise InvalidArgument(f"tensor {t.name[:_ECHO]!r}: shape {list(known[1])} describes more than "
+                              f"{max_bytes} bytes")
     return known[0], known[1], known[2]
 
 
 def _tensor(t: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, max_bytes: int) -> np.ndarray:
+    if t.parameters:
+        # none is served (shared memory among them): refused rather than ignored
+        raise InvalidArgument(f"input {t.name[:_ECHO]!r}: input parameters ({', '.join(sorted(t.parameters))[:_ECHO]}) "
+                              "are not supported; send the tensor in raw_input_contents or contents")
     dtype, shape, count = _signature(t, max_bytes)
     if raw is not None:
         if len(raw) != count * dtype.itemsize:
@@ -204,7 +209,10 @@ def infer_request(req: pb.ModelInferRequest, max_bytes: int = _MAX_TENSOR_BYTES,
             timeout_us = int(_param(params, "timeout", ("int64_param", "uint64_param")))
             if timeout_us < 0:
                 raise InvalidArgument("timeout must not be negative")
-        if len(params) > ("postprocess" in params) + ("top_k" in params) + ("timeout" in params):
+        if FINAL_FLAG_OPTION in params:
+            _param(params, FINAL_FLAG_OPTION, ("bool_param",))
+        if len(params) > ("postprocess" in params) + ("top_k" in params) + ("timeout" in params) + (
+                FINAL_FLAG_OPTION in params):
             _refuse_unknown(params)
     outputs = _requested_outputs(req.outputs) if req.outputs else ()
     return InferCall(req.model_name, parse_version(req.model_version), inputs, kind, top_k, outputs, req.id,

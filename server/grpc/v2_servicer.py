@@ -70,7 +70,8 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
             call = conv.infer_request(request, self.dp.settings.max_message_bytes, raws)
         if call.timeout_us:
             ctx = ctx.within(call.timeout_us / 1e6)
-        pending = self.dp.submit(call.model_name, call.version, call.inputs, call.postprocess, call.top_k, ctx)
+        pending = self.dp.submit(call.model_name, call.version, call.inputs, call.postprocess, call.top_k, ctx,
+                                 call.outputs)
         if context is not None and not pending.done:
             # a cancelled RPC leaves the queue at once; False = it ended already, before the callback was in place
             if not context.add_callback(pending.cancel):

@@ -2,7 +2,8 @@
 
 Inputs are drawn from ``numpy.random.default_rng(seed)`` (so a report is reproducible) in the model's input dtype:
 standard normal for floating point, integers in the range the type shares with int8/uint8 (a model taking
-integers usually takes indices or pixel values), random bits for bool. They are fed in a few batches of different
+integers usually takes indices or pixel values; if it refuses them, e.g. an embedding of fewer rows, 0 and 1
+instead), random bits for bool. They are fed in a few batches of different
 sizes (1, 3, then up to 64 rows) so batch-size-dependent bugs show up.
 """
 
@@ -13,7 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from leanserve.server.errors import FailedPrecondition
+from leanserve.server.errors import FailedPrecondition, first_line
 
 Predict = Callable[[np.ndarray], np.ndarray]
 
@@ -52,11 +53,34 @@ def reference_check(
 ) -> ReferenceReport:
     """Compare ``served(x)`` with ``reference(x)`` on ``n`` seeded random inputs of ``input_shape`` and ``dtype``.
 
-    Raises ``FailedPrecondition`` if the two disagree on the output shape.
+    Raises ``FailedPrecondition`` if the two disagree on the output shape, or if computing the samples fails (for
+    integer inputs, after a second try on inputs of only 0 and 1: a model taking indices may refuse larger ones).
     """
     if n < 1:
         raise ValueError("n must be at least 1")
-    x = sample_inputs(np.random.default_rng(seed), (n, *input_shape), np.dtype(dtype))
+    dtype = np.dtype(dtype)
+    rng = np.random.default_rng(seed)
+    x = sample_inputs(rng, (n, *input_shape), dtype)
+    try:
+        return _compare(served, reference, x, atol, rtol, seed)
+    except FailedPrecondition:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- the model's own error on these values, answered as a refusal
+        if dtype.kind not in "iu":
+            raise FailedPrecondition(f"model refused: it fails on random sample inputs: {first_line(exc)}") from None
+    # integer inputs are often indices (an embedding's): 0 and 1 are valid for any table of two rows or more
+    x = rng.integers(0, 1, size=(n, *input_shape), endpoint=True).astype(dtype)
+    try:
+        return _compare(served, reference, x, atol, rtol, seed)
+    except FailedPrecondition:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- as above
+        raise FailedPrecondition(f"model refused: it fails on sample inputs of 0 and 1: {first_line(exc)}") from None
+
+
+def _compare(served: Predict, reference: Predict, x: np.ndarray, atol: float, rtol: float,
+             seed: int) -> ReferenceReport:
+    n = len(x)
     max_abs = max_rel = 0.0
     ok = True
     for batch in _batches(x):

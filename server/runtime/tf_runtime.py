@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from leanserve.server.errors import InvalidArgument
+from leanserve.server.errors import InvalidArgument, first_line
 
 
 class TFRuntime:
@@ -49,14 +49,19 @@ class TFRuntime:
         return cls(load_keras(path, max_bytes=max_bytes, **limits))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        """Run ``x[B, *input_shape]`` (the model's input dtype) and return the output as numpy."""
+        """Run ``x[B, *input_shape]`` (the model's input dtype) and return the output as numpy. InvalidArgument when
+        the model refuses the values (TensorFlow's InvalidArgumentError, e.g. an index out of an embedding's range)."""
         if not isinstance(x, np.ndarray) or x.dtype != self.input_dtype:
             got = x.dtype if isinstance(x, np.ndarray) else type(x).__name__
             raise InvalidArgument(f"expected a {self.input_dtype} array, got {got}")
         if x.ndim != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape or x.shape[0] < 1:
             raise InvalidArgument(f"expected input of shape [B, {', '.join(map(str, self.input_shape))}], "
                                   f"got {list(x.shape)}")
-        out = self._fn(self._tf.constant(x))
+        try:
+            out = self._fn(self._tf.constant(x))
+        except self._tf.errors.InvalidArgumentError as exc:
+            # the values, not the server: e.g. an index outside an embedding's table
+            raise InvalidArgument(f"the model cannot compute these input values: {first_line(exc)}") from None
         return np.asarray(out.numpy() if hasattr(out, "numpy") else out)
 
     def warmup(self, batch_sizes: tuple[int, ...] = (1, 8)) -> None:

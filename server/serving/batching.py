@@ -14,7 +14,11 @@ Policy (one queue; at most ``workers`` batches of a model version execute at onc
   same shape are concatenated.
 - A request whose deadline passed, or whose caller went away, while queued is dropped without compute.
 - Each kernel call is counted by why it started: "idle" (a free slot and no batch waiting for rows), "full",
-  "timer" (another batch executing and ``max_queue_delay_us`` passed), "inline" (batching off or stopped).
+  "timer" (another batch executing and ``max_queue_delay_us`` passed), "inline" (batching off or stopped),
+  "cheap" (a model cheaper than the hand-off, run on its caller's thread while another call executes), "retry"
+  (one request of a batch whose call failed, run again by itself).
+- A batch whose call raises is run again one request at a time: a request whose values the model refuses fails
+  alone, not every request batched with it.
 - ``stop()`` drains the queue and ends the workers; afterwards (and when batching is off) ``submit`` runs the
   request in the caller's thread, so a request racing an unload or a hot swap is still answered.
 - Worker threads start with the first request that has to queue and end after ``idle_seconds`` without work, so
@@ -280,6 +284,20 @@ class Batcher:
             finally:
                 self._release()
 
+    def _each_alone(self, live: list[_Item], start: float) -> None:
+        """A batch whose call failed: each request again by itself, so one request's bad values (an index out of an
+        embedding's range, say) fail that request only, not the others that happened to share its batch."""
+        for item in live:
+            t0 = time.perf_counter_ns()
+            try:
+                y = self._runner(item.x)
+            except Exception as exc:  # noqa: BLE001 -- this request's own error
+                item.future.set_exception(exc)
+                continue
+            ns = time.perf_counter_ns() - t0
+            item.future.set_result(y)
+            self._stats.record_batch(item.rows, 1, int((start - item.enqueued) * 1e9), ns, "retry")
+
     def _release(self) -> None:
         with self._lock:
             self._busy -= 1
@@ -318,8 +336,10 @@ class Batcher:
         try:
             y = self._runner(x)
         except Exception as exc:
-            for item in live:
-                item.future.set_exception(exc)
+            if len(live) == 1:
+                live[0].future.set_exception(exc)
+            else:
+                self._each_alone(live, start)
             return
         compute_ns = time.perf_counter_ns() - t0
         self._note_rows(x.shape[0], compute_ns)

@@ -6,7 +6,8 @@ from enum import Enum
 
 import numpy as np
 
-from leanserve.server.errors import InvalidArgument
+from leanserve.server.errors import InvalidArgument, shown
+from leanserve.server.serving.model import TensorSignature
 
 
 class PostProcess(str, Enum):
@@ -17,6 +18,29 @@ class PostProcess(str, Enum):
 
 
 DEFAULT_TOP_K = 5
+#: the outputs each post-processing answers (RAW: the model's own output, by its name)
+OUTPUT_NAMES: dict[PostProcess, tuple[str, ...]] = {
+    PostProcess.PROBABILITIES: ("probabilities",),
+    PostProcess.TOP_K: ("indices", "scores"),
+    PostProcess.ARGMAX: ("class",),
+}
+
+
+def check_request(kind: PostProcess, top_k: int, output: TensorSignature, requested: tuple[str, ...] = ()) -> None:
+    """Refuse, before anything is computed, a post-processing the model's ``output`` cannot take, or a requested
+    output name the request would not produce. ``apply`` checks the same again on the computed rows."""
+    names = OUTPUT_NAMES.get(kind, (output.name,))
+    for name in requested:
+        if name not in names:
+            raise InvalidArgument(f"no output {shown(name)}; this request produces {', '.join(names)}")
+    if kind is PostProcess.RAW:
+        return
+    if len(output.shape) != 1:
+        raise InvalidArgument(f"{kind.value} needs a [batch, classes] output; this model's output is "
+                              f"[batch, {', '.join(map(str, output.shape))}]")
+    classes = output.shape[0]
+    if kind is PostProcess.TOP_K and classes > 0 and not 0 <= top_k <= classes:
+        raise InvalidArgument(f"top_k must be between 1 and {classes} (the number of outputs), got {top_k}")
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -37,10 +61,10 @@ def apply(
     if y.ndim != 2:
         raise InvalidArgument(f"{kind.value} needs a [batch, classes] output; this model's output is {list(y.shape)}")
     if kind is PostProcess.ARGMAX:
-        return {"class": np.argmax(y, axis=1).astype(np.int64)}
+        return {OUTPUT_NAMES[kind][0]: np.argmax(y, axis=1).astype(np.int64)}
     probs = y if is_probability else softmax(y)
     if kind is PostProcess.PROBABILITIES:
-        return {"probabilities": np.ascontiguousarray(probs, dtype=np.float32)}
+        return {OUTPUT_NAMES[kind][0]: np.ascontiguousarray(probs, dtype=np.float32)}
     classes = y.shape[1]
     k = top_k or min(DEFAULT_TOP_K, classes)
     if not 1 <= k <= classes:
@@ -49,4 +73,5 @@ def apply(
     part = np.argpartition(-probs, k - 1, axis=1)[:, :k]
     order = np.argsort(-np.take_along_axis(probs, part, axis=1), axis=1, kind="stable")
     idx = np.take_along_axis(part, order, axis=1).astype(np.int64)
-    return {"indices": idx, "scores": np.take_along_axis(probs, idx, axis=1).astype(np.float32)}
+    indices, scores = OUTPUT_NAMES[kind]
+    return {indices: idx, scores: np.take_along_axis(probs, idx, axis=1).astype(np.float32)}

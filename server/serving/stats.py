@@ -29,7 +29,7 @@ class StatsSnapshot:
     last_inference_ms: int = 0
     #: rows per kernel call -> [calls, total compute ns]
     batches: dict[int, list[int]] = field(default_factory=dict)
-    #: why batches were dispatched: "idle" (nothing else executing), "full", "timer", "inline" (batching off/stopped)
+    #: why kernel calls started: "idle", "full", "timer", "inline", "cheap", "retry" (see serving/batching.py)
     dispatch: dict[str, int] = field(default_factory=dict)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import grpc
@@ -251,3 +252,44 @@ def test_repeated_requests_with_one_header_get_their_own_answers(stub, client: C
                         + pb.ModelInferRequest(model_name="toy", inputs=[Tensor(name="x", datatype="FP32",
                                                                                 shape=[1, 4])]).SerializeToString())
         np.testing.assert_array_equal(_out(send(out_of_order, timeout=30)), x * 2)
+
+
+def test_a_request_refused_for_its_outputs_or_options_computes_nothing_and_counts_as_failed(stub) -> None:
+    """A requested output the request would not produce, an input parameter (none is served: shared memory among
+    them) or a wrongly typed final-flag option: INVALID_ARGUMENT before any compute, counted as a failure."""
+    x = np.ones((1, 4), np.float32)
+
+    def req(**extra) -> pb.ModelInferRequest:
+        return pb.ModelInferRequest(model_name="toy", inputs=[Tensor(name="x", datatype="FP32", shape=[1, 4])],
+                                    raw_input_contents=[x.tobytes()], **extra)
+
+    Out = pb.ModelInferRequest.InferRequestedOutputTensor
+    shm = Tensor(name="x", datatype="FP32", shape=[1, 4],
+                 parameters={"shared_memory_region": pb.InferParameter(string_param="r0"),
+                             "shared_memory_byte_size": pb.InferParameter(int64_param=16)})
+    flag_as_text = req()
+    flag_as_text.parameters["triton_enable_empty_final_response"].string_param = "true"
+    cases = [
+        (req(outputs=[Out(name="nope")]), "no output 'nope'"),
+        (req(outputs=[Out(name="y"), Out(name="probabilities")]), "no output 'probabilities'"),
+        (req(outputs=[Out(name="y")], parameters={"postprocess": pb.InferParameter(string_param="top_k")}),
+         "no output 'y'; this request produces indices, scores"),
+        (req(parameters={"postprocess": pb.InferParameter(string_param="top_k"),
+                         "top_k": pb.InferParameter(int64_param=5)}), "top_k must be between 1 and 4"),
+        (pb.ModelInferRequest(model_name="toy", inputs=[shm], raw_input_contents=[x.tobytes()]),
+         "input parameters \\(shared_memory_byte_size, shared_memory_region\\) are not supported"),
+        (flag_as_text, "triton_enable_empty_final_response must be a bool"),
+    ]
+    before = stub.ModelStatistics(pb.ModelStatisticsRequest(name="toy")).model_stats[0]
+    for request, message in cases:
+        code, details = _code(stub.ModelInfer, request)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and re.search(message, details), details
+    stream = list(stub.ModelStreamInfer(iter([req(outputs=[Out(name="nope")]), req()]), timeout=60))
+    assert stream[0].error_message.startswith("INVALID_ARGUMENT: no output 'nope'") and not stream[1].error_message
+    after = stub.ModelStatistics(pb.ModelStatisticsRequest(name="toy")).model_stats[0]
+    # only the stream's valid request ran; the refused ones that reached a model count as failures
+    assert after.execution_count - before.execution_count == 1
+    assert after.inference_stats.success.count - before.inference_stats.success.count == 1
+    assert after.inference_stats.fail.count - before.inference_stats.fail.count == 5
+    ok = stub.ModelInfer(req(outputs=[Out(name="y")]))
+    assert [o.name for o in ok.outputs] == ["y"] and _out(ok)[0, 0] == 2

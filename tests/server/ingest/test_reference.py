@@ -56,3 +56,22 @@ def test_seeded_inputs_and_shape_mismatch() -> None:
         reference_check(identity, lambda x: x[:, :2], (3,), n=4)
     nan = reference_check(lambda x: x * np.nan, identity, (3,), n=4)
     assert not nan.within_tolerance
+
+
+def test_a_model_failing_on_the_samples_is_refused_with_its_reason() -> None:
+    """A model raising on the sample inputs is a refused upload (FAILED_PRECONDITION with the model's own first line),
+    not an internal error; integer inputs get a second try on ids 0 and 1."""
+    def refuses_big(x: np.ndarray) -> np.ndarray:
+        if x.max() > 1:
+            raise ValueError("index 7 is not in [0, 2)\n  [[node gather]]")
+        return x.astype(np.float32)
+
+    report = reference_check(refuses_big, refuses_big, (4,), dtype=np.int32, n=50)
+    assert report.within_tolerance
+
+    def always(x: np.ndarray) -> np.ndarray:
+        raise ValueError("broken layer\ntrace")
+
+    for dtype in (np.int32, np.float32):
+        with pytest.raises(FailedPrecondition, match="model refused: it fails on .*sample inputs.*: broken layer$"):
+            reference_check(always, always, (4,), dtype=dtype, n=10)

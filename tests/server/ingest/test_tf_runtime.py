@@ -90,3 +90,36 @@ def test_reference_samples_stay_in_the_range_of_the_dtype() -> None:
     assert sample_inputs(rng, (100,), np.dtype("bool")).dtype == bool
     f16 = sample_inputs(rng, (1000,), np.dtype("float16"))
     assert f16.dtype == np.float16 and -1.5 < float(f16.mean()) < 1.5 and f16.std() > 0.5
+
+
+@pytest.fixture
+def embedding_model(keras: Any) -> Any:
+    """Integer ids into a 10-row embedding: ids 10 and up are values the model refuses."""
+    L = keras.layers
+    inp = keras.Input((3,), dtype="int32", name="ids")
+    h = L.Flatten()(L.Embedding(10, 4)(inp))
+    return keras.Model(inp, L.Dense(2, activation="softmax", name="probs")(h))
+
+
+def test_values_the_model_refuses_are_invalid_argument(embedding_model: Any) -> None:
+    runtime = TFRuntime(embedding_model)
+    ok = np.array([[0, 9, 3]], np.int32)
+    np.testing.assert_allclose(runtime(ok), np.asarray(embedding_model(ok, training=False)), atol=1e-6)
+    with pytest.raises(InvalidArgument, match="cannot compute these input values") as err:
+        runtime(np.array([[0, 10, 3]], np.int32))
+    assert "\n" not in err.value.message  # the first line of TensorFlow's error, not its graph trace
+
+
+def test_an_embedding_model_passes_the_reference_check_on_ids_it_accepts(embedding_model: Any, tmp_path: Path) -> None:
+    """The check's random integers (up to 127) are outside a 10-row table: it samples ids 0 and 1 instead of
+    failing the upload (it failed INTERNAL)."""
+    from leanserve.server.ingest.build import check_reference, convert
+    from leanserve.server.settings import Settings
+
+    path = tmp_path / "emb.keras"
+    embedding_model.save(path)
+    settings = Settings(repository=str(tmp_path / "repo"))
+    conv = convert("keras", path, settings)
+    assert conv.runtime == "tensorflow"
+    report = check_reference(conv, settings)
+    assert report["within_tolerance"] and report["max_abs_error"] < 1e-5

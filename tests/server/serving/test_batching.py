@@ -286,3 +286,31 @@ def test_a_long_stream_request_computes_on_the_batch_thread_even_when_idle() -> 
         assert unary.done() and threads[-1] is threading.current_thread()
     finally:
         b.stop(30)
+
+
+class _RefusesNegative(GatedRunner):
+    """``GatedRunner`` that refuses any call holding a negative value (as a model refuses an index out of range)."""
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        y = super().__call__(x)
+        if (x < 0).any():
+            raise InvalidArgument("a negative value")
+        return y
+
+
+def test_a_request_the_model_refuses_fails_alone_not_the_batch_it_shared() -> None:
+    runner = _RefusesNegative()
+    b, stats = _batcher(runner, workers=1)
+    held = _hold_worker(b, runner)  # a row of -1: refused, alone
+    good, bad, also_good = b.submit(_rows(2, 1)), b.submit(_rows(1, -3)), b.submit(_rows(1, 5))
+    runner.gate.set()
+    with pytest.raises(InvalidArgument, match="negative"):
+        held.result(30)
+    np.testing.assert_array_equal(good.result(30), _rows(2, 2))
+    with pytest.raises(InvalidArgument, match="negative"):
+        bad.result(30)
+    np.testing.assert_array_equal(also_good.result(30), _rows(1, 10))
+    # the held call, the batch of 4 rows that failed, then each of its requests by itself
+    assert runner.calls == [1, 4, 2, 1, 1]
+    assert stats.snapshot().dispatch.get("retry") == 2  # the two requests answered by their own calls
+    b.stop()
