@@ -73,7 +73,7 @@ class AsyncClient(common.Stubs):
                                                                        timeout=self.timeout))
 
     async def info(self, name: str, version: int = 0) -> model_pb.ModelInfo:
-        """Everything known about one version (latest when 0)."""
+        """Everything known about one version (the default version when 0: the latest unless one is pinned)."""
         req = model_pb.GetModelRequest(name=name, version=version)
         return await self.models_stub.GetModel(req, timeout=self.timeout)
 

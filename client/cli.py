@@ -31,6 +31,7 @@ from leanserve.client.cli_output import (
 from leanserve.client.client import Client, StreamError
 from leanserve.client.optimize_cli import add_optimize_commands, optimization_rows
 
+STREAM_BATCH_ROWS = 256  # rows per request of ``predict --stream`` without --batch-size
 
 def add_client_commands(sub: argparse._SubParsersAction) -> None:
     """Register the client verbs on the top-level parser."""
@@ -76,7 +77,8 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=positive_int, default=0,
                    help="classes per row with --postprocess top_k (default: the server's, 5)")
     p.add_argument("--stream", action="store_true", help="send the file in batches over one stream")
-    p.add_argument("--batch-size", type=positive_int, default=256, help="rows per streamed request")
+    p.add_argument("--batch-size", type=positive_int,
+                   help=f"rows per streamed request, with --stream (default {STREAM_BATCH_ROWS})")
     p.set_defaults(func=cmd_predict)
 
     p = common_args(sub.add_parser("delete", help="delete a model version (or all versions)"))
@@ -222,6 +224,8 @@ def cmd_predict(client: Client, args: argparse.Namespace) -> None:
 
 def check_options(args: argparse.Namespace) -> None:
     """Combinations argparse cannot check on its own; ``UsageError`` before anything is read or sent."""
+    if args.batch_size is not None and not args.stream:
+        raise UsageError("--batch-size needs --stream (without it the whole file is one request)")
     if args.top_k and args.postprocess != "top_k":
         raise UsageError(f"--top-k needs --postprocess top_k (with --postprocess {args.postprocess} it would be "
                          "ignored)")
@@ -292,7 +296,7 @@ def _predict_stream(client: Client, args: argparse.Namespace, x: np.ndarray) -> 
     answered. An empty input still makes one (empty) request, so the server answers it as it answers Predict.
     Without ``--version`` the default version is asked first and every request names it: a default that moves
     during a long run (an upload, set-default, a promoted optimization) must not score part of the file."""
-    rows, size = x.shape[0], args.batch_size
+    rows, size = x.shape[0], args.batch_size or STREAM_BATCH_ROWS
     pinned = args.version or client.info(args.name).version
     starts = range(0, rows, size) if rows else range(1)
     batches = (np.ascontiguousarray(x[i:i + size]) for i in starts)

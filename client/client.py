@@ -79,7 +79,7 @@ class Client(common.Stubs):
         return common.model_versions(resp)
 
     def info(self, name: str, version: int = 0) -> model_pb.ModelInfo:
-        """Everything known about one version (latest when 0)."""
+        """Everything known about one version (the default version when 0: the latest unless one is pinned)."""
         return self.models_stub.GetModel(model_pb.GetModelRequest(name=name, version=version), timeout=self.timeout)
 
     def delete(self, name: str, version: int = 0) -> list[int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import ssl
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,6 +165,13 @@ class Connection:
         def read(path: str | Path | None) -> bytes | None:
             return Path(path).read_bytes() if path is not None else None
 
+        # checked here, where a bad file is the caller's to fix (ssl.SSLError is an OSError): gRPC would only fail
+        # the connection, as UNAVAILABLE, with nothing said about the file
+        checker = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        if self.tls_ca is not None:
+            checker.load_verify_locations(cafile=str(self.tls_ca))
+        if self.tls_cert is not None:
+            checker.load_cert_chain(str(self.tls_cert), str(self.tls_key))
         return grpc.ssl_channel_credentials(read(self.tls_ca), read(self.tls_key), read(self.tls_cert))
 
     def metadata(self) -> tuple[tuple[str, str], ...]:

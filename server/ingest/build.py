@@ -20,7 +20,8 @@ from pydantic import ValidationError
 from leanserve.server.repository import artifacts
 from leanserve.server.repository.manifest import (DTYPES, FORMAT_NAME, FORMAT_VERSION, Manifest, ManifestLimits,
                                                   TensorSpec, jsonable)
-from leanserve.server.errors import FailedPrecondition, InvalidArgument, UnsupportedModel
+from leanserve.server.errors import (FailedPrecondition, InvalidArgument, LeanserveError, UnsupportedModel,
+                                     first_line)
 from leanserve.server.ingest.archives import expansion_limit
 from leanserve.server.serving.model import TensorSignature
 from leanserve.server.ingest.uploads import UploadRequest
@@ -103,7 +104,12 @@ def _convert_keras(path: Path, settings: Settings) -> Converted:
         from leanserve.server.runtime.tf_runtime import TFRuntime
 
         log.info("model not expressible as a Plan (%s); serving it with TensorFlow", exc.message)
-        runtime = TFRuntime(model)
+        try:
+            runtime = TFRuntime(model)
+        except LeanserveError:
+            raise
+        except Exception as err:  # noqa: BLE001 -- tracing fails on the file's model (e.g. a softmax over no axis)
+            raise InvalidArgument(f"model refused: TensorFlow cannot run it: {first_line(err)}") from None
         return Converted(
             runtime="tensorflow",
             input=inp,
@@ -143,9 +149,15 @@ def _signature(role: str, sig: dict[str, Any]) -> TensorSignature:
 
 
 def _ends_in_softmax(model: Any) -> bool:
+    """Whether the model's output already is a softmax over its last axis (PROBABILITIES then answers it as it is,
+    instead of applying a softmax over the classes)."""
     last = model.layers[-1]
-    activation = getattr(last, "activation", None)
-    return type(last).__name__ == "Softmax" or getattr(activation, "__name__", "") == "softmax"
+    if type(last).__name__ == "Softmax":
+        axis = last.get_config().get("axis", -1)
+        if isinstance(axis, (list, tuple)):
+            axis = axis[0] if len(axis) == 1 else None
+        return isinstance(axis, int) and axis in (-1, len(model.outputs[0].shape) - 1)
+    return getattr(getattr(last, "activation", None), "__name__", "") == "softmax"
 
 
 def check_reference(conv: Converted, settings: Settings) -> dict[str, Any]:

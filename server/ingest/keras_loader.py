@@ -38,7 +38,9 @@ _REFUSED_CLASSES = frozenset({"Lambda", "TFSMLayer", "__lambda__"})
 _ERROR_DETAIL_CHARS = 400
 _CONFIG = "config.json"
 _WEIGHTS = "model.weights.h5"
-_MAX_CONFIG_BYTES = 16 * 1024 * 1024
+#: the most bytes of JSON a model's config may take (.keras config.json, .h5 model_config): a real config of the
+#: largest model allowed (max_model_layers) takes a few MiB at most, and parsing JSON takes many times its size
+_MAX_CONFIG_BYTES = 4 * 1024 * 1024
 
 
 def import_keras() -> Any:
@@ -159,7 +161,10 @@ def _read_h5(path: Path) -> tuple[dict[str, Any], tuple[int, int]]:
                 raise InvalidArgument(
                     "not a valid Keras file: the HDF5 file holds no model config (a weights-only file?)"
                 )
-            config = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else str(raw))
+            raw = raw if isinstance(raw, bytes) else str(raw).encode("utf-8")  # at most the file's own size
+            if len(raw) > _MAX_CONFIG_BYTES:
+                raise ResourceExhausted(f"the model config takes {len(raw)} bytes; the limit is {_MAX_CONFIG_BYTES}")
+            config = json.loads(raw)
             stored = _count_datasets(f["model_weights"]) if "model_weights" in f else (0, 0)
     if not isinstance(config, dict):
         raise InvalidArgument("not a valid Keras file: model_config is not a JSON object")

@@ -147,6 +147,9 @@ LOCAL_PROBLEMS = [
     (["predict", "toy", "--input", "words.npy"], "--input {words.npy}: holds <U1 values, which cannot be sent"),
     (["predict", "toy", "--input", "scalar.npy"], "--input {scalar.npy}: holds a single value"),
     (["predict", "toy", "--input", "x.npy", "--top-k", "3"], "--top-k needs --postprocess top_k"),
+    (["predict", "toy", "--input", "x.npy", "--batch-size", "2"], "--batch-size needs --stream"),
+    (["models", "--tls-ca", "x.npy"], "models: error: "),  # not a PEM file: refused here, not UNAVAILABLE later
+    (["models", "--tls-ca", "missing"], "models: error: "),
     (["predict", "toy", "--input", "x.npy", "--postprocess", "top_k", "--output", "tk.npy"],
      "--output tk.npy: --postprocess top_k returns two arrays (indices, scores); name an .npz file"),
     (["predict", "toy", "--input", "x.npy", "--output", "nodir/y.npy"], "folder nodir does not exist"),

@@ -79,7 +79,7 @@ class ModelServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def GetModel(self, request, context):
-        """Describes one version of a model (the latest when `version` is 0). NOT_FOUND when unknown.
+        """Describes one version of a model (the default version when `version` is 0). NOT_FOUND when unknown.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -157,3 +157,41 @@ def test_python_code_in_a_model_never_runs(served, keras: Any, tmp_path: Path) -
         config["config"]["layers"][1].update({"module": "os", "class_name": "system", "registered_name": "os>system"})
     assert hostile.upload_code(client, _with_config(plain, custom)) == INVALID
     _alive(client)
+
+
+def test_an_h5_model_config_past_the_limit_is_refused_before_it_is_parsed(served, models: dict[str, Path],
+                                                                          tmp_path: Path) -> None:
+    """Finding: a 40 MiB .h5 whose model_config was padded with ``{}`` objects took 2.8 GB to parse (JSON objects
+    take many times their text); .keras capped its config.json, .h5 did not."""
+    import h5py
+
+    client, _ = served
+    path = tmp_path / "padded.h5"
+    path.write_bytes(models["h5"].read_bytes())
+    with h5py.File(path, "r+") as f:
+        config = json.loads(f.attrs["model_config"])
+        config["padding"] = [{}] * (2 << 20)  # 6 MiB of text
+        f.attrs["model_config"] = json.dumps(config)
+    assert hostile.upload_code(client, path.read_bytes()) == EXHAUSTED
+    _alive(client)
+
+
+def test_models_tensorflow_cannot_run_or_softmax_over_another_axis(served, keras: Any, tmp_path: Path) -> None:
+    """Findings: ``Softmax(axis=7)`` on a rank-2 output was INTERNAL at upload (tracing raised); a softmax over the
+    batch axis was taken for probabilities, so PROBABILITIES answered rows that do not sum to 1."""
+    client, _ = served
+    L = keras.layers
+    inp = keras.Input((8,), name="x")
+    keras.Model(inp, L.Softmax(axis=7)(inp)).save(tmp_path / "axis7.keras")
+    assert hostile.upload_code(client, (tmp_path / "axis7.keras").read_bytes()) == INVALID
+    inp = keras.Input((8,), name="x")
+    batch_axis = keras.Model(inp, L.Softmax(axis=0)(L.Dense(5)(inp)))
+    batch_axis.save(tmp_path / "axis0.keras")
+    client.upload(tmp_path / "axis0.keras", "axis0")
+    x = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
+    probs = client.predict("axis0", x, postprocess="probabilities").outputs["probabilities"]
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    raw = np.asarray(batch_axis(x, training=False))
+    np.testing.assert_allclose(probs, np.exp(raw) / np.exp(raw).sum(axis=1, keepdims=True), rtol=1e-4, atol=1e-6)
+    client.delete("axis0")
+    _alive(client)
