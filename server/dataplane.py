@@ -5,6 +5,7 @@ Both APIs (leanserve.v1 and the Open Inference Protocol) call into this one obje
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -119,6 +120,8 @@ class DataPlane:
     def serve(self, model: ServedModel) -> None:
         """Publish a loaded version behind its own batcher (replacing a served one with the same number)."""
         config = BatchConfig.for_model(self.settings, model.name, model.manifest.to_dict())
+        if config.max_batch_size > model.max_rows:  # a kernel call stays within the model's working memory
+            config = dataclasses.replace(config, max_batch_size=model.max_rows)
         model.batcher = Batcher(model.infer, config, model.stats, f"{model.name}:{model.version}")
         replaced = self.registry.add(model)
         if replaced is not None:
@@ -291,7 +294,7 @@ class DataPlane:
         try:
             if outputs or postprocess is not PostProcess.RAW:
                 check_request(postprocess, top_k, model.output, outputs)
-            x = validate_batch(model, select_input(model, inputs), self.settings.max_batch_size)
+            x = validate_batch(model, select_input(model, inputs), min(self.settings.max_batch_size, model.max_rows))
             batcher = model.batcher or Batcher(model.infer, BatchConfig(enabled=False), model.stats)
             future = batcher.submit(x, ctx)
         except Exception:

@@ -176,6 +176,13 @@ class Settings(BaseSettings):
         "and its slot is free again. Also the longest a streamed response may wait to be sent (a client that "
         "stopped reading): then the call is cancelled.",
     )
+    upload_min_bytes_per_second: int = Field(
+        16 * 1024,
+        ge=0,
+        description="Slowest average rate an upload (or an optimization's data) may arrive at, counted from its "
+        "first message once stream_idle_timeout_seconds have passed; a slower one ends with DEADLINE_EXCEEDED and "
+        "frees its slot, so a few trickling clients cannot hold every upload slot. 0 = no minimum.",
+    )
     max_models: int = Field(
         1000, ge=1, description="Most models the repository may hold; an upload of a new model past it is refused "
         "with RESOURCE_EXHAUSTED."
@@ -208,6 +215,14 @@ class Settings(BaseSettings):
     max_model_params: int = Field(500_000_000, ge=1, description="Largest parameter count of an uploaded model.")
     max_model_layers: int = Field(512, ge=1, description="Largest layer count of an uploaded model.")
     max_batch_size: int = Field(8192, ge=1, description="Largest batch (rows) one predict request may carry.")
+    max_activation_bytes: int = Field(
+        1024 * MIB,
+        ge=1,
+        description="Most bytes of intermediate results one model call may produce: the sum of every layer's "
+        "output for the call's rows. A model whose single row needs more is refused at upload "
+        "(RESOURCE_EXHAUSTED); for the others it caps the rows of a kernel call and of a request (a larger request "
+        "is INVALID_ARGUMENT), so no file or request makes the server allocate without bound.",
+    )
 
     reference_samples: int = Field(256, ge=1, description="Seeded random rows compared with the reference at upload.")
     reference_atol: float = Field(1e-4, ge=0, description="Absolute tolerance of the reference check.")

@@ -27,6 +27,8 @@ from leanserve.server.serving.model import TensorSignature
 from leanserve.server.ingest.uploads import UploadRequest
 from leanserve.server.runtime.plan import Plan, build_plan
 from leanserve.server.runtime.tuning import tune_plan
+from leanserve.server.runtime.working_memory import (UNBOUNDED_ROWS, keras_bytes_per_row, max_rows,
+                                                      plan_bytes_per_row)
 from leanserve.server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,8 @@ class Converted:
     reference_name: str
     output_is_probability: bool
     conversion_note: str = ""
+    #: the most rows one call may take (server/runtime/working_memory.py)
+    max_rows: int = UNBOUNDED_ROWS
 
 
 def detect(path: Path, declared: str) -> str:
@@ -77,6 +81,8 @@ def _convert_leanserve(path: Path, settings: Settings) -> Converted:
     cap = expansion_limit(path.stat().st_size, settings.max_unpacked_bytes, settings.max_unpack_ratio)
     manifest, blob = artifacts.read_zip(path, cap, limits)
     plan = artifacts.plan_from_files(manifest, blob)
+    rows = max_rows(plan_bytes_per_row(plan.in_features, [layer.out_features for layer in plan.layers]),
+                    settings.max_activation_bytes, "model refused")
     return Converted(
         runtime="plan",
         input=TensorSignature(manifest.input.name, "float32", plan.input_shape),
@@ -86,6 +92,7 @@ def _convert_leanserve(path: Path, settings: Settings) -> Converted:
         reference=plan.reference,
         reference_name="numpy",
         output_is_probability=plan.layers[-1].activation == "softmax",
+        max_rows=rows,
     )
 
 
@@ -95,6 +102,8 @@ def _convert_keras(path: Path, settings: Settings) -> Converted:
     from leanserve.server.ingest.reference import keras_reference
 
     model = load_keras(path, **settings_limits(path, settings))
+    # before anything runs it: a small file may describe a model whose every row takes gigabytes to compute
+    rows = max_rows(keras_bytes_per_row(model), settings.max_activation_bytes, "model refused")
     sig = model_signature(model)
     inp, out = _signature("input", sig["input"]), _signature("output", sig["output"])
     reference = keras_reference(model)
@@ -120,6 +129,7 @@ def _convert_keras(path: Path, settings: Settings) -> Converted:
             reference_name="keras",
             output_is_probability=_ends_in_softmax(model),
             conversion_note=exc.message,
+            max_rows=rows,
         )
     plan = build_plan(input_shape, specs)
     return Converted(
@@ -131,6 +141,7 @@ def _convert_keras(path: Path, settings: Settings) -> Converted:
         reference=reference,
         reference_name="keras",
         output_is_probability=specs[-1].activation == "softmax",
+        max_rows=rows,
     )
 
 
@@ -176,6 +187,7 @@ def check_reference(conv: Converted, settings: Settings) -> dict[str, Any]:
         seed=0,
         atol=settings.reference_atol,
         rtol=settings.reference_rtol,
+        max_rows=conv.max_rows,
     ).to_dict()
     report["reference"] = conv.reference_name
     if not math.isfinite(report["max_abs_error"]):

@@ -50,9 +50,11 @@ def reference_check(
     seed: int = 0,
     atol: float = 1e-4,
     rtol: float = 1e-3,
+    max_rows: int = 64,
 ) -> ReferenceReport:
     """Compare ``served(x)`` with ``reference(x)`` on ``n`` seeded random inputs of ``input_shape`` and ``dtype``.
 
+    The rows go in batches of 1, 3, then up to ``max_rows`` (at most 64).
     Raises ``FailedPrecondition`` if the two disagree on the output shape, or if computing the samples fails (for
     integer inputs, after a second try on inputs of only 0 and 1: a model taking indices may refuse larger ones).
     """
@@ -62,7 +64,7 @@ def reference_check(
     rng = np.random.default_rng(seed)
     x = sample_inputs(rng, (n, *input_shape), dtype)
     try:
-        return _compare(served, reference, x, atol, rtol, seed)
+        return _compare(served, reference, x, atol, rtol, seed, max_rows)
     except FailedPrecondition:
         raise
     except Exception as exc:  # noqa: BLE001 -- the model's own error on these values, answered as a refusal
@@ -71,19 +73,19 @@ def reference_check(
     # integer inputs are often indices (an embedding's): 0 and 1 are valid for any table of two rows or more
     x = rng.integers(0, 1, size=(n, *input_shape), endpoint=True).astype(dtype)
     try:
-        return _compare(served, reference, x, atol, rtol, seed)
+        return _compare(served, reference, x, atol, rtol, seed, max_rows)
     except FailedPrecondition:
         raise
     except Exception as exc:  # noqa: BLE001 -- as above
         raise FailedPrecondition(f"model refused: it fails on sample inputs of 0 and 1: {first_line(exc)}") from None
 
 
-def _compare(served: Predict, reference: Predict, x: np.ndarray, atol: float, rtol: float,
-             seed: int) -> ReferenceReport:
+def _compare(served: Predict, reference: Predict, x: np.ndarray, atol: float, rtol: float, seed: int,
+             max_rows: int) -> ReferenceReport:
     n = len(x)
     max_abs = max_rel = 0.0
     ok = True
-    for batch in _batches(x):
+    for batch in _batches(x, max_rows):
         got = np.asarray(served(batch), dtype=np.float64)
         want = np.asarray(reference(batch), dtype=np.float64)
         if got.shape != want.shape:
@@ -110,8 +112,12 @@ def sample_inputs(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dt
     raise ValueError(f"no random inputs for dtype {dtype}")
 
 
-def _batches(x: np.ndarray) -> list[np.ndarray]:
-    bounds = [0, 1, 4, *range(4 + 64, len(x), 64), len(x)]
+def _batches(x: np.ndarray, max_rows: int = 64) -> list[np.ndarray]:
+    """Batches of 1, 3, then up to ``min(64, max_rows)`` rows (each at most ``max_rows``)."""
+    step = max(1, min(64, max_rows))
+    bounds = sorted({0, 1, min(4, 1 + step), len(x)})
+    while bounds[-2] + step < len(x):
+        bounds.insert(-1, bounds[-2] + step)
     bounds = sorted({min(b, len(x)) for b in bounds})
     return [x[a:b] for a, b in zip(bounds, bounds[1:])]
 

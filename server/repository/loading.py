@@ -20,6 +20,7 @@ from leanserve.server.repository import artifacts
 from leanserve.server.repository.manifest import Manifest, ManifestLimits, TensorSpec
 from leanserve.server.repository.store import MANIFEST
 from leanserve.server.runtime.plan import Plan
+from leanserve.server.runtime.working_memory import keras_bytes_per_row, max_rows, plan_bytes_per_row
 from leanserve.server.serving.model import ServedModel, TensorSignature
 from leanserve.server.settings import Settings
 
@@ -48,7 +49,9 @@ def served_from_plan(name: str, version: int, manifest: Manifest | Mapping[str, 
         raise InvalidArgument(f"model {name!r} version {version}: the manifest's signature (input "
                               f"{manifest.input.shape}, output {manifest.output.shape}) differs from the plan's "
                               f"(input {list(plan.input_shape)}, output [{plan.out_features}])")
-    plan.warmup(settings.warmup_batch_sizes)
+    rows = max_rows(plan_bytes_per_row(plan.in_features, [layer.out_features for layer in plan.layers]),
+                    settings.max_activation_bytes, f"model {name!r} version {version}")
+    plan.warmup(tuple(min(b, rows) for b in settings.warmup_batch_sizes))
     return ServedModel(
         name=name,
         version=version,
@@ -59,6 +62,7 @@ def served_from_plan(name: str, version: int, manifest: Manifest | Mapping[str, 
         runner=plan,
         output_is_probability=bool(manifest.output_is_probability),
         plan=plan,
+        max_rows=rows,
     )
 
 
@@ -91,7 +95,9 @@ def load_version(name: str, version: int, path: Path, manifest: Manifest | Mappi
                               f"manifest records {manifest.source.size_bytes}")
     runtime = TFRuntime.from_path(source, **settings_limits(source, settings))
     _check_tf_signature(name, version, manifest, runtime)
-    runtime.warmup()
+    rows = max_rows(keras_bytes_per_row(runtime.model), settings.max_activation_bytes,
+                    f"model {name!r} version {version}")
+    runtime.warmup(tuple(min(b, rows) for b in (1, 8)))
     return ServedModel(
         name=name,
         version=version,
@@ -101,6 +107,7 @@ def load_version(name: str, version: int, path: Path, manifest: Manifest | Mappi
         manifest=manifest,
         runner=runtime,
         output_is_probability=bool(manifest.output_is_probability),
+        max_rows=rows,
     )
 
 

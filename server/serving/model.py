@@ -11,6 +11,7 @@ import numpy as np
 
 from leanserve.server.repository.manifest import Manifest
 from leanserve.server.runtime.plan import Plan
+from leanserve.server.runtime.working_memory import UNBOUNDED_ROWS
 from leanserve.server.serving.stats import ModelStats
 
 if TYPE_CHECKING:
@@ -57,6 +58,9 @@ class ServedModel:
     stats: ModelStats = field(default_factory=ModelStats)
     #: set by the dataplane when the version is published; stopped when it stops being served
     batcher: Batcher | None = None
+    #: the most rows one call may take: its intermediate results stay under max_activation_bytes
+    #: (server/runtime/working_memory.py)
+    max_rows: int = UNBOUNDED_ROWS
 
     def __post_init__(self) -> None:
         if not isinstance(self.manifest, Manifest):

@@ -195,3 +195,47 @@ def test_models_tensorflow_cannot_run_or_softmax_over_another_axis(served, keras
     np.testing.assert_allclose(probs, np.exp(raw) / np.exp(raw).sum(axis=1, keepdims=True), rtol=1e-4, atol=1e-6)
     client.delete("axis0")
     _alive(client)
+
+
+def _repeat_model(keras: Any, path: Path, copies: int) -> Path:
+    """0 parameters, a few KB: each input row becomes ``copies`` floats inside, averaged back to one."""
+    L = keras.layers
+    inp = keras.Input((1,), name="x")
+    keras.Model(inp, L.GlobalAveragePooling1D()(L.RepeatVector(copies)(inp))).save(path)
+    return path
+
+
+def test_a_model_whose_rows_take_gigabytes_inside_is_refused_before_it_runs(served, keras: Any,
+                                                                              tmp_path: Path) -> None:
+    """Finding: a 15 KB model (RepeatVector(10**6) then a pooling) took 1.2 GB at upload and more with each
+    predict; nothing bounded a model's intermediate results. A row of 4 GB of them is refused at once."""
+    client, _ = served
+    bomb = _repeat_model(keras, tmp_path / "bomb.keras", 10**9)
+    assert bomb.stat().st_size < 1 << 20
+    assert hostile.upload_code(client, bomb.read_bytes()) == EXHAUSTED
+    _alive(client)
+
+
+def test_a_large_working_memory_caps_the_rows_of_a_call(keras: Any, tmp_path: Path) -> None:
+    """Under max_activation_bytes, a model whose row takes 4 MB inside serves at most 16 rows per call at 64 MiB:
+    a larger request is INVALID_ARGUMENT, concurrent ones are batched up to the cap, never past it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    handle = create_server(make_settings(tmp_path / "models", autotune=False, reference_samples=40,
+                                         max_activation_bytes=64 << 20))
+    try:
+        with Client(f"127.0.0.1:{handle.port}", timeout=120) as client:
+            client.upload(_repeat_model(keras, tmp_path / "wide.keras", 10**6), "wide")
+            x = np.arange(16, dtype=np.float32).reshape(16, 1)
+            np.testing.assert_allclose(client.predict("wide", x).output, x, rtol=1e-6)
+            with pytest.raises(grpc.RpcError) as err:
+                client.predict("wide", np.ones((17, 1), np.float32))
+            assert err.value.code() == INVALID and "1..16" in err.value.details()
+            with ThreadPoolExecutor(8) as pool:
+                outs = list(pool.map(lambda i: client.predict("wide", np.full((5, 1), i, np.float32)).output,
+                                     range(24)))
+            assert all(np.allclose(o, i) for i, o in enumerate(outs))
+        batches = handle.dataplane.registry.get("wide", None).stats.snapshot().batches
+        assert max(batches) <= 16, batches
+    finally:
+        handle.stop(0.5)
