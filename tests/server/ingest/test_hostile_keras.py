@@ -239,3 +239,31 @@ def test_a_large_working_memory_caps_the_rows_of_a_call(keras: Any, tmp_path: Pa
         assert max(batches) <= 16, batches
     finally:
         handle.stop(0.5)
+
+
+def test_h5_data_kept_outside_the_file_is_refused(served, models: dict[str, Path], tmp_path: Path) -> None:
+    """A dataset with HDF5 external storage, or an external link, would make the server read one of its own files
+    into the weights (and predictions would leak it): refused by leanserve itself, whatever Keras' version does."""
+    import h5py
+
+    client, _ = served
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"server-side secret".ljust(128, b"."))
+    cases = {}
+    for kind in ("external_storage", "external_link"):
+        path = tmp_path / f"{kind}.h5"
+        path.write_bytes(models["h5"].read_bytes())
+        with h5py.File(path, "r+") as f:
+            if kind == "external_storage":
+                f["model_weights"].create_dataset("leak", shape=(32,), dtype="<f4", external=[(str(secret), 0, 128)])
+            else:
+                f["model_weights"]["leak"] = h5py.ExternalLink(str(tmp_path / "other.h5"), "/data")
+        cases[kind] = path
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["data"] = np.zeros(32, np.float32)
+    for kind, message in (("external_storage", "keeps its data outside the file"),
+                          ("external_link", "points into another file")):
+        with pytest.raises(grpc.RpcError) as err:
+            client.upload(cases[kind], "leak")
+        assert err.value.code() == INVALID and message in err.value.details(), err.value.details()
+    _alive(client)
