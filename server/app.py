@@ -202,8 +202,7 @@ def create_server(settings: Settings) -> ServerHandle:
     if settings.metrics:
         try:
             metrics = MetricsServer(registry.all, settings.host, settings.metrics_port,
-                                    certfile=settings.tls_cert_file, keyfile=settings.tls_key_file,
-                                    client_cafile=settings.tls_client_ca_file)
+                                    tls=certificates.ssl_context if certificates is not None else None)
         except OSError as exc:  # metrics are auxiliary: a taken port must not stop inference
             log.error("metrics endpoint off: cannot listen on %s: %s",
                       listen_address(settings.host, settings.metrics_port), exc)
