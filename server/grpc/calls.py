@@ -1,5 +1,6 @@
 """What every servicer needs from a gRPC call: its deadline and liveness, slots for long calls, client streams read
-with an idle timeout, pipelined predict streams, and the status number of an error answered inside a stream."""
+with an idle timeout, data chunks read at a minimum rate, pipelined predict streams, and the status number of an error
+answered inside a stream."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
-from leanserve.server.errors import Cancelled, DeadlineExceeded, LeanserveError, ResourceExhausted
+from leanserve.server.errors import Cancelled, DeadlineExceeded, InvalidArgument, LeanserveError, ResourceExhausted
 from leanserve.server.grpc.interceptors import STATUS
 from leanserve.server.serving.context import RequestContext
 
@@ -93,7 +95,8 @@ class Inbox(Generic[Item]):
     (through ``take``, run on the reader thread) into a bounded queue, and iterating waits at most
     ``idle_timeout`` seconds for the next one: then DeadlineExceeded. A client that went away raises Cancelled.
     The reader blocks until the call ends, so the handler must end the call (return or raise) after giving up;
-    ``close`` (or leaving the ``with`` block) tells the reader to drop what it still reads.
+    ``close`` (or leaving the ``with`` block) tells the reader to drop what it still reads. ``first_at`` is when
+    the reader got the stream's first message (monotonic clock; None before).
     """
 
     def __init__(
@@ -109,6 +112,7 @@ class Inbox(Generic[Item]):
         self._queue: queue.Queue[object] = queue.Queue(maxsize=capacity)
         self._closed = threading.Event()
         self._done = False
+        self.first_at: float | None = None
         self._reader = threading.Thread(target=self._read, name="stream-reader", daemon=True)
         self._reader.start()
 
@@ -124,6 +128,8 @@ class Inbox(Generic[Item]):
     def _read(self) -> None:
         try:
             for req in self._requests:
+                if self.first_at is None:
+                    self.first_at = time.monotonic()
                 if not self._put(self._take(req)):
                     return
         except BaseException as exc:  # noqa: BLE001 -- handed to the handler's thread
@@ -135,12 +141,20 @@ class Inbox(Generic[Item]):
         return self
 
     def __next__(self) -> Item:
+        return self.next_by(None)
+
+    def next_by(self, due: float | None, late: Callable[[], LeanserveError] | None = None) -> Item:
+        """The next message, waiting at most the idle timeout, and when ``due`` (monotonic clock) comes sooner only
+        until then: past it ``late()`` is raised (the call is given up). StopIteration at the end of the stream."""
         if self._done:
             raise StopIteration
+        wait = self._idle if due is None else min(self._idle, max(0.0, due - time.monotonic()))
         try:
-            entry = self._queue.get(timeout=self._idle)
+            entry = self._queue.get(timeout=wait)
         except queue.Empty:
             self.close()
+            if late is not None and wait < self._idle:
+                raise late() from None
             raise DeadlineExceeded(
                 f"no message from the client for {self._idle:g} s; the call was idle too long"
             ) from None
@@ -164,6 +178,65 @@ class Inbox(Generic[Item]):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class MinRate:
+    """The slowest average rate a client's data may arrive at (``upload_min_bytes_per_second``).
+
+    The clock starts at the call's first message. Within ``grace_seconds`` anything goes; after that the bytes
+    received since the start must be at least ``min_bytes_per_second`` times the seconds passed, else
+    DeadlineExceeded. Only bytes received count: an empty chunk adds nothing, sizes a header declares add nothing.
+    A minimum of 0 checks nothing.
+    """
+
+    def __init__(self, min_bytes_per_second: int, grace_seconds: float, what: str, started: float) -> None:
+        self.min_bytes_per_second = min_bytes_per_second
+        self.grace_seconds = grace_seconds
+        self.what = what
+        self.started = started
+        self.received = 0
+
+    def due(self) -> float | None:
+        """When (monotonic clock) the bytes received so far stop being enough; None without a minimum."""
+        if self.min_bytes_per_second <= 0:
+            return None
+        return self.started + max(self.grace_seconds, self.received / self.min_bytes_per_second)
+
+    def add(self, nbytes: int) -> None:
+        """Count ``nbytes`` received; DeadlineExceeded when even with them the average is below the minimum."""
+        self.received += nbytes
+        due = self.due()
+        if due is not None and time.monotonic() > due:
+            raise self.too_slow()
+
+    def too_slow(self) -> DeadlineExceeded:
+        """The error a client too slow is answered with: what came in, over how long, and the minimum."""
+        seconds = time.monotonic() - self.started
+        return DeadlineExceeded(
+            f"{self.what} too slow: {self.received} bytes in {seconds:.1f} s since its first message, below the "
+            f"minimum of {self.min_bytes_per_second} bytes/s (upload_min_bytes_per_second); the call was ended"
+        )
+
+
+def data_chunks(messages: Inbox[Message], part: str, min_bytes_per_second: int, grace_seconds: float, what: str,
+                misplaced: str) -> Iterator[bytes]:
+    """The bytes of the ``part`` field of each further message of a client stream (an upload's chunks, an
+    optimization's data), at least at ``min_bytes_per_second`` on average once ``grace_seconds`` have passed since
+    the stream's first message (``MinRate``); a slower stream ends with DeadlineExceeded. Waiting for a message
+    stops at the moment the rate is missed, not only at the idle timeout, so a trickle is cut on time. A message
+    of another kind raises InvalidArgument(``misplaced``)."""
+    started = messages.first_at if messages.first_at is not None else time.monotonic()
+    rate = MinRate(min_bytes_per_second, grace_seconds, what, started)
+    while True:
+        try:
+            msg = messages.next_by(rate.due(), rate.too_slow)
+        except StopIteration:
+            return
+        if msg.WhichOneof("part") != part:
+            raise InvalidArgument(misplaced)
+        chunk: bytes = getattr(msg, part)
+        rate.add(len(chunk))  # an empty chunk is a message, not progress: it adds nothing
+        yield chunk
 
 
 def pipelined(

@@ -12,14 +12,7 @@ from leanserve.server.dataplane import DataPlane
 from leanserve.server.errors import InvalidArgument
 from leanserve.server.grpc import converters
 from leanserve.server.grpc.auth import caller_context
-from leanserve.server.grpc.calls import Inbox, StreamSlots
-
-
-def _chunks(rest: Iterator[pb.UploadModelRequest]) -> Iterator[bytes]:
-    for msg in rest:
-        if msg.WhichOneof("part") != "chunk":
-            raise InvalidArgument("after the header an upload carries only chunks")
-        yield msg.chunk
+from leanserve.server.grpc.calls import Inbox, StreamSlots, data_chunks
 
 
 class ModelServicer(pb_grpc.ModelServiceServicer):
@@ -29,13 +22,16 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         self.uploads = StreamSlots(dataplane.settings.max_open_uploads, "uploads")
 
     def UploadModel(self, request_iterator: Iterator[pb.UploadModelRequest], context: grpc.ServicerContext):
-        # a slot and an idle timeout: idle uploads must not take every worker thread
-        with self.uploads.hold(), Inbox(request_iterator, self.dp.settings.stream_idle_timeout_seconds) as messages:
+        # a slot, an idle timeout and a minimum rate: idle or trickling uploads must not hold every slot
+        settings = self.dp.settings
+        with self.uploads.hold(), Inbox(request_iterator, settings.stream_idle_timeout_seconds) as messages:
             first = next(messages, None)
             if first is None or first.WhichOneof("part") != "header":
                 raise InvalidArgument("an upload starts with a header message")
-            served = self.dp.upload(converters.upload_header(first.header), _chunks(messages),
-                                    caller_context(context))
+            chunks = data_chunks(messages, "chunk", settings.upload_min_bytes_per_second,
+                                 settings.stream_idle_timeout_seconds, "upload",
+                                 "after the header an upload carries only chunks")
+            served = self.dp.upload(converters.upload_header(first.header), chunks, caller_context(context))
         return pb.UploadModelResponse(model=converters.model_info(self.dp.describe(served), served))
 
     def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:

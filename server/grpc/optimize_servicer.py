@@ -11,15 +11,8 @@ from leanserve.v1 import optimize_service_pb2_grpc as pb_grpc
 from leanserve.server.errors import Cancelled, InvalidArgument
 from leanserve.server.grpc import optimize_converters as conv
 from leanserve.server.grpc.auth import caller_context
-from leanserve.server.grpc.calls import Inbox, StreamSlots
+from leanserve.server.grpc.calls import Inbox, StreamSlots, data_chunks
 from leanserve.server.optimize.service import Optimizer
-
-
-def _chunks(rest: Iterator[pb.OptimizeRequest]) -> Iterator[bytes]:
-    for msg in rest:
-        if msg.WhichOneof("part") != "data_chunk":
-            raise InvalidArgument("after the options an Optimize stream carries only data chunks")
-        yield msg.data_chunk
 
 
 class OptimizeServicer(pb_grpc.OptimizeServiceServicer):
@@ -30,14 +23,18 @@ class OptimizeServicer(pb_grpc.OptimizeServiceServicer):
 
     def Optimize(self, request_iterator: Iterator[pb.OptimizeRequest],
                  context: grpc.ServicerContext) -> Iterator[pb.OptimizeEvent]:
-        # a slot and an idle timeout: an idle caller holds neither a worker thread nor the job slot for long
+        # a slot, an idle timeout and a minimum data rate: an idle or trickling caller holds neither a worker
+        # thread nor the job slot for long
+        settings = self.optimizer.settings
         with self.calls.hold():
-            with Inbox(request_iterator, self.optimizer.settings.stream_idle_timeout_seconds) as messages:
+            with Inbox(request_iterator, settings.stream_idle_timeout_seconds) as messages:
                 first = next(messages, None)
                 if first is None or first.WhichOneof("part") != "options":
                     raise InvalidArgument("an Optimize stream starts with an options message")
-                job = self.optimizer.start(conv.optimize_options(first.options), _chunks(messages),
-                                           caller_context(context))
+                chunks = data_chunks(messages, "data_chunk", settings.upload_min_bytes_per_second,
+                                     settings.stream_idle_timeout_seconds, "optimization data",
+                                     "after the options an Optimize stream carries only data chunks")
+                job = self.optimizer.start(conv.optimize_options(first.options), chunks, caller_context(context))
             # runs when the call ends for any reason, e.g. the client cancelled; False = it ended already
             if not context.add_callback(job.cancel):
                 job.cancel()
