@@ -294,10 +294,13 @@ def _is_npz(path: Path) -> bool:
 def _predict_stream(client: Client, args: argparse.Namespace, x: np.ndarray) -> tuple[dict[str, np.ndarray], int]:
     """Every row through one PredictStream in ``--batch-size`` requests; the outputs joined and the version that
     answered. An empty input still makes one (empty) request, so the server answers it as it answers Predict.
-    Without ``--version`` the default version is asked first and every request names it: a default that moves
-    during a long run (an upload, set-default, a promoted optimization) must not score part of the file."""
-    rows, size = x.shape[0], args.batch_size or STREAM_BATCH_ROWS
-    pinned = args.version or client.info(args.name).version
+    The version is asked first and every request names it: a default that moves during a long run (an upload,
+    set-default, a promoted optimization) must not score part of the file."""
+    info = client.info(args.name, args.version)
+    pinned = info.version
+    # without --batch-size, never more rows than the model takes per request (a model with a large working memory
+    # takes fewer than the default)
+    rows, size = x.shape[0], args.batch_size or min(STREAM_BATCH_ROWS, info.max_batch_size or STREAM_BATCH_ROWS)
     starts = range(0, rows, size) if rows else range(1)
     batches = (np.ascontiguousarray(x[i:i + size]) for i in starts)
     parts: dict[str, list[np.ndarray]] = {}

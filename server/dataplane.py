@@ -35,6 +35,7 @@ from leanserve.server.serving.validation import select_input, validate_batch
 from leanserve.server.serving.workers import blocking
 
 log = logging.getLogger(__name__)
+_RAW = PostProcess.RAW  # a module constant: looking a member up on its enum costs more, on every request
 
 #: the first wait before a version that failed to load is tried again; it doubles on each failure, up to the max
 RETRY_FIRST_SECONDS = 5.0
@@ -119,6 +120,7 @@ class DataPlane:
 
     def serve(self, model: ServedModel) -> None:
         """Publish a loaded version behind its own batcher (replacing a served one with the same number)."""
+        model.max_rows = min(model.max_rows, self.settings.max_batch_size)  # per request too: read once here
         config = BatchConfig.for_model(self.settings, model.name, model.manifest.to_dict())
         if config.max_batch_size > model.max_rows:  # a kernel call stays within the model's working memory
             config = dataclasses.replace(config, max_batch_size=model.max_rows)
@@ -292,9 +294,9 @@ class DataPlane:
         model = self.registry.get(name, version)
         started = time.perf_counter_ns()
         try:
-            if outputs or postprocess is not PostProcess.RAW:
+            if outputs or postprocess is not _RAW:
                 check_request(postprocess, top_k, model.output, outputs)
-            x = validate_batch(model, select_input(model, inputs), min(self.settings.max_batch_size, model.max_rows))
+            x = validate_batch(model, select_input(model, inputs), model.max_rows)
             batcher = model.batcher or Batcher(model.infer, BatchConfig(enabled=False), model.stats)
             future = batcher.submit(x, ctx)
         except Exception:
@@ -308,7 +310,7 @@ class DataPlane:
         info["version"] = model.version
         info["versions"] = self.registry.versions(model.name)
         info["default_version"] = self.registry.default_version(model.name)
-        info["max_batch_size"] = self.settings.max_batch_size
+        info["max_batch_size"] = min(self.settings.max_batch_size, model.max_rows)
         if model.plan is not None:
             info["layers_served"] = model.plan.describe()
             info["served_size_bytes"] = model.plan.nbytes

@@ -3,7 +3,7 @@
 A model's file bounds its weights, not what it computes: a 0-parameter ``RepeatVector(10**6)`` in a 15 KB file turns
 each input row into 4 MB, and a few hundred convolutions over a long sequence keep a megabyte per row per layer.
 The working memory of a call is bounded by the sum of every layer's output for its rows (what it holds if nothing
-is freed before the end), so ``Settings.max_activation_bytes`` divided by that sum per row is the most rows one
+is freed before the end), plus what attention layers hold inside (their scores: heads x queries x keys), so ``Settings.max_activation_bytes`` divided by that sum per row is the most rows one
 call may take: a model refused when a single row is over it, every other call bounded.
 """
 
@@ -24,10 +24,32 @@ def keras_bytes_per_row(model: Any) -> int:
     """Bytes of every tensor a Keras model produces for one input row: its input and each layer's outputs (layers
     of nested models counted one by one; a dimension other than the batch that is not known counts as 1)."""
     tensors = {id(t): t for t in model.inputs}  # by identity: an input layer's output is the model's input
+    inside = 0
     for layer in _layers(model):
         for node in getattr(layer, "_inbound_nodes", ()):
             tensors.update((id(t), t) for t in getattr(node, "outputs", ()))
-    return sum(_tensor_bytes(t) for t in tensors.values())
+            inside += _attention_bytes(layer, list(getattr(node, "input_tensors", ())))
+    return sum(_tensor_bytes(t) for t in tensors.values()) + inside
+
+
+#: attention layers whose scores, [heads,] queries x keys per row, never appear as a layer output
+_ATTENTION = {"MultiHeadAttention": "num_heads", "GroupedQueryAttention": "num_query_heads", "Attention": None,
+              "AdditiveAttention": None}
+
+
+def _attention_bytes(layer: Any, inputs: list[Any]) -> int:
+    """The float32 attention scores and their softmax for one row of an attention layer's call (AdditiveAttention's
+    scores also have the feature axis); 0 for any other layer."""
+    kind = type(layer).__name__
+    if kind not in _ATTENTION or len(inputs) < 2:
+        return 0
+    query, value = (getattr(t, "shape", None) for t in inputs[:2])
+    if query is None or value is None or len(query) < 3 or len(value) < 3:
+        return 0
+    steps = [int(d) if d is not None else 1 for d in (query[-2], value[-2])]
+    heads = int(getattr(layer, _ATTENTION[kind]) or 1) if _ATTENTION[kind] else 1
+    width = int(query[-1] or 1) if kind == "AdditiveAttention" else 1
+    return 2 * 4 * heads * steps[0] * steps[1] * width
 
 
 def _layers(model: Any) -> list[Any]:

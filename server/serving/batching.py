@@ -16,9 +16,9 @@ Policy (one queue; at most ``workers`` batches of a model version execute at onc
 - Each kernel call is counted by why it started: "idle" (a free slot and no batch waiting for rows), "full",
   "timer" (another batch executing and ``max_queue_delay_us`` passed), "inline" (batching off or stopped),
   "cheap" (a model cheaper than the hand-off, run on its caller's thread while another call executes), "retry"
-  (one request of a batch whose call failed, run again by itself).
-- A batch whose call raises is run again one request at a time: a request whose values the model refuses fails
-  alone, not every request batched with it.
+  (one request of a batch whose values were refused, run again by itself).
+- A batch whose call refuses its values (InvalidArgument) is run again one request at a time: a request whose
+  values the model refuses fails alone, not every request batched with it. Any other error fails the whole batch.
 - ``stop()`` drains the queue and ends the workers; afterwards (and when batching is off) ``submit`` runs the
   request in the caller's thread, so a request racing an unload or a hot swap is still answered.
 - Worker threads start with the first request that has to queue and end after ``idle_seconds`` without work, so
@@ -285,9 +285,14 @@ class Batcher:
                 self._release()
 
     def _each_alone(self, live: list[_Item], start: float) -> None:
-        """A batch whose call failed: each request again by itself, so one request's bad values (an index out of an
-        embedding's range, say) fail that request only, not the others that happened to share its batch."""
+        """A batch whose call refused its values (InvalidArgument): each request again by itself, so one request's
+        bad values (an index out of an embedding's range, say) fail that request only, not the others that happened
+        to share its batch. A request whose deadline passed or whose caller left meanwhile is dropped."""
         for item in live:
+            why = _drop_reason(item, time.monotonic())
+            if why is not None:
+                item.future.set_exception(why)
+                continue
             t0 = time.perf_counter_ns()
             try:
                 y = self._runner(item.x)
@@ -336,10 +341,11 @@ class Batcher:
         try:
             y = self._runner(x)
         except Exception as exc:
-            if len(live) == 1:
-                live[0].future.set_exception(exc)
+            if len(live) > 1 and isinstance(exc, InvalidArgument):
+                self._each_alone(live, start)  # values the model refused: whose?
             else:
-                self._each_alone(live, start)
+                for item in live:
+                    item.future.set_exception(exc)
             return
         compute_ns = time.perf_counter_ns() - t0
         self._note_rows(x.shape[0], compute_ns)

@@ -58,8 +58,8 @@ class ServedModel:
     stats: ModelStats = field(default_factory=ModelStats)
     #: set by the dataplane when the version is published; stopped when it stops being served
     batcher: Batcher | None = None
-    #: the most rows one call may take: its intermediate results stay under max_activation_bytes
-    #: (server/runtime/working_memory.py)
+    #: the most rows one request or kernel call may take: its intermediate results stay under max_activation_bytes
+    #: (server/runtime/working_memory.py); the dataplane lowers it to max_batch_size when it serves the version
     max_rows: int = UNBOUNDED_ROWS
 
     def __post_init__(self) -> None:

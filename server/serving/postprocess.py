@@ -29,12 +29,15 @@ OUTPUT_NAMES: dict[PostProcess, tuple[str, ...]] = {
 def check_request(kind: PostProcess, top_k: int, output: TensorSignature, requested: tuple[str, ...] = ()) -> None:
     """Refuse, before anything is computed, a post-processing the model's ``output`` cannot take, or a requested
     output name the request would not produce. ``apply`` checks the same again on the computed rows."""
-    names = OUTPUT_NAMES.get(kind, (output.name,))
+    if kind is PostProcess.RAW:
+        for name in requested:
+            if name != output.name:
+                raise InvalidArgument(f"no output {shown(name)}; this request produces {output.name}")
+        return
+    names = OUTPUT_NAMES[kind]
     for name in requested:
         if name not in names:
             raise InvalidArgument(f"no output {shown(name)}; this request produces {', '.join(names)}")
-    if kind is PostProcess.RAW:
-        return
     if len(output.shape) != 1:
         raise InvalidArgument(f"{kind.value} needs a [batch, classes] output; this model's output is "
                               f"[batch, {', '.join(map(str, output.shape))}]")

@@ -226,6 +226,7 @@ def test_a_large_working_memory_caps_the_rows_of_a_call(keras: Any, tmp_path: Pa
     try:
         with Client(f"127.0.0.1:{handle.port}", timeout=120) as client:
             client.upload(_repeat_model(keras, tmp_path / "wide.keras", 10**6), "wide")
+            assert client.info("wide").max_batch_size == 16  # what a client can size its requests by
             x = np.arange(16, dtype=np.float32).reshape(16, 1)
             np.testing.assert_allclose(client.predict("wide", x).output, x, rtol=1e-6)
             with pytest.raises(grpc.RpcError) as err:

@@ -37,3 +37,14 @@ def test_rows_per_call_under_the_budget() -> None:
     assert max_rows(0, 1, "m") == UNBOUNDED_ROWS
     with pytest.raises(ResourceExhausted, match="m: one input row makes the model produce 4194305 bytes"):
         max_rows((4 << 20) + 1, 4 << 20, "m")
+
+
+def test_attention_scores_count_though_no_layer_outputs_them(keras: Any) -> None:
+    """Finding: a MultiHeadAttention over 1,024 steps was counted at 64 KiB per row while its [heads, T, T] scores
+    took ~67 MB per row."""
+    L = keras.layers
+    inp = keras.Input((1024, 32))
+    model = keras.Model(inp, L.GlobalAveragePooling1D()(L.MultiHeadAttention(num_heads=16, key_dim=8)(inp, inp)))
+    assert keras_bytes_per_row(model) >= 2 * 4 * 16 * 1024 * 1024
+    plain = keras.Model(inp, L.GlobalAveragePooling1D()(L.Attention()([inp, inp])))
+    assert keras_bytes_per_row(plain) >= 2 * 4 * 1024 * 1024

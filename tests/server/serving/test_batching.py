@@ -314,3 +314,44 @@ def test_a_request_the_model_refuses_fails_alone_not_the_batch_it_shared() -> No
     assert runner.calls == [1, 4, 2, 1, 1]
     assert stats.snapshot().dispatch.get("retry") == 2  # the two requests answered by their own calls
     b.stop()
+
+
+def test_a_refused_batch_reruns_only_live_requests_and_only_for_refused_values() -> None:
+    """Requests whose deadline passed or whose caller left while the refused batch ran are dropped, not rerun; an
+    error other than refused values (a bug, memory) fails the whole batch with no reruns."""
+    runner = _RefusesNegative()
+    b, _ = _batcher(runner, workers=1)
+    held = _hold_worker(b, runner)
+    expiring = b.submit(_rows(1, 7), RequestContext(deadline=time.monotonic() + 0.2))
+    gone = b.submit(_rows(1, 8), RequestContext(is_active=lambda: len(runner.calls) < 2))  # leaves once it ran
+    bad = b.submit(_rows(1, -3))
+    time.sleep(0.3)  # ordering, not a threshold: the first deadline passes before the batch's call fails
+    expiring2 = b.submit(_rows(1, 9), RequestContext(deadline=time.monotonic() + 30))
+    runner.gate.set()
+    with pytest.raises(InvalidArgument):
+        held.result(30)
+    with pytest.raises(DeadlineExceeded):
+        expiring.result(30)  # dropped before the batch ran
+    with pytest.raises(Cancelled):
+        gone.result(30)  # ran in the refused batch, gone by the rerun
+    with pytest.raises(InvalidArgument):
+        bad.result(30)
+    np.testing.assert_array_equal(expiring2.result(30), _rows(1, 18))
+    assert runner.calls == [1, 3, 1, 1]  # the refused batch (gone, bad, expiring2), then bad and expiring2 alone
+    b.stop()
+
+    class Broken(GatedRunner):
+        def __call__(self, x: np.ndarray) -> np.ndarray:
+            super().__call__(x)
+            raise MemoryError("out of memory")
+
+    broken = Broken()
+    b, _ = _batcher(broken, workers=1)
+    held = _hold_worker(b, broken)
+    queued = [b.submit(_rows(1, i)) for i in range(3)]
+    broken.gate.set()
+    for f in (held, *queued):
+        with pytest.raises(MemoryError):
+            f.result(30)
+    assert broken.calls == [1, 3]
+    b.stop()
