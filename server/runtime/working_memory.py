@@ -3,8 +3,10 @@
 A model's file bounds its weights, not what it computes: a 0-parameter ``RepeatVector(10**6)`` in a 15 KB file turns
 each input row into 4 MB, and a few hundred convolutions over a long sequence keep a megabyte per row per layer.
 The working memory of a call is bounded by the sum of every layer's output for its rows (what it holds if nothing
-is freed before the end), plus what attention layers hold inside (their scores: heads x queries x keys), so ``Settings.max_activation_bytes`` divided by that sum per row is the most rows one
-call may take: a model refused when a single row is over it, every other call bounded.
+is freed before the end), plus what attention layers hold inside (their scores: heads x queries x keys), so
+``Settings.max_activation_bytes`` divided by that sum per row is the most rows one call may take: a model refused
+when a single row is over it, every other call bounded. Other scratch memory a layer may use inside (a convolution's
+workspace, say) is not counted: it is of the order of the layer's own output.
 """
 
 from __future__ import annotations
