@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+
+from leanserve.server.app import ServerHandle, create_server
+from tests.conftest import make_settings
+from tests.toy import GatedRunner, toy_model
 
 
 @pytest.fixture(scope="session")
@@ -70,3 +75,23 @@ def keras_predict(keras: Any):
         return np.asarray(cache[path](x, training=False))
 
     return run
+
+
+@pytest.fixture
+def gated_server(repo_dir: Path, request: pytest.FixtureRequest) -> Iterator[tuple[ServerHandle, GatedRunner]]:
+    """A server (settings from the test's ``settings`` marker) serving the toy ``y = 2x`` model behind a gate."""
+    markers = list(request.node.iter_markers("settings"))
+    assert len(markers) <= 1, "one settings marker per test: a second one would be silently ignored"
+    marker = markers[0] if markers else None
+    handle = create_server(make_settings(repo_dir, **(marker.kwargs if marker else {})))
+    runner = GatedRunner()
+    handle.dataplane.serve(toy_model(runner))
+    yield handle, runner
+    runner.gate.set()
+    handle.stop(0.5)
+
+
+@pytest.fixture
+def toy_server(gated_server: tuple[ServerHandle, GatedRunner]) -> ServerHandle:
+    """``gated_server``'s server alone (its gate open)."""
+    return gated_server[0]

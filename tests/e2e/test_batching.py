@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import threading
 import urllib.request
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -17,23 +15,10 @@ from leanserve.client import Client
 from leanserve.client import codec, common
 from leanserve.v2 import grpc_service_pb2 as v2
 from leanserve.v2 import grpc_service_pb2_grpc as v2_grpc
-from leanserve.server.app import ServerHandle, create_server
-from tests.conftest import make_settings
-from tests.toy import GatedRunner, toy_model, wait_until
+from leanserve.server.app import ServerHandle
+from tests.toy import GatedRunner, wait_until
 
 
-@pytest.fixture
-def toy_server(repo_dir: Path, request: pytest.FixtureRequest) -> Iterator[tuple[ServerHandle, GatedRunner]]:
-    """A server (settings from the ``settings`` marker) serving the toy ``y = 2x`` model behind a gate."""
-    markers = list(request.node.iter_markers("settings"))
-    assert len(markers) <= 1, "one settings marker per test: a second one would be silently ignored"
-    marker = markers[0] if markers else None
-    handle = create_server(make_settings(repo_dir, **(marker.kwargs if marker else {})))
-    runner = GatedRunner()
-    handle.dataplane.serve(toy_model(runner))
-    yield handle, runner
-    runner.gate.set()
-    handle.stop(0.5)
 
 
 def _hold(c: Client, runner: GatedRunner) -> threading.Thread:
@@ -55,8 +40,8 @@ def _v2_request(name: str, x: np.ndarray, rid: str = "", input_name: str = "inpu
 
 # every caller holds a gRPC thread while it waits: 33 calls in flight at once, 16 of them streams
 @pytest.mark.settings(worker_threads=64, max_open_streams=32)
-def test_concurrent_callers_of_every_api_share_one_kernel_call(toy_server) -> None:
-    handle, runner = toy_server
+def test_concurrent_callers_of_every_api_share_one_kernel_call(gated_server) -> None:
+    handle, runner = gated_server
     xs = [np.full((1 + i % 2, 4), i, np.float32) for i in range(32)]
     with Client(f"127.0.0.1:{handle.port}", timeout=60) as c:
         v2_stub = v2_grpc.GRPCInferenceServiceStub(c.channel)
@@ -99,8 +84,8 @@ def test_batched_answers_match_unbatched(server: ServerHandle, client: Client, m
 
 
 @pytest.mark.settings(batch_max_queue_size=1)
-def test_full_queue_is_resource_exhausted(toy_server) -> None:
-    handle, runner = toy_server
+def test_full_queue_is_resource_exhausted(gated_server) -> None:
+    handle, runner = gated_server
     with Client(f"127.0.0.1:{handle.port}", timeout=60) as c:
         held = _hold(c, runner)
         queued = threading.Thread(target=c.predict, args=("toy", np.ones((1, 4), np.float32)))
@@ -116,8 +101,8 @@ def test_full_queue_is_resource_exhausted(toy_server) -> None:
         assert runner.calls == [1, 1]
 
 
-def test_deadline_passed_in_queue_is_deadline_exceeded_without_compute(toy_server) -> None:
-    handle, runner = toy_server
+def test_deadline_passed_in_queue_is_deadline_exceeded_without_compute(gated_server) -> None:
+    handle, runner = gated_server
     model = handle.dataplane.get_model("toy")
     with Client(f"127.0.0.1:{handle.port}", timeout=60) as c:
         held = _hold(c, runner)
@@ -131,8 +116,8 @@ def test_deadline_passed_in_queue_is_deadline_exceeded_without_compute(toy_serve
     assert runner.calls == [1, 1]  # the expired request never reached the kernel
 
 
-def test_cancelled_call_does_no_work(toy_server) -> None:
-    handle, runner = toy_server
+def test_cancelled_call_does_no_work(gated_server) -> None:
+    handle, runner = gated_server
     with Client(f"127.0.0.1:{handle.port}", timeout=60) as c:
         held = _hold(c, runner)
         future = c.inference_stub.Predict.future(common.predict_request("toy", np.ones((1, 4), np.float32)))
@@ -147,8 +132,8 @@ def test_cancelled_call_does_no_work(toy_server) -> None:
     assert runner.calls == [1, 1]
 
 
-def test_stream_reads_ahead_batches_and_answers_in_order(toy_server) -> None:
-    handle, runner = toy_server
+def test_stream_reads_ahead_batches_and_answers_in_order(gated_server) -> None:
+    handle, runner = gated_server
     xs = [np.full((1 + i % 2, 4), i, np.float32) for i in range(6)]
     requests = [common.predict_request("toy", x, request_id=str(i)) for i, x in enumerate(xs)]
     requests.insert(3, common.predict_request("toy", np.ones((1, 2, 2), np.float32), request_id="bad"))
@@ -169,8 +154,8 @@ def test_stream_reads_ahead_batches_and_answers_in_order(toy_server) -> None:
 
 
 @pytest.mark.settings(batching=False)
-def test_batching_off_runs_every_request_alone(toy_server) -> None:
-    handle, runner = toy_server
+def test_batching_off_runs_every_request_alone(gated_server) -> None:
+    handle, runner = gated_server
     model = handle.dataplane.get_model("toy")
     with Client(f"127.0.0.1:{handle.port}", timeout=60) as c, ThreadPoolExecutor(8) as pool:
         outs = list(pool.map(lambda i: c.predict("toy", np.full((1, 4), i, np.float32)).output, range(32)))
@@ -178,8 +163,8 @@ def test_batching_off_runs_every_request_alone(toy_server) -> None:
     assert runner.calls == [1] * 32 and model.stats.snapshot().dispatch == {"inline": 32}
 
 
-def test_prometheus_metrics_over_http(toy_server) -> None:
-    handle, _ = toy_server
+def test_prometheus_metrics_over_http(gated_server) -> None:
+    handle, _ = gated_server
     with Client(f"127.0.0.1:{handle.port}", timeout=60) as c:
         for n in (1, 3):
             c.predict("toy", np.ones((n, 4), np.float32))

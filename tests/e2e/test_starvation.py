@@ -8,8 +8,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 
 import grpc
 import numpy as np
@@ -23,9 +22,8 @@ from leanserve.v1 import optimize_service_pb2 as opt_pb
 from leanserve.v1 import optimize_service_pb2_grpc as opt_grpc
 from leanserve.v2 import grpc_service_pb2 as v2
 from leanserve.v2 import grpc_service_pb2_grpc as v2_grpc
-from leanserve.server.app import ServerHandle, create_server
-from tests.conftest import make_settings
-from tests.toy import GatedRunner, toy_model, wait_until
+from leanserve.server.app import ServerHandle
+from tests.toy import wait_until
 
 # the defaults' proportions (128 threads: 96 predict streams, 8 uploads, 2 optimizations) at a quarter of the size;
 # both protocols' predict streams share one pool
@@ -40,14 +38,6 @@ OPTIONS = opt_pb.OptimizeRequest(options=opt_pb.OptimizeOptions(model_name="toy"
                                                                  data_size_bytes=1000))
 
 
-@pytest.fixture
-def toy_server(repo_dir: Path, request: pytest.FixtureRequest) -> Iterator[ServerHandle]:
-    """A server with the settings of the ``settings`` marker serving the toy ``y = 2x`` model."""
-    marker = request.node.get_closest_marker("settings")
-    handle = create_server(make_settings(repo_dir, **(marker.kwargs if marker else {})))
-    handle.dataplane.serve(toy_model(GatedRunner()))
-    yield handle
-    handle.stop(0.5)
 
 
 async def _code_of(call: Awaitable[object]) -> grpc.StatusCode:

@@ -22,9 +22,8 @@ from leanserve.v1 import model_service_pb2 as model_pb
 from leanserve.v1 import model_service_pb2_grpc as model_grpc
 from leanserve.v1 import optimize_service_pb2 as opt_pb
 from leanserve.v1 import optimize_service_pb2_grpc as opt_grpc
-from leanserve.server.app import ServerHandle, create_server
-from tests.conftest import make_settings
-from tests.toy import GatedRunner, toy_model, wait_until
+from leanserve.server.app import ServerHandle
+from tests.toy import wait_until
 
 IDLE_SECONDS = 1.0
 MIN_RATE = 2000  # bytes/s
@@ -35,14 +34,6 @@ PACED_EVERY = 0.1
 RATE = {"stream_idle_timeout_seconds": IDLE_SECONDS, "upload_min_bytes_per_second": MIN_RATE}
 
 
-@pytest.fixture
-def toy_server(repo_dir: Path, request: pytest.FixtureRequest) -> Iterator[ServerHandle]:
-    """A server with the settings of the ``settings`` marker serving the toy ``y = 2x`` model."""
-    marker = request.node.get_closest_marker("settings")
-    handle = create_server(make_settings(repo_dir, **(marker.kwargs if marker else {})))
-    handle.dataplane.serve(toy_model(GatedRunner()))
-    yield handle
-    handle.stop(0.5)
 
 
 def _address(handle: ServerHandle) -> str:
