@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from leanserve.server.errors import InvalidArgument, LeanserveError, ResourceExhausted
 from leanserve.server.ingest.archives import BoundedZip, expansion_limit
+from leanserve.server.ingest.hdf5 import count_datasets, refuse_outside_data
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -143,8 +144,8 @@ def _read_keras(path: Path, max_unpacked: int) -> tuple[dict[str, Any], tuple[in
                 import h5py
 
                 with h5py.File(weights, "r") as f:
-                    _refuse_outside_data(f)
-                    stored = _count_datasets(f)
+                    refuse_outside_data(f)
+                    stored = count_datasets(f)
     with _untrusted(_CONFIG):
         config = json.loads(raw)
     if not isinstance(config, dict):
@@ -166,8 +167,8 @@ def _read_h5(path: Path) -> tuple[dict[str, Any], tuple[int, int]]:
             if len(raw) > _MAX_CONFIG_BYTES:
                 raise ResourceExhausted(f"the model config takes {len(raw)} bytes; the limit is {_MAX_CONFIG_BYTES}")
             config = json.loads(raw)
-            _refuse_outside_data(f)
-            stored = _count_datasets(f["model_weights"]) if "model_weights" in f else (0, 0)
+            refuse_outside_data(f)
+            stored = count_datasets(f["model_weights"]) if "model_weights" in f else (0, 0)
     if not isinstance(config, dict):
         raise InvalidArgument("not a valid Keras file: model_config is not a JSON object")
     return config, stored
@@ -250,43 +251,6 @@ def _instantiate(config: dict[str, Any], fmt: ModelFormat) -> Any:
 
     with saving_options.keras_option_scope(use_legacy_config=True), SafeModeScope(True):
         return saving_utils.model_from_config(json_utils.decode(json.dumps(config)), custom_objects=None)
-
-
-def _refuse_outside_data(f: Any) -> None:
-    """InvalidArgument for anything in the open HDF5 file ``f`` whose data lies elsewhere: an external link, or a
-    dataset with external storage or a virtual one, would make Keras read files of the server (Keras refuses some of
-    them itself; this does not depend on its version)."""
-    import h5py
-
-    # the callbacks return what they found, which stops the walk (raising inside one breaks h5py's lock)
-    def link(name: str, target: Any) -> str | None:
-        return name if isinstance(target, h5py.ExternalLink) else None
-
-    def dataset(name: str, obj: Any) -> str | None:
-        return name if isinstance(obj, h5py.Dataset) and (obj.external or obj.is_virtual) else None
-
-    found = f.visititems_links(link)
-    if found is not None:
-        raise InvalidArgument(f"not a valid Keras file: HDF5 link {found[:80]!r} points into another file")
-    found = f.visititems(dataset)
-    if found is not None:
-        raise InvalidArgument(f"not a valid Keras file: HDF5 dataset {found[:80]!r} keeps its data outside the file")
-
-
-def _count_datasets(group: Any) -> tuple[int, int]:
-    """(values, bytes) of every dataset under ``group``, from their shapes (nothing is read)."""
-    import h5py
-
-    values = nbytes = 0
-
-    def visit(_name: str, obj: Any) -> None:
-        nonlocal values, nbytes
-        if isinstance(obj, h5py.Dataset):
-            values += int(obj.size)
-            nbytes += int(obj.size) * int(obj.dtype.itemsize)
-
-    group.visititems(visit)
-    return values, nbytes
 
 
 def check_config(config: dict[str, Any]) -> int:
