@@ -74,6 +74,9 @@ MAX_CONNECTIONS = 16
 REQUEST_DEADLINE_SECONDS = 5.0
 #: once the request is in, longest wait for the client's next bytes or for room to send it the answer
 CONNECTION_TIMEOUT_SECONDS = 10.0
+#: most bytes of request line and headers a connection may send (a scrape's take a few hundred): http.server alone
+#: would take 100 header lines of 64 KiB each
+MAX_REQUEST_BYTES = 64 * 1024
 
 
 class _Connection:
@@ -104,19 +107,27 @@ class _Connection:
 
 
 class _RequestReader(io.RawIOBase):
-    """The connection's input: reads wait at most until the request deadline while the request is being sent."""
+    """The connection's input: while the request is being sent, reads wait at most until the request deadline and
+    stop at ``MAX_REQUEST_BYTES``."""
 
     def __init__(self, sock: socket.socket, connection: _Connection) -> None:
         super().__init__()
         self._sock, self._connection = sock, connection
+        self._received = 0  # bytes read while the request is being sent
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int:
-        if self._connection.reading:
-            self._connection.arm(self._sock)
-        return self._sock.recv_into(buffer)
+        if not self._connection.reading:
+            return self._sock.recv_into(buffer)
+        self._connection.arm(self._sock)
+        room = MAX_REQUEST_BYTES - self._received
+        if room <= 0:
+            raise ConnectionAbortedError(f"more than {MAX_REQUEST_BYTES} bytes of request line and headers")
+        got = self._sock.recv_into(memoryview(buffer)[:room])
+        self._received += got
+        return got
 
 
 class _Handler(WSGIRequestHandler):

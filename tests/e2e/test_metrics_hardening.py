@@ -175,3 +175,25 @@ def test_a_request_trickled_in_is_closed_at_the_deadline(tmp_path: Path) -> None
             elapsed = time.monotonic() - start
         assert closed, f"still open after {elapsed:.1f} s of trickling"
         assert elapsed >= metrics.REQUEST_DEADLINE_SECONDS - 0.5  # the deadline closed it, not something else
+
+
+def test_a_request_past_the_size_cap_is_closed_and_scrapes_go_on(tmp_path: Path) -> None:
+    """Headers are capped as a whole: http.server alone takes 100 lines of 64 KiB each (6.5 MB per connection), and
+    these 90 lines of 4 KB, never ended by a blank line, would have been held until the deadline."""
+    with started(tmp_path / "models") as handle:
+        port = handle.metrics_port
+        assert port is not None
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(TRICKLE_START)
+            closed = False
+            try:
+                for _ in range(90):
+                    sock.sendall(b"a" * 4000 + b"\r\nX-b: ")
+                sock.settimeout(metrics.REQUEST_DEADLINE_SECONDS / 2)  # the cap, not the deadline, must close it
+                closed = sock.recv(1) == b""
+            except (ConnectionResetError, BrokenPipeError):
+                closed = True
+            except TimeoutError:
+                pass
+        assert closed, "a request of 360 KB of headers was still open"
+        assert _keep_alive_scrape(port) == 200
