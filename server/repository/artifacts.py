@@ -75,10 +75,17 @@ def plan_from_files(manifest: Manifest | Mapping[str, Any], blob: bytes, limits:
         raise InvalidArgument("weights file does not match the manifest's weights_sha256 (corrupt or altered)")
     tensors = _load_weights(blob)
     layers, names, tuning = [], [], []
+    used: set[str] = set()
     for entry in manifest.layers:
         missing = sorted(set(entry.tensors.values()) - set(tensors))
         if missing:
             raise InvalidArgument(f"layer {entry.name!r} names tensors the weights file lacks: {missing[:5]}")
+        # each tensor serves one layer: a layer prepares its own copy, so tensors shared by many layers would make a
+        # small file take many times its size in memory
+        shared = sorted(used.intersection(entry.tensors.values()))
+        if shared:
+            raise InvalidArgument(f"layer {entry.name!r} names tensors another layer already uses: {shared[:5]}")
+        used.update(entry.tensors.values())
         arrays = {key: tensors[tkey] for key, tkey in entry.tensors.items()}
         try:
             layer = get_format(entry.format).from_arrays(arrays, entry.meta.model_dump(exclude_none=True))

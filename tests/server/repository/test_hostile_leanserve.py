@@ -144,3 +144,15 @@ def test_encrypted_and_duplicate_members(served) -> None:
         zf.writestr(artifacts.WEIGHTS, b"")  # a second member of the same name: which one would a reader take?
     assert hostile.upload_code(client, buf.getvalue()) == INVALID
     _alive_and_clean(client, root)
+
+
+def test_layers_sharing_one_tensor_are_refused(served) -> None:
+    """Finding: 128 layers naming one 1024x1024 tensor (a 4 MiB file) took 1 GiB of memory, each layer preparing
+    its own copy, past every limit meant to tie memory to the bytes received."""
+    _, client, root = served
+    manifest, tensors = hostile.files(hostile.plan("dense_f32", k=24, n=24))
+    layer = manifest["layers"][0]
+    manifest["layers"] = [{**layer, "name": f"copy{i}"} for i in range(8)]
+    manifest["output"]["shape"] = [24]
+    assert hostile.upload_code(client, hostile.leanserve_zip(manifest, tensors)) == INVALID
+    _alive_and_clean(client, root)
