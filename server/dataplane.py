@@ -302,7 +302,7 @@ class DataPlane:
         except Exception:
             model.stats.record_request(False, time.perf_counter_ns() - started)
             raise
-        return PendingPredict(model, future, postprocess, top_k, ctx, started)
+        return PendingPredict(model, future, postprocess, top_k, ctx, started, x.shape[0])
 
     def describe(self, model: ServedModel) -> dict[str, Any]:
         """Manifest plus live facts (versions, per-layer formats) for GetModel."""
@@ -320,12 +320,17 @@ class DataPlane:
 class PendingPredict:
     """A queued request; ``result()`` waits for its rows, post-processes them and counts the outcome."""
 
-    __slots__ = ("model", "_future", "_postprocess", "_top_k", "_ctx", "_started")
+    __slots__ = ("model", "_future", "_postprocess", "_top_k", "_ctx", "_started", "_rows")
 
     def __init__(self, model: ServedModel, future: "Future[np.ndarray] | Ready", postprocess: PostProcess, top_k: int,
-                 ctx: RequestContext, started_ns: int) -> None:
+                 ctx: RequestContext, started_ns: int, rows: int = 0) -> None:
         self.model, self._future, self._postprocess, self._top_k = model, future, postprocess, top_k
-        self._ctx, self._started = ctx, started_ns
+        self._ctx, self._started, self._rows = ctx, started_ns, rows
+
+    @property
+    def output_bytes(self) -> int:
+        """The bytes of the model's output for this request's rows (what post-processing starts from)."""
+        return self._rows * self.model.output.row_bytes
 
     def cancel(self) -> None:
         """The caller went away: skip the request if it is still queued."""

@@ -313,6 +313,13 @@ class Settings(BaseSettings):
     stream_window: int = Field(
         16, ge=1, description="Requests of one stream in flight at once (read ahead, answered in order)."
     )
+    stream_max_pending_bytes: int = Field(
+        64 * MIB,
+        ge=1,
+        description="Most bytes of answers one stream may have computed and not yet sent (counted from the model's "
+        "output size before computing): the stream reads its next request only below it (one request always goes "
+        "through), so a client that does not read its answers cannot make the server hold more.",
+    )
 
     metrics: bool = Field(True, description="Serve Prometheus metrics over HTTP at /metrics.")
     metrics_port: int = Field(8502, ge=0, le=65535, description="Port of the metrics endpoint; 0 picks a free one.")

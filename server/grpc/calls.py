@@ -239,46 +239,90 @@ def data_chunks(messages: Inbox[Message], part: str, min_bytes_per_second: int, 
         yield chunk
 
 
+class PendingBytes:
+    """The bytes of a stream's answers computed and not yet sent, held under a limit: ``add`` (on the reader
+    thread, after a request is queued, before it is handed over) waits until the answers already handed over leave
+    room for it, or there are none; ``done`` (once an answer is sent) gives its bytes back; ``close`` releases a
+    waiting reader when the stream ends."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self._cond = threading.Condition()
+        self._closed = False
+
+    def add(self, nbytes: int) -> None:
+        with self._cond:
+            # waits for the answers already handed over (never for this one: a request larger than the limit goes
+            # through once it is alone)
+            while self.held and self.held + nbytes > self.limit and not self._closed:
+                self._cond.wait(_PUT_POLL_SECONDS)
+            self.held += nbytes
+
+    def done(self, nbytes: int) -> None:
+        with self._cond:
+            self.held -= nbytes
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
 def pipelined(
     requests: Iterator[Req],
-    submit: Callable[[Req], Callable[[], Resp]],
+    submit: Callable[[Req], tuple[Callable[[], Resp], int]],
     on_error: Callable[[Req, LeanserveError], Resp],
     window: int,
     idle_timeout: float,
+    max_pending_bytes: int,
 ) -> Iterator[Resp]:
-    """Answer a request stream in order while up to ``window`` requests are in flight.
+    """Answer a request stream in order while up to ``window`` requests, and answers of at most
+    ``max_pending_bytes``, are in flight.
 
     The Inbox's reader takes requests off the stream and ``submit``s each (validate + queue for the batcher),
-    which returns a function waiting for its response. This generator yields those responses in request order.
-    The bounded hand-over queue stops the reader when ``window`` answers are pending, so gRPC flow control pushes
-    back on the client instead of the server buffering without bound. A request that fails (a LeanserveError, or
-    a bug, answered as INTERNAL) is answered with ``on_error`` and the stream goes on. With nothing pending and
-    no request for ``idle_timeout`` seconds the stream ends with DeadlineExceeded.
+    which returns a function waiting for its response and the bytes that response will hold. This generator yields
+    those responses in request order. The bounded hand-over queue stops the reader when ``window`` answers are
+    pending, and ``PendingBytes`` when the answers computed and not sent pass ``max_pending_bytes``, so gRPC flow
+    control pushes back on the client instead of the server buffering without bound (a client that does not read
+    its answers holds at most that). A request that fails (a LeanserveError, or a bug, answered as INTERNAL) is
+    answered with ``on_error`` and the stream goes on. With nothing pending and no request for ``idle_timeout``
+    seconds the stream ends with DeadlineExceeded.
     """
+    pending = PendingBytes(max_pending_bytes)
 
-    def take(req: Req) -> tuple[Req, Callable[[], Resp] | None, LeanserveError | None]:
+    def take(req: Req) -> tuple[Req, Callable[[], Resp] | None, LeanserveError | None, int]:
         try:
-            return req, submit(req), None
+            wait, nbytes = submit(req)
         except LeanserveError as exc:
-            return req, None, exc
+            return req, None, exc, 0
         except Exception:  # a bug in one request's handling: answer it, keep the stream
             log.exception("unexpected error in a stream request")
-            return req, None, internal_error()
+            return req, None, internal_error(), 0
+        pending.add(nbytes)
+        return req, wait, None, nbytes
 
-    with Inbox(requests, idle_timeout, take, capacity=window) as inbox:
-        while True:
-            try:
-                req, wait, error = next(inbox)
-            except StopIteration:
-                return
-            except Cancelled:  # the client went away: nobody to answer
-                return
-            if wait is not None:
+    try:
+        with Inbox(requests, idle_timeout, take, capacity=window) as inbox:
+            while True:
                 try:
-                    response = wait()
-                except LeanserveError as exc:
-                    error = exc
-                except Exception:
-                    log.exception("unexpected error in a stream request")
-                    error = internal_error()
-            yield response if error is None else on_error(req, error)
+                    req, wait, error, nbytes = next(inbox)
+                except StopIteration:
+                    return
+                except Cancelled:  # the client went away: nobody to answer
+                    return
+                if wait is not None:
+                    try:
+                        response = wait()
+                    except LeanserveError as exc:
+                        error = exc
+                    except Exception:
+                        log.exception("unexpected error in a stream request")
+                        error = internal_error()
+                try:
+                    yield response if error is None else on_error(req, error)
+                finally:
+                    pending.done(nbytes)  # sent (or the stream ended): its bytes are no longer held
+    finally:
+        pending.close()

@@ -23,7 +23,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     def _submit(
         self, request: pb.PredictRequest, ctx: RequestContext, call: grpc.ServicerContext | None = None
-    ) -> Callable[[], pb.PredictResponse]:
+    ) -> tuple[Callable[[], pb.PredictResponse], int]:
+        """The request queued: a function waiting for its answer, and the bytes of the model's output it holds."""
         request, raws = unpack(request)
         inputs, kind, top_k = converters.predict_request(request, raws)
         pending = self.dp.submit(request.model_name, request.model_version, inputs, kind, top_k, ctx)
@@ -31,10 +32,10 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             # a cancelled RPC leaves the queue at once; False = it ended already, before the callback was in place
             if not call.add_callback(pending.cancel):
                 pending.cancel()
-        return lambda: converters.predict_response(pending.result(), request.request_id)
+        return lambda: converters.predict_response(pending.result(), request.request_id), pending.output_bytes
 
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
-        return self._submit(request, request_context(context), context)()
+        return self._submit(request, request_context(context), context)[0]()
 
     def PredictStream(
         self, request_iterator: Iterator[pb.PredictRequest], context: grpc.ServicerContext
@@ -52,4 +53,4 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         settings = self.dp.settings
         with self.streams.hold():
             yield from pipelined(request_iterator, lambda r: self._submit(r, ctx), on_error, settings.stream_window,
-                                 settings.stream_idle_timeout_seconds)
+                                 settings.stream_idle_timeout_seconds, settings.stream_max_pending_bytes)

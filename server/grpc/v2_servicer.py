@@ -89,7 +89,7 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> Iterator[pb.ModelStreamInferResponse]:
         ctx = request_context(context)._replace(stream=True)
 
-        def submit(request: pb.ModelInferRequest) -> Callable[[], pb.ModelStreamInferResponse]:
+        def submit(request: pb.ModelInferRequest) -> tuple[Callable[[], pb.ModelStreamInferResponse], int]:
             call, pending = self._submit(request, ctx)
             final_flag = conv.wants_final_flag(message_of(request))
 
@@ -100,7 +100,7 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
                     resp.infer_response.parameters[conv.FINAL_FLAG].bool_param = True
                 return resp
 
-            return answer
+            return answer, pending.output_bytes
 
         def on_error(request: pb.ModelInferRequest, exc: LeanserveError) -> pb.ModelStreamInferResponse:
             request = message_of(request)
@@ -115,7 +115,7 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         settings = self.dp.settings
         with self.streams.hold():
             yield from pipelined(request_iterator, submit, on_error, settings.stream_window,
-                                 settings.stream_idle_timeout_seconds)
+                                 settings.stream_idle_timeout_seconds, settings.stream_max_pending_bytes)
 
     def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: grpc.ServicerContext):
         if request.name:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -30,6 +31,11 @@ class TensorSignature:
     def np_dtype(self) -> np.dtype:
         """The numpy dtype (cached: building it from the name costs microseconds per request)."""
         return np.dtype(self.dtype)
+
+    @cached_property
+    def row_bytes(self) -> int:
+        """Bytes of one row (a dimension of unknown size counts as 1)."""
+        return math.prod(max(d, 1) for d in self.shape) * self.np_dtype.itemsize
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
