@@ -41,11 +41,15 @@ def shown(value: object, limit: int = MAX_SHOWN_CHARS) -> str:
     return text if len(text) <= limit + 2 else f"{text[:limit]}… ({len(text)} characters)"
 
 
-def first_line(exc: BaseException, limit: int = 300) -> str:
-    """A third-party error's first line, cut to ``limit`` characters, for a message to the caller (TensorFlow's
-    errors carry the whole graph trace after it)."""
-    lines = str(getattr(exc, "message", None) or exc).strip().splitlines()
-    return lines[0][:limit] if lines else type(exc).__name__
+def brief(exc: BaseException, limit: int = 300, *, first_line: bool = False) -> str:
+    """A third-party error as one bounded line for a message to the caller: its text with whitespace collapsed, cut
+    to ``limit`` characters; ``first_line``: only its first line (TensorFlow's errors carry the graph trace after
+    it)."""
+    text = str(exc).strip()
+    if first_line:
+        text = text.splitlines()[0] if text else ""
+    text = " ".join(text.split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _capped(message: str) -> str:

@@ -19,7 +19,7 @@ from typing import IO
 
 import numpy as np
 
-from leanserve.server.errors import InvalidArgument, ResourceExhausted
+from leanserve.server.errors import InvalidArgument, ResourceExhausted, brief
 
 CHUNK = 1 << 20
 MAX_MEMBERS = 4096
@@ -52,7 +52,7 @@ class BoundedZip:
         try:
             self._zf = zipfile.ZipFile(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
         except _ZIP_ERRORS as exc:
-            raise InvalidArgument(f"{what} is not a valid zip archive: {short(exc)}") from None
+            raise InvalidArgument(f"{what} is not a valid zip archive: {brief(exc)}") from None
         infos = self._zf.infolist()
         if len(infos) > MAX_MEMBERS:
             self.close()
@@ -96,7 +96,7 @@ class BoundedZip:
         except (InvalidArgument, ResourceExhausted):
             raise
         except _ZIP_ERRORS as exc:
-            raise InvalidArgument(f"{self.what}: member {name!r} cannot be read: {short(exc)}") from None
+            raise InvalidArgument(f"{self.what}: member {name!r} cannot be read: {brief(exc)}") from None
 
     def read(self, name: str, limit: int | None = None) -> bytes:
         """Member ``name`` inflated into memory (counted; see ``chunks``)."""
@@ -159,7 +159,7 @@ def _npy_array(data: bytearray, name: str, what: str) -> np.ndarray:
         else:
             raise ValueError(f"unsupported .npy version {version}")
     except (ValueError, SyntaxError, TypeError, EOFError, UnicodeDecodeError) as exc:
-        raise InvalidArgument(f"{what}: {name!r} is not a valid .npy array: {short(exc)}") from None
+        raise InvalidArgument(f"{what}: {name!r} is not a valid .npy array: {brief(exc)}") from None
     if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None or dtype.kind not in "biuf":
         raise InvalidArgument(f"{what}: {name!r} has dtype {dtype}; only numbers (no objects, no pickle) are accepted")
     # an empty array's other dims are unconstrained by its bytes: they must still make a shape numpy can hold
@@ -176,8 +176,4 @@ def _npy_array(data: bytearray, name: str, what: str) -> np.ndarray:
     return flat.reshape(shape[::-1]).T if fortran else flat.reshape(shape)
 
 
-def short(exc: BaseException, limit: int = 300) -> str:
-    """A one-line, bounded description of ``exc`` for an error message."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 

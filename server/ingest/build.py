@@ -21,7 +21,7 @@ from leanserve.server.repository import artifacts
 from leanserve.server.repository.manifest import (DTYPES, FORMAT_NAME, FORMAT_VERSION, Manifest, ManifestLimits,
                                                   TensorSpec, jsonable)
 from leanserve.server.errors import (FailedPrecondition, InvalidArgument, LeanserveError, UnsupportedModel,
-                                     first_line)
+                                     brief)
 from leanserve.server.ingest.archives import expansion_limit
 from leanserve.server.serving.model import TensorSignature
 from leanserve.server.ingest.uploads import UploadRequest
@@ -118,7 +118,7 @@ def _convert_keras(path: Path, settings: Settings) -> Converted:
         except LeanserveError:
             raise
         except Exception as err:  # noqa: BLE001 -- tracing fails on the file's model (e.g. a softmax over no axis)
-            raise InvalidArgument(f"model refused: TensorFlow cannot run it: {first_line(err)}") from None
+            raise InvalidArgument(f"model refused: TensorFlow cannot run it: {brief(err, first_line=True)}") from None
         return Converted(
             runtime="tensorflow",
             input=inp,

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from leanserve.server.errors import InvalidArgument, LeanserveError, ResourceExhausted
+from leanserve.server.errors import InvalidArgument, LeanserveError, ResourceExhausted, brief
 from leanserve.server.ingest.archives import BoundedZip, expansion_limit
 from leanserve.server.ingest.hdf5 import count_datasets, refuse_outside_data
 
@@ -187,7 +187,7 @@ def _untrusted(what: str) -> Iterator[None]:
     except MemoryError:
         raise ResourceExhausted(f"not a valid Keras file: {what}: more memory than is available") from None
     except Exception as exc:
-        raise InvalidArgument(f"not a valid Keras file: {what}: {_short(exc)}") from None
+        raise InvalidArgument(f"not a valid Keras file: {what}: {brief(exc, _ERROR_DETAIL_CHARS)}") from None
 
 
 def count_params_unallocated(config: dict[str, Any], fmt: ModelFormat) -> tuple[int, int]:
@@ -361,12 +361,8 @@ def _explain_load_error(exc: BaseException) -> str:
     text = str(exc)
     lowered = text.lower()
     if "could not locate" in lowered or "unknown layer" in lowered or "custom_objects" in lowered:
-        return f"model uses a class that is not built into Keras: {_short(exc)}"
+        return f"model uses a class that is not built into Keras: {brief(exc, _ERROR_DETAIL_CHARS)}"
     if "lambda" in lowered or "safe_mode" in lowered:
-        return f"model holds Python code (Lambda), refused: {_short(exc)}"
-    return f"not a valid Keras file: {_short(exc)}"
+        return f"model holds Python code (Lambda), refused: {brief(exc, _ERROR_DETAIL_CHARS)}"
+    return f"not a valid Keras file: {brief(exc, _ERROR_DETAIL_CHARS)}"
 
-
-def _short(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= _ERROR_DETAIL_CHARS else text[: _ERROR_DETAIL_CHARS - 3] + "..."

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from leanserve.server.errors import FailedPrecondition, first_line
+from leanserve.server.errors import FailedPrecondition, brief
 
 Predict = Callable[[np.ndarray], np.ndarray]
 
@@ -69,7 +69,8 @@ def reference_check(
         raise
     except Exception as exc:  # noqa: BLE001 -- the model's own error on these values, answered as a refusal
         if dtype.kind not in "iu":
-            raise FailedPrecondition(f"model refused: it fails on random sample inputs: {first_line(exc)}") from None
+            raise FailedPrecondition("model refused: it fails on random sample inputs: "
+                                     f"{brief(exc, first_line=True)}") from None
     # integer inputs are often indices (an embedding's): 0 and 1 are valid for any table of two rows or more
     x = rng.integers(0, 1, size=(n, *input_shape), endpoint=True).astype(dtype)
     try:
@@ -77,7 +78,8 @@ def reference_check(
     except FailedPrecondition:
         raise
     except Exception as exc:  # noqa: BLE001 -- as above
-        raise FailedPrecondition(f"model refused: it fails on sample inputs of 0 and 1: {first_line(exc)}") from None
+        raise FailedPrecondition("model refused: it fails on sample inputs of 0 and 1: "
+                                 f"{brief(exc, first_line=True)}") from None
 
 
 def _compare(served: Predict, reference: Predict, x: np.ndarray, atol: float, rtol: float, seed: int,

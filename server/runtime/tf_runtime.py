@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from leanserve.server.errors import InvalidArgument, first_line
+from leanserve.server.errors import InvalidArgument, brief
 
 
 class TFRuntime:
@@ -61,7 +61,8 @@ class TFRuntime:
             out = self._fn(self._tf.constant(x))
         except self._tf.errors.InvalidArgumentError as exc:
             # the values, not the server: e.g. an index outside an embedding's table
-            raise InvalidArgument(f"the model cannot compute these input values: {first_line(exc)}") from None
+            raise InvalidArgument("the model cannot compute these input values: "
+                                  f"{brief(exc, first_line=True)}") from None
         return np.asarray(out.numpy() if hasattr(out, "numpy") else out)
 
     def warmup(self, batch_sizes: tuple[int, ...] = (1, 8)) -> None:
